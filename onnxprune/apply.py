@@ -1,0 +1,88 @@
+"""Applying a plan: slice every coupled constant, then run the rules' rewrites."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .dependency import Analysis
+from .layout import Layout, kept_positions, layout_size
+from .plan import Plan
+
+
+class Applier:
+    """What on_apply callbacks of op rules use to rewrite attributes and shape constants."""
+
+    def __init__(self, analysis: Analysis, kept: dict[int, np.ndarray]) -> None:
+        self.analysis = analysis
+        self.graph = analysis.graph
+        self.kept = kept
+
+    def positions(self, layout: Layout) -> np.ndarray:
+        return kept_positions(layout, self.analysis.atoms, self.kept)
+
+    def new_size(self, layout: Layout) -> int:
+        return int(len(self.positions(layout)))
+
+    def old_size(self, layout: Layout) -> int:
+        return layout_size(layout, self.analysis.atoms)
+
+    def set_attr(self, node: gs.Node, name: str, value) -> None:
+        node.attrs[name] = value
+
+    def del_attr(self, node: gs.Node, name: str) -> None:
+        node.attrs.pop(name, None)
+
+    def set_const_input(self, node: gs.Node, index: int, value: np.ndarray) -> None:
+        if index < len(node.inputs) and node.inputs[index].name:
+            self.graph.set_const_input(node, index, value)
+        else:
+            while len(node.inputs) < index:
+                node.inputs.append(gs.Variable.empty())
+            const = gs.Constant(self.graph.fresh_name(node.name or node.op), np.asarray(value))
+            if index < len(node.inputs):
+                node.inputs[index] = const
+            else:
+                node.inputs.append(const)
+
+
+def apply_plan(analysis: Analysis, plan: Plan) -> None:
+    """Mutate analysis.graph so that the planned channels are gone."""
+    atoms = analysis.atoms
+    kept = {}
+    for atom, removed in plan.removed_by_atom().items():
+        keep = np.setdiff1d(np.arange(atoms.size(atom)), removed)
+        kept[atom] = keep
+    if not kept:
+        return
+    applier = Applier(analysis, kept)
+    cuts: dict[tuple[int, int], dict[int, np.ndarray]] = defaultdict(dict)
+    nodes = {}
+    for att in analysis.attachments:
+        pos = applier.positions(att.layout)
+        if len(pos) == layout_size(att.layout, atoms):
+            continue
+        use = (id(att.node), att.input_index)
+        nodes[use] = att.node
+        cuts[use].setdefault(att.axis, pos)
+    for use, by_axis in cuts.items():
+        node = nodes[use]
+        index = use[1]
+        source = node.inputs[index]
+        value = analysis.graph.const(source)
+        for axis, pos in sorted(by_axis.items()):
+            value = np.take(value, pos, axis=axis)
+        key = (source.name, tuple((axis, pos.tobytes()) for axis, pos in sorted(by_axis.items())))
+        analysis.graph.set_const_input(node, index, value, key=key)
+    for fn in analysis.apply_fns:
+        fn(applier)
+    _forget_shapes(analysis.graph.gs)
+
+
+def _forget_shapes(graph: gs.Graph) -> None:
+    """Intermediate shapes are stale now; shape inference recomputes them."""
+    keep = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    for name, tensor in graph.tensors().items():
+        if isinstance(tensor, gs.Variable) and name not in keep:
+            tensor.shape = None

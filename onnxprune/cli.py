@@ -1,0 +1,117 @@
+"""Command line: `onnxprune INPUT --filters R [...]`."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from .errors import OnnxPruneError
+from .importance import criteria_names
+
+
+def _ratio(value):
+    try:
+        r = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number") from None
+    if not 0.0 <= r < 1.0:
+        raise click.BadParameter(f"{value} is outside [0, 1)")
+    return r
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--filters", "filters", default=None, help="Fraction of channels to remove from each group, in [0, 1).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the pruned model (default: INPUT.pruned.onnx next to the input).")
+@click.option("--importance", default="l2", show_default=True,
+              type=click.Choice(criteria_names(), case_sensitive=False), help="How channels are scored.")
+@click.option("--round-to", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Keep a multiple of N channels in every group (8 suits TensorRT FP16).")
+@click.option("--global", "global_rank", is_flag=True, help="Rank channels across groups instead of the same ratio per group.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Protect groups touching nodes/tensors matching this glob (repeatable).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...", help="Fix an input's dims (repeatable).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON report here.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the removed channel indices here.")
+@click.option("--apply-plan", "apply_plan_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Remove exactly the channels listed in a plan written by --plan.")
+@click.option("--dry-run", is_flag=True, help="Plan and report, but write no model.")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime run, comparison and latency measurement.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for random inputs and the random criterion.")
+def prune_command(input_path, filters, output, importance, round_to, global_rank, exclude, input_shapes,
+                  report_path, plan_path, apply_plan_path, dry_run, no_verify, seed):
+    """Prune INPUT (an .onnx model) into a smaller model that computes the same minus the removed channels."""
+    from .modelio import default_output_path, load_model, save_model
+    from .pipeline import PruneOptions, prune
+    from .plan import load_plan_file
+    from .report import summary_table
+    from .shapes import parse_input_shapes
+
+    if filters is None and apply_plan_path is None:
+        raise click.UsageError("give --filters R (or --apply-plan FILE)")
+    ratio = _ratio(filters) if filters is not None else 0.0
+    out_path = output or default_output_path(input_path)
+    if not dry_run and out_path.resolve() == input_path.resolve():
+        raise OnnxPruneError(f"{out_path}: refusing to overwrite the input model; choose another -o")
+    options = PruneOptions(
+        filters=ratio, importance=importance.lower(), round_to=round_to, global_rank=global_rank,
+        exclude=tuple(exclude), input_shapes=parse_input_shapes(input_shapes),
+        plan=load_plan_file(apply_plan_path) if apply_plan_path else None,
+        seed=seed, verify=not no_verify, latency_runs=0 if no_verify else 20,
+    )
+    model = load_model(input_path)
+    result = prune(model, options)
+    report = result.report
+    report["input"] = str(input_path)
+    if not result.verification.checker.startswith(("passed", "skipped")) or result.verification.ort.startswith("failed"):
+        raise OnnxPruneError(f"the pruned model failed verification ({result.verification.checker}; "
+                             f"onnxruntime {result.verification.ort}); nothing written")
+    if not dry_run:
+        save_model(result.model, out_path, input_path=input_path)
+        report["output"] = str(out_path)
+    if report_path:
+        _write_json(report_path, report)
+    if plan_path:
+        _write_json(plan_path, result.plan.to_json())
+    click.echo(summary_table(report))
+    click.echo(f"wrote {out_path}" if not dry_run else "dry run: no model written")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".onnxprune-", suffix=".json", dir=parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OnnxPruneError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def main(argv=None) -> int:
+    """Entry point: errors become one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        prune_command.main(args=argv, prog_name="onnxprune", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("onnxprune: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        click.echo(f"onnxprune: error: {exc.format_message()}", err=True)
+        return 2
+    except OnnxPruneError as exc:
+        click.echo(f"onnxprune: error: {exc}", err=True)
+        return 2
+    except MemoryError:
+        click.echo("onnxprune: error: out of memory", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

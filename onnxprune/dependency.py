@@ -1,0 +1,260 @@
+"""Channel-dependency analysis: which tensor axes must shrink together, and how.
+
+One forward pass over the graph in topological order asks each node's op rule how
+channels flow through it. The result is a set of groups (leaf classes of the atom
+union-find), each listing every constant it slices and every reason it cannot be
+pruned. Graph outputs, ops without a rule and refused nodes fix the channels they
+touch; graph inputs carry no prunable channels at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph import Graph
+from .layout import Atoms, Layout, LayoutError, Segment, resolve, unify as _unify
+from .rules import Refuse, rule_for
+
+
+@dataclass
+class Attachment:
+    """A constant input of a node whose `axis` is laid out like `layout`."""
+
+    node: gs.Node
+    input_index: int
+    axis: int
+    layout: Layout
+    role: str  # weight_out, weight_in, bias, bn_scale, bn_bias, bn_mean, bn_var, scale, offset, divisor, slope
+
+    @property
+    def tensor(self) -> gs.Tensor:
+        return self.node.inputs[self.input_index]
+
+    def describe(self) -> dict:
+        return {"node": self.node.name, "op": self.node.op, "tensor": self.tensor.name,
+                "axis": self.axis, "role": self.role}
+
+
+@dataclass
+class Group:
+    """Channels that are pruned index-for-index together."""
+
+    id: int
+    atom: int
+    channels: int
+    members: list[Attachment] = field(default_factory=list)
+    fixed_reasons: list[str] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.fixed_reasons and any(m.role == "weight_out" for m in self.members)
+
+    def node_names(self) -> set[str]:
+        return {m.node.name for m in self.members} | set(self.origins)
+
+
+class Context:
+    """What an op rule sees while it handles one node (staged until the rule returns)."""
+
+    def __init__(self, analysis: "Analysis", node: gs.Node) -> None:
+        self._a = analysis
+        self.graph = analysis.graph
+        self.atoms = analysis.atoms
+        self.node = node
+        self.opset = analysis.graph.opset("")
+        self._outputs: dict[str, dict[int, Layout]] = {}
+        self._attach: list[Attachment] = []
+        self._apply: list[Callable] = []
+        self._new_atoms: list[int] = []
+
+    # -- reading ---------------------------------------------------------------------
+    def layouts(self, tensor: gs.Tensor | None) -> dict[int, Layout]:
+        if tensor is None:
+            return {}
+        return self._a.layouts.get(tensor.name, {})
+
+    def input_layouts(self, index: int) -> dict[int, Layout]:
+        inputs = self.node.inputs
+        return self.layouts(inputs[index]) if index < len(inputs) else {}
+
+    def any_tracked(self) -> bool:
+        return any(self.layouts(t) for t in self.node.inputs)
+
+    def shape(self, tensor):
+        return self.graph.shape(tensor)
+
+    def rank(self, tensor):
+        return self.graph.rank(tensor)
+
+    def const(self, tensor):
+        return self.graph.const(tensor)
+
+    def input(self, index: int):
+        inputs = self.node.inputs
+        if index >= len(inputs) or inputs[index] is None or inputs[index].name == "":
+            return None
+        return inputs[index]
+
+    def attr(self, name: str, default=None):
+        return self.node.attrs.get(name, default)
+
+    def size(self, layout: Layout) -> int:
+        return sum(self.atoms.size(s.atom) * s.expand for s in layout)
+
+    # -- declaring -------------------------------------------------------------------
+    def new_channels(self, count: int) -> Layout:
+        atom = self.atoms.new(int(count), self.node.name)
+        self._new_atoms.append(atom)
+        return (Segment(atom),)
+
+    def set_layout(self, tensor: gs.Tensor, axis: int, layout: Layout) -> None:
+        self._outputs.setdefault(tensor.name, {})[axis] = tuple(layout)
+
+    def unify(self, a: Layout, b: Layout) -> None:
+        try:
+            _unify(a, b, self.atoms)
+        except LayoutError as exc:
+            raise Refuse(str(exc)) from None
+
+    def fix(self, layout: Layout, reason: str) -> None:
+        for seg in layout:
+            self.atoms.fix(seg.atom, f"{self.node.op} {self.node.name!r}: {reason}")
+
+    def attach(self, index: int, axis: int, layout: Layout, role: str) -> None:
+        tensor = self.input(index)
+        if tensor is None:
+            return
+        if not self.graph.is_const(tensor):
+            raise Refuse(f"input {index} ({tensor.name!r}) is not a constant")
+        shape = self.shape(tensor)
+        if shape is None or axis >= len(shape) or shape[axis] != self.size(layout):
+            raise Refuse(f"constant {tensor.name!r} does not have {self.size(layout)} entries on axis {axis}")
+        self._attach.append(Attachment(self.node, index, axis, tuple(layout), role))
+
+    def on_apply(self, fn: Callable) -> None:
+        """Run `fn(applier)` when a plan is applied (rewrite attributes or shape constants)."""
+        self._apply.append(fn)
+
+    # -- commit / reject -------------------------------------------------------------
+    def _commit(self) -> None:
+        for name, axes in self._outputs.items():
+            self._a.layouts.setdefault(name, {}).update(axes)
+        self._a.attachments.extend(self._attach)
+        self._a.apply_fns.extend(self._apply)
+
+    def _reject(self, reason: str) -> None:
+        text = f"{self.node.op} {self.node.name!r}: {reason}"
+        self._a.barriers.append(text)
+        for tensor in self.node.inputs:
+            for layout in self.layouts(tensor).values():
+                for seg in layout:
+                    self.atoms.fix(seg.atom, text)
+        for atom in self._new_atoms:
+            self.atoms.fix(atom, text)
+
+
+class Analysis:
+    """Result of the dependency analysis on one graph."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.atoms = Atoms()
+        self.layouts: dict[str, dict[int, Layout]] = {}
+        self.attachments: list[Attachment] = []
+        self.apply_fns: list[Callable] = []
+        self.barriers: list[str] = []
+        self.groups: list[Group] = []
+
+    def run(self) -> "Analysis":
+        g = self.graph.gs
+        g.toposort()
+        for node in g.nodes:
+            self._fix_subgraph_captures(node, node)
+            ctx = Context(self, node)
+            tracked = ctx.any_tracked()
+            rule = rule_for(node.op, node.domain or "")
+            if rule is None:
+                if tracked:
+                    ctx._reject("no op rule, treated as a barrier")
+                continue
+            try:
+                rule.propagate(node, ctx)
+            except Refuse as exc:
+                ctx._reject(str(exc))
+                continue
+            except LayoutError as exc:
+                ctx._reject(str(exc))
+                continue
+            ctx._commit()
+        for tensor in g.outputs:
+            for layout in self.layouts.get(tensor.name, {}).values():
+                for seg in layout:
+                    self.atoms.fix(seg.atom, f"graph output {tensor.name!r} keeps its channels")
+        self._build_groups()
+        return self
+
+    def _fix_subgraph_captures(self, node: gs.Node, owner: gs.Node) -> None:
+        """Tensors read by a subgraph (If/Loop/Scan bodies) from the outer scope keep their channels."""
+        for value in node.attrs.values():
+            graphs = value if isinstance(value, list) else [value]
+            for sub in graphs:
+                if not isinstance(sub, gs.Graph):
+                    continue
+                for inner in sub.nodes:
+                    for t in inner.inputs:
+                        for layout in self.layouts.get(t.name, {}).values():
+                            for seg in layout:
+                                self.atoms.fix(seg.atom, f"{owner.op} {owner.name!r}: read inside a subgraph")
+                    self._fix_subgraph_captures(inner, owner)
+
+    def _build_groups(self) -> None:
+        atoms = self.atoms
+        by_leaf: dict[int, Group] = {}
+
+        def group(leaf: int) -> Group:
+            if leaf not in by_leaf:
+                by_leaf[leaf] = Group(id=len(by_leaf), atom=leaf, channels=atoms.size(leaf))
+            return by_leaf[leaf]
+
+        for att in self.attachments:
+            seen = set()
+            for seg in resolve(att.layout, atoms):
+                if seg.atom not in seen:
+                    seen.add(seg.atom)
+                    group(seg.atom).members.append(att)
+        origins: dict[int, list[str]] = {}
+        for atom_id, origin in enumerate(atoms.origin):
+            for leaf in atoms.leaves(atom_id):
+                if leaf in by_leaf and origin and origin not in origins.setdefault(leaf, []):
+                    origins[leaf].append(origin)
+        for leaf, grp in by_leaf.items():
+            grp.fixed_reasons = list(atoms.fixed.get(leaf, []))
+            grp.origins = origins.get(leaf, [])
+        self.groups = sorted(by_leaf.values(), key=lambda g: g.id)
+
+    # -- helpers for importance, planting and reports ----------------------------------
+    def positions(self, att: Attachment, group: Group) -> list[tuple[int, int, int]]:
+        """(offset, expand, leaf) runs where `group`'s channels sit on the attachment's axis."""
+        runs = []
+        pos = 0
+        for seg in resolve(att.layout, self.atoms):
+            n = self.atoms.size(seg.atom)
+            if seg.atom == group.atom:
+                runs.append((pos, seg.expand, n))
+            pos += n * seg.expand
+        return runs
+
+    def channel_index(self, att: Attachment, group: Group, channels: np.ndarray) -> np.ndarray:
+        """Indices on the attachment's axis that hold the given channels of `group`."""
+        idx = []
+        for offset, exp, _ in self.positions(att, group):
+            idx.append((offset + channels[:, None] * exp + np.arange(exp)[None, :]).reshape(-1))
+        return np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64)
+
+
+def analyze(graph: Graph) -> Analysis:
+    return Analysis(graph).run()

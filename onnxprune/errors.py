@@ -1,0 +1,9 @@
+"""Errors meant for the user: one line, naming the node, tensor, flag or file at fault."""
+
+
+class OnnxPruneError(Exception):
+    """A problem with the user's input or request. The CLI prints it as one line and exits 2."""
+
+
+class RuntimeMissing(OnnxPruneError):
+    """A feature needs an onnxruntime flavour that is not importable."""

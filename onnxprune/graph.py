@@ -1,0 +1,164 @@
+"""The graph the engine works on: onnx-graphsurgeon's IR plus the lookups pruning needs.
+
+onnx-graphsurgeon keeps node inputs/outputs and tensor producers/consumers in sync,
+which is what slicing and rewiring need. This module adds: reading constant values
+wherever exporters put them (initializers, Constant nodes, ConstantOfShape of a
+constant shape, through Identity/Cast), static shapes, and copy-on-write updates of
+constant inputs so a tensor shared by several nodes is never changed under another.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+_CONST_THROUGH = {"Identity"}
+
+
+class Graph:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.gs = gs.import_onnx(model)
+        self._names = itertools.count()
+        self._cow_cache: dict[tuple, gs.Tensor] = {}
+
+    # -- export ----------------------------------------------------------------------
+    def to_model(self) -> onnx.ModelProto:
+        self.gs.cleanup(remove_unused_graph_inputs=False).toposort()
+        model = gs.export_onnx(self.gs, do_type_check=False)
+        model.ir_version = self.model.ir_version
+        del model.opset_import[:]
+        model.opset_import.extend(self.model.opset_import)
+        del model.metadata_props[:]
+        model.metadata_props.extend(self.model.metadata_props)
+        model.producer_name = self.model.producer_name
+        model.producer_version = self.model.producer_version
+        if model.ir_version < 4:
+            # IR < 4 requires every initializer to be declared as a graph input too.
+            declared = {i.name for i in model.graph.input}
+            for init in model.graph.initializer:
+                if init.name not in declared:
+                    model.graph.input.append(
+                        onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        return model
+
+    # -- lookups ---------------------------------------------------------------------
+    @property
+    def nodes(self):
+        return self.gs.nodes
+
+    def opset(self, domain: str = "") -> int:
+        for imp in self.model.opset_import:
+            if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
+                return imp.version
+        return 0
+
+    @staticmethod
+    def producer(tensor: gs.Tensor):
+        return tensor.inputs[0] if tensor.inputs else None
+
+    def const(self, tensor: gs.Tensor | None) -> np.ndarray | None:
+        """The value of a tensor that is a constant however the exporter wrote it, else None."""
+        seen = 0
+        while tensor is not None and seen < 16:
+            seen += 1
+            if isinstance(tensor, gs.Constant):
+                return np.asarray(tensor.values)
+            node = self.producer(tensor)
+            if node is None:
+                return None
+            if node.op == "Constant":
+                return _constant_node_value(node)
+            if node.op in _CONST_THROUGH:
+                tensor = node.inputs[0]
+                continue
+            if node.op == "ConstantOfShape":
+                shape = self.const(node.inputs[0])
+                if shape is None:
+                    return None
+                fill = node.attrs.get("value")
+                fill = np.asarray(fill.values).reshape(-1) if fill is not None else np.zeros(1, np.float32)
+                return np.full(tuple(int(d) for d in shape), fill[0], dtype=fill.dtype)
+            return None
+        return None
+
+    def is_const(self, tensor: gs.Tensor | None) -> bool:
+        if tensor is None:
+            return False
+        if isinstance(tensor, gs.Constant):
+            return True
+        node = self.producer(tensor)
+        if node is None:
+            return False
+        if node.op == "Constant":
+            return True
+        if node.op in _CONST_THROUGH:
+            return self.is_const(node.inputs[0])
+        if node.op == "ConstantOfShape":
+            return self.is_const(node.inputs[0])
+        return False
+
+    def shape(self, tensor: gs.Tensor | None) -> tuple | None:
+        """Static shape: ints for known dims, None for unknown ones; None if the rank is unknown."""
+        if tensor is None:
+            return None
+        if isinstance(tensor, gs.Constant):
+            return tuple(int(d) for d in tensor.shape)
+        if tensor.shape is None:
+            value = self.const(tensor)
+            return None if value is None else tuple(value.shape)
+        return tuple(d if isinstance(d, (int, np.integer)) and d >= 0 else None for d in tensor.shape)
+
+    def rank(self, tensor: gs.Tensor | None) -> int | None:
+        s = self.shape(tensor)
+        return None if s is None else len(s)
+
+    # -- editing ---------------------------------------------------------------------
+    def fresh_name(self, base: str) -> str:
+        existing = self.gs.tensors()
+        while True:
+            name = f"{base}__p{next(self._names)}"
+            if name not in existing:
+                return name
+
+    def set_const_input(self, node: gs.Node, index: int, value: np.ndarray, key=None) -> None:
+        """Give `node` a new constant at input `index`, never changing what other users see.
+
+        Nodes whose update has the same `key` (same source, same slicing) share one tensor.
+        """
+        old = node.inputs[index]
+        value = np.ascontiguousarray(value)
+        if key is not None and key in self._cow_cache:
+            node.inputs[index] = self._cow_cache[key]
+            return
+        producer = self.producer(old) if not isinstance(old, gs.Constant) else None
+        if producer is not None and producer.op == "ConstantOfShape" and value.size and np.all(value == value.reshape(-1)[0]):
+            # Keep weights that are generated by ConstantOfShape generated: the file stays small.
+            shape = gs.Constant(self.fresh_name(old.name + "_shape"), np.array(value.shape, dtype=np.int64))
+            out = gs.Variable(self.fresh_name(old.name), dtype=old.dtype)
+            new_node = gs.Node("ConstantOfShape", name=self.fresh_name(producer.name or "cos"),
+                               attrs=dict(producer.attrs), inputs=[shape], outputs=[out])
+            self.gs.nodes.append(new_node)
+            new = out
+        elif isinstance(old, gs.Constant) and len(old.outputs) == 1 and old not in self.gs.outputs:
+            old.values = value
+            new = old
+        else:
+            new = gs.Constant(self.fresh_name(old.name or "const"), value)
+        node.inputs[index] = new
+        if key is not None:
+            self._cow_cache[key] = new
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if "value" in attrs:
+        v = attrs["value"]
+        return np.asarray(v.values if hasattr(v, "values") else v)
+    for name, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                        ("value_int", np.int64), ("value_ints", np.int64)):
+        if name in attrs:
+            return np.asarray(attrs[name], dtype=dtype)
+    return None

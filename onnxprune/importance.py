@@ -1,0 +1,83 @@
+"""Importance criteria: a score per channel of a group (higher = keep).
+
+Criteria are registered by name; `--importance NAME` picks one. A criterion gets the
+whole analysis, so data-driven criteria (activations, gradients) fit the same slot.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .dependency import Analysis, Group
+
+_CRITERIA: dict[str, type["Criterion"]] = {}
+
+# Roles whose values say how much a channel matters (biases and running stats do not).
+SCORED_ROLES = ("weight_out", "weight_in", "bn_scale")
+
+
+class Criterion:
+    name = ""
+    needs_data = False
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.notes: list[str] = []
+
+    def scores(self, analysis: Analysis, group: Group) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+
+def register_criterion(cls: type[Criterion]) -> type[Criterion]:
+    _CRITERIA[cls.name] = cls
+    return cls
+
+
+def criterion(name: str, seed: int = 0) -> Criterion:
+    from .rules import _load_builtin
+
+    _load_builtin()
+    if name not in _CRITERIA:
+        from .errors import OnnxPruneError
+
+        raise OnnxPruneError(f"--importance {name!r}: unknown criterion (choose from {', '.join(sorted(_CRITERIA))})")
+    return _CRITERIA[name](seed=seed)
+
+
+def criteria_names() -> list[str]:
+    from .rules import _load_builtin
+
+    _load_builtin()
+    return sorted(_CRITERIA)
+
+
+_REDUCE = {
+    "l1": lambda v: np.abs(v).sum(axis=1),
+    "l2sq": lambda v: np.square(v).sum(axis=1),
+}
+
+
+def per_channel(analysis: Analysis, group: Group, roles, kind: str) -> tuple[np.ndarray, int]:
+    """Sum of |w| ("l1") or w^2 ("l2sq") over every member with one of `roles`, per channel.
+
+    Returns the scores and how many members contributed.
+    """
+    reduce = _REDUCE[kind]
+    total = np.zeros(group.channels, dtype=np.float64)
+    used = 0
+    cache = analysis.__dict__.setdefault("_value_cache", {})
+    for att in group.members:
+        if att.role not in roles:
+            continue
+        key = (att.tensor.name, att.axis, kind)
+        if key not in cache:
+            value = analysis.graph.const(att.tensor)
+            if value is None:
+                continue
+            value = np.moveaxis(np.asarray(value, dtype=np.float64), att.axis, 0)
+            cache[key] = reduce(value.reshape(value.shape[0], -1))
+        per_position = cache[key]
+        for offset, exp, n in analysis.positions(att, group):
+            block = per_position[offset:offset + n * exp].reshape(n, exp)
+            total += block.sum(axis=1)
+            used += 1
+    return total, used

@@ -1,0 +1,106 @@
+"""Loading and saving models: external data, atomic writes, never touching the input."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import OnnxPruneError
+
+# protobuf refuses to serialise a single message above 2 GiB; stay well clear of it.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+
+
+def default_output_path(input_path: str | os.PathLike) -> Path:
+    p = Path(input_path)
+    stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
+    return p.with_name(stem + ".pruned.onnx")
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    p = Path(path)
+    if not p.exists():
+        raise OnnxPruneError(f"{p}: no such file")
+    if p.is_dir():
+        raise OnnxPruneError(f"{p}: is a directory, expected an .onnx file")
+    if not os.access(p, os.R_OK):
+        raise OnnxPruneError(f"{p}: not readable")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise OnnxPruneError(f"{p}: not an ONNX model ({_first_line(exc)})") from None
+    if not model.graph.node:
+        raise OnnxPruneError(f"{p}: not an ONNX model (no graph nodes)")
+    _check_external_locations(model, p.parent)
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+    except (OSError, ValueError) as exc:
+        raise OnnxPruneError(f"{p}: cannot read its external data ({_first_line(exc)})") from None
+    return model
+
+
+def _check_external_locations(model: onnx.ModelProto, base: Path) -> None:
+    base = base.resolve()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        loc = info.get("location", "")
+        target = (base / loc).resolve()
+        if os.path.isabs(loc) or base not in target.parents:
+            raise OnnxPruneError(
+                f"initializer {tensor.name!r}: external data location {loc!r} escapes the model's folder"
+            )
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path=None) -> Path:
+    """Write `model` to `path` atomically; external data is used above ~2 GB."""
+    out = Path(path)
+    if input_path is not None and out.resolve() == Path(input_path).resolve():
+        raise OnnxPruneError(f"{out}: refusing to overwrite the input model; choose another -o")
+    if out.is_dir():
+        raise OnnxPruneError(f"{out}: is a directory")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise OnnxPruneError(f"{parent}: output folder does not exist")
+    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _byte_size_ok(model) else True
+    staging = Path(tempfile.mkdtemp(prefix=".onnxprune-", dir=parent))
+    try:
+        staged = staging / out.name
+        if large:
+            data_name = out.name + ".data"
+            onnx.save_model(model, str(staged), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            os.replace(staging / data_name, parent / data_name)
+        else:
+            onnx.save_model(model, str(staged))
+        os.replace(staged, out)
+    except OSError as exc:
+        raise OnnxPruneError(f"{out}: cannot write ({_first_line(exc)})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size in bytes, counting initializer payloads when too large to serialize."""
+    if _byte_size_ok(model):
+        return model.ByteSize()
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+def _byte_size_ok(model: onnx.ModelProto) -> bool:
+    try:
+        model.ByteSize()
+        return True
+    except Exception:  # protobuf may refuse messages above 2 GiB
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

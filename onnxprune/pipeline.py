@@ -1,0 +1,148 @@
+"""The main job as a function: analyse, plan, apply, verify, measure."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from . import metrics
+from .apply import apply_plan
+from .dependency import Analysis, analyze
+from .errors import OnnxPruneError
+from .graph import Graph
+from .importance import criterion
+from .modelio import load_model
+from .plan import Plan, make_plan, plan_from_json
+from .runtime import has_runtime, runtime_description
+from .shapes import concrete_input_shapes, fix_input_shapes, infer_shapes, static_copy
+from .verify import Verification, check, session, verify
+
+
+@dataclass
+class PruneOptions:
+    filters: float = 0.0
+    importance: str = "l2"
+    round_to: int = 1
+    global_rank: bool = False
+    exclude: tuple[str, ...] = ()
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    plan: dict | None = None  # a plan file's contents: apply it instead of planning
+    seed: int = 0
+    verify: bool = True
+    latency_runs: int = 20  # 0: do not measure latency
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    plan: Plan
+    analysis: Analysis
+    verification: Verification
+    report: dict
+
+
+def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = None, **kwargs) -> PruneResult:
+    """Prune `model` (a ModelProto or a path) and return the pruned model with its report.
+
+    Keyword arguments override fields of `options`, e.g. prune("m.onnx", filters=0.3).
+    """
+    options = options or PruneOptions()
+    for key, value in kwargs.items():
+        if not hasattr(options, key):
+            raise TypeError(f"unknown option {key!r}")
+        setattr(options, key, value)
+    started = time.perf_counter()
+    original = load_model(model) if isinstance(model, (str, Path)) else model
+    _refuse_unsupported(original)
+
+    working = onnx.ModelProto()
+    working.CopyFrom(original)
+    if options.input_shapes:
+        fix_input_shapes(working, options.input_shapes)
+    working = infer_shapes(working)
+    graph = Graph(working)
+    analysis = analyze(graph)
+    if options.plan is not None:
+        plan = plan_from_json(analysis, options.plan)
+    else:
+        plan = make_plan(analysis, options.filters, criterion(options.importance, options.seed),
+                         round_to=options.round_to, global_rank=options.global_rank,
+                         exclude=options.exclude)
+    apply_plan(analysis, plan)
+    pruned = infer_shapes(graph.to_model())
+    prune_seconds = time.perf_counter() - started
+
+    concrete, guessed = concrete_input_shapes(working, options.input_shapes)
+    report = {
+        "tool": "onnxprune",
+        "runtime": runtime_description(),
+        "criterion": plan.criterion,
+        "ratio": options.filters,
+        "input_shapes": concrete,
+        "notes": list(plan.notes),
+    }
+    if guessed:
+        report["notes"].append(
+            f"dynamic dims {', '.join(guessed)} were set to defaults for measuring; pass --input-shape to choose")
+    report["params"] = {"before": metrics.count_params(original), "after": metrics.count_params(pruned)}
+    report["macs"] = {"before": metrics.count_macs(static_copy(working, concrete)),
+                      "after": metrics.count_macs(static_copy(pruned, concrete))}
+    report["file_bytes"] = {"before": metrics.model_bytes(original), "after": metrics.model_bytes(pruned)}
+
+    verification = Verification()
+    if options.verify:
+        verification = _verify(working, pruned, concrete, options, report)
+    report["verification"] = verification.to_json()
+    report["groups"] = [_group_json(d) for d in plan.decisions]
+    report["summary"] = {
+        "groups_pruned": sum(1 for d in plan.decisions if len(d.removed)),
+        "groups_prunable": len(plan.decisions),
+        "groups_skipped": len(plan.skipped),
+        "channels_removed": int(sum(len(d.removed) for d in plan.decisions)),
+    }
+    report["skipped"] = plan.skipped
+    report["barriers"] = analysis.barriers
+    report["seconds"] = {"prune": round(prune_seconds, 3), "total": round(time.perf_counter() - started, 3)}
+    return PruneResult(pruned, plan, analysis, verification, report)
+
+
+def _verify(working, pruned, shapes, options, report) -> Verification:
+    feeds = None
+    if has_runtime():
+        try:
+            original_session = session(working)
+        except Exception as exc:
+            raise OnnxPruneError(f"onnxruntime cannot run the input model: {str(exc).splitlines()[0][:300]}") from None
+        feeds = metrics.random_inputs(working, shapes, options.seed)
+        original_outputs = original_session.run(None, feeds)
+    else:
+        original_session, original_outputs = None, None
+        report["notes"].append("no onnxruntime installed: checked with the onnx checker only")
+    if feeds is None:
+        result, pruned_session = Verification(checker=check(pruned)), None
+    else:
+        result, pruned_session = verify(original_session, pruned, feeds, original_outputs)
+    if options.latency_runs and original_session is not None and pruned_session is not None:
+        report["latency_ms"] = {
+            "before": round(metrics.measure_latency(original_session, feeds, options.latency_runs), 4),
+            "after": round(metrics.measure_latency(pruned_session, feeds, options.latency_runs), 4),
+        }
+    return result
+
+
+def _group_json(decision) -> dict:
+    g = decision.group
+    return {
+        "key": decision.key,
+        "channels_before": g.channels,
+        "channels_after": g.channels - len(decision.removed),
+        "removed": [int(i) for i in decision.removed],
+        "members": [m.describe() for m in g.members],
+    }
+
+
+def _refuse_unsupported(model: onnx.ModelProto) -> None:
+    if model.ir_version > 11:
+        raise OnnxPruneError(f"IR version {model.ir_version} is newer than this onnx package supports")

@@ -1,0 +1,159 @@
+"""Choosing which channels go: uniform or global ranking, round-to, exclusions; plans as JSON."""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dependency import Analysis, Group
+from .errors import OnnxPruneError
+from .importance import Criterion
+
+
+def group_key(analysis: Analysis, group: Group) -> str:
+    """A name for a group that is the same every time the same model is analysed."""
+    for att in group.members:
+        if att.role == "weight_out":
+            offset = analysis.positions(att, group)[0][0]
+            return f"{att.node.name}/{att.tensor.name}@{att.axis}+{offset}"
+    att = group.members[0]
+    return f"{att.node.name}/{att.tensor.name}@{att.axis}+{analysis.positions(att, group)[0][0]}"
+
+
+@dataclass
+class GroupDecision:
+    key: str
+    group: Group
+    removed: np.ndarray
+    scores: np.ndarray | None = None
+
+
+@dataclass
+class Plan:
+    decisions: list[GroupDecision] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    criterion: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def removed_by_atom(self) -> dict[int, np.ndarray]:
+        return {d.group.atom: d.removed for d in self.decisions if len(d.removed)}
+
+    def to_json(self) -> dict:
+        return {
+            "format": "onnxprune-plan/1",
+            "criterion": self.criterion,
+            "groups": [
+                {"key": d.key, "channels": d.group.channels, "removed": [int(i) for i in d.removed]}
+                for d in self.decisions if len(d.removed)
+            ],
+        }
+
+
+def _excluded(analysis: Analysis, group: Group, patterns) -> str | None:
+    names = group.node_names() | {m.tensor.name for m in group.members}
+    for pattern in patterns:
+        for name in names:
+            if fnmatch.fnmatchcase(name, pattern):
+                return pattern
+    return None
+
+
+def candidate_groups(analysis: Analysis, exclude=()) -> tuple[list[Group], list[dict]]:
+    """Groups that may be pruned, and the others with the reason why not."""
+    prunable, skipped = [], []
+    for group in analysis.groups:
+        if group.fixed_reasons:
+            skipped.append(_skip(analysis, group, group.fixed_reasons[0]))
+        elif not any(m.role == "weight_out" for m in group.members):
+            skipped.append(_skip(analysis, group, "no layer produces these channels"))
+        elif group.channels < 2:
+            skipped.append(_skip(analysis, group, "a single channel"))
+        elif (pattern := _excluded(analysis, group, exclude)) is not None:
+            skipped.append(_skip(analysis, group, f"excluded by --exclude {pattern!r}"))
+        else:
+            prunable.append(group)
+    return prunable, skipped
+
+
+def _skip(analysis, group, reason):
+    return {"key": group_key(analysis, group), "channels": group.channels, "reason": reason,
+            "nodes": sorted(group.node_names())}
+
+
+def _keep_count(channels: int, remove: int, round_to: int) -> int:
+    keep = max(channels - remove, 1)
+    if round_to > 1:
+        keep = min(channels, math.ceil(keep / round_to) * round_to)
+    return keep
+
+
+def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: int = 1,
+              global_rank: bool = False, exclude=()) -> Plan:
+    if not 0.0 <= ratio < 1.0:
+        raise OnnxPruneError(f"--filters {ratio}: must be in [0, 1)")
+    if round_to < 1:
+        raise OnnxPruneError(f"--round-to {round_to}: must be a positive integer")
+    groups, skipped = candidate_groups(analysis, exclude)
+    plan = Plan(skipped=skipped, criterion=crit.name)
+    scores = {g.id: np.asarray(crit.scores(analysis, g), dtype=np.float64) for g in groups}
+    if global_rank:
+        counts = _global_counts(groups, scores, ratio)
+    else:
+        counts = {g.id: math.floor(ratio * g.channels) for g in groups}
+    for g in groups:
+        keep = _keep_count(g.channels, counts[g.id], round_to)
+        order = np.argsort(scores[g.id], kind="stable")
+        removed = np.sort(order[: g.channels - keep])
+        plan.decisions.append(GroupDecision(group_key(analysis, g), g, removed, scores[g.id]))
+    plan.notes.extend(crit.notes)
+    return plan
+
+
+def _global_counts(groups, scores, ratio):
+    """Rank channels across groups by score relative to their group's mean."""
+    pool = []
+    for g in groups:
+        s = scores[g.id]
+        mean = s.mean()
+        normalized = s / mean if mean > 0 else np.zeros_like(s)
+        pool.extend((float(v), g.id) for v in normalized)
+    budget = math.floor(ratio * len(pool))
+    counts = {g.id: 0 for g in groups}
+    limit = {g.id: g.channels - 1 for g in groups}
+    for _, gid in sorted(pool, key=lambda p: p[0]):
+        if budget == 0:
+            break
+        if counts[gid] < limit[gid]:
+            counts[gid] += 1
+            budget -= 1
+    return counts
+
+
+def plan_from_json(analysis: Analysis, data: dict) -> Plan:
+    if data.get("format") != "onnxprune-plan/1":
+        raise OnnxPruneError("--apply-plan: not an onnxprune plan file")
+    groups, skipped = candidate_groups(analysis)
+    by_key = {group_key(analysis, g): g for g in groups}
+    plan = Plan(skipped=skipped, criterion=data.get("criterion", "") + " (from plan)")
+    for entry in data.get("groups", []):
+        g = by_key.get(entry["key"])
+        if g is None:
+            raise OnnxPruneError(f"--apply-plan: group {entry['key']!r} is not prunable in this model")
+        removed = np.array(sorted(set(int(i) for i in entry["removed"])), dtype=np.int64)
+        if g.channels != entry["channels"] or (removed.size and (removed.min() < 0 or removed.max() >= g.channels)):
+            raise OnnxPruneError(f"--apply-plan: group {entry['key']!r} has {g.channels} channels, plan expects {entry['channels']}")
+        if removed.size >= g.channels:
+            raise OnnxPruneError(f"--apply-plan: group {entry['key']!r} would lose every channel")
+        plan.decisions.append(GroupDecision(entry["key"], g, removed))
+    return plan
+
+
+def load_plan_file(path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise OnnxPruneError(f"--apply-plan {path}: cannot read ({exc})") from None

@@ -1,0 +1,61 @@
+"""The before/after table printed at the end of a run."""
+from __future__ import annotations
+
+from collections import Counter
+
+
+def _fmt_count(n):
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _fmt_bytes(n):
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _change(before, after):
+    if not before:
+        return ""
+    return f"{(after - before) / before * 100:+.1f}%"
+
+
+def summary_table(report: dict) -> str:
+    rows = [("", "before", "after", "change")]
+    for key, label, fmt in (("params", "params", _fmt_count), ("macs", "MACs", _fmt_count),
+                            ("file_bytes", "file size", _fmt_bytes)):
+        if key in report:
+            b, a = report[key]["before"], report[key]["after"]
+            rows.append((label, fmt(b), fmt(a), _change(b, a)))
+    if "latency_ms" in report:
+        b, a = report["latency_ms"]["before"], report["latency_ms"]["after"]
+        rows.append(("ORT latency", f"{b:.3f} ms", f"{a:.3f} ms", _change(b, a)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(r))
+             for r in rows]
+    s = report.get("summary", {})
+    lines.append(f"groups: {s.get('groups_pruned', 0)} pruned of {s.get('groups_prunable', 0)} prunable, "
+                 f"{s.get('groups_skipped', 0)} skipped; {s.get('channels_removed', 0)} channels removed")
+    reasons = Counter(_short(item["reason"]) for item in report.get("skipped", []))
+    for reason, count in reasons.most_common(5):
+        lines.append(f"  skipped x{count}: {reason}")
+    v = report.get("verification", {})
+    if v:
+        check = f"checker {v.get('checker')}, onnxruntime {v.get('onnxruntime')}"
+        if v.get("max_abs_diff") is not None:
+            check += f", max |diff| {v['max_abs_diff']:.3g} (relative {v['max_rel_diff']:.3g})"
+        lines.append(check)
+    for note in report.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _short(reason: str) -> str:
+    # "Op 'name': why" -> "Op: why", so the same cause on many nodes counts once.
+    head, sep, tail = reason.partition(": ")
+    op = head.split(" ")[0]
+    return f"{op}: {tail}" if sep else reason

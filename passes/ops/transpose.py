@@ -1,0 +1,22 @@
+"""Transpose moves channel axes (NHWC <-> NCHW)."""
+from onnxprune.rules import OpRule, Refuse, register
+
+from ._common import int_list
+
+
+@register
+class TransposeRule(OpRule):
+    ops = ("Transpose",)
+
+    def propagate(self, node, ctx):
+        layouts = ctx.input_layouts(0)
+        if not layouts:
+            return
+        perm = int_list(ctx.attr("perm"))
+        if perm is None:
+            rank = ctx.rank(ctx.input(0))
+            if rank is None:
+                raise Refuse("input of unknown rank")
+            perm = list(reversed(range(rank)))
+        for axis, layout in layouts.items():
+            ctx.set_layout(node.outputs[0], perm.index(axis), layout)
