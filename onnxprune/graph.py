@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-_CONST_THROUGH = {"Identity"}
+_FOLDABLE = {"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Transpose"}
 
 
 class Graph:
@@ -23,6 +23,7 @@ class Graph:
         self.gs = gs.import_onnx(model)
         self._names = itertools.count()
         self._cow_cache: dict[tuple, gs.Tensor] = {}
+        self._const_cache: dict[str, np.ndarray | None] = {}
 
     # -- export ----------------------------------------------------------------------
     def to_model(self) -> onnx.ModelProto:
@@ -60,32 +61,34 @@ class Graph:
         return tensor.inputs[0] if tensor.inputs else None
 
     def const(self, tensor: gs.Tensor | None) -> np.ndarray | None:
-        """The value of a tensor that is a constant however the exporter wrote it, else None."""
-        seen = 0
-        while tensor is not None and seen < 16:
-            seen += 1
-            if isinstance(tensor, gs.Constant):
-                return np.asarray(tensor.values)
-            node = self.producer(tensor)
-            if node is None:
-                return None
-            if node.op == "Constant":
-                return _constant_node_value(node)
-            if node.op in _CONST_THROUGH:
-                tensor = node.inputs[0]
-                continue
-            if node.op == "ConstantOfShape":
-                shape = self.const(node.inputs[0])
-                if shape is None:
-                    return None
-                fill = node.attrs.get("value")
-                fill = np.asarray(fill.values).reshape(-1) if fill is not None else np.zeros(1, np.float32)
-                return np.full(tuple(int(d) for d in shape), fill[0], dtype=fill.dtype)
-            return None
-        return None
+        """The value of a tensor that is a constant however the exporter wrote it, else None.
 
-    def is_const(self, tensor: gs.Tensor | None) -> bool:
-        if tensor is None:
+        Follows Constant nodes, ConstantOfShape of a constant shape, and shape-only ops
+        (Identity, Cast, Reshape, (Un)Squeeze, Transpose) applied to constants.
+        """
+        if tensor is None or not self.is_const(tensor):
+            return None
+        key = tensor.name
+        if key not in self._const_cache:
+            self._const_cache[key] = self._evaluate(tensor)
+        return self._const_cache[key]
+
+    def _evaluate(self, tensor: gs.Tensor) -> np.ndarray | None:
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        node = self.producer(tensor)
+        if node.op == "Constant":
+            return _constant_node_value(node)
+        if node.op == "ConstantOfShape":
+            shape = self.const(node.inputs[0])
+            fill = node.attrs.get("value")
+            fill = np.asarray(fill.values).reshape(-1) if fill is not None else np.zeros(1, np.float32)
+            return np.full(tuple(int(d) for d in shape), fill[0], dtype=fill.dtype)
+        args = [self.const(t) if t.name else None for t in node.inputs]
+        return _fold(node, args, self.opset(""))
+
+    def is_const(self, tensor: gs.Tensor | None, depth: int = 0) -> bool:
+        if tensor is None or depth > 32:
             return False
         if isinstance(tensor, gs.Constant):
             return True
@@ -94,10 +97,8 @@ class Graph:
             return False
         if node.op == "Constant":
             return True
-        if node.op in _CONST_THROUGH:
-            return self.is_const(node.inputs[0])
-        if node.op == "ConstantOfShape":
-            return self.is_const(node.inputs[0])
+        if node.op == "ConstantOfShape" or node.op in _FOLDABLE:
+            return all(self.is_const(t, depth + 1) for t in node.inputs if t.name)
         return False
 
     def shape(self, tensor: gs.Tensor | None) -> tuple | None:
@@ -130,6 +131,7 @@ class Graph:
         """
         old = node.inputs[index]
         value = np.ascontiguousarray(value)
+        self._const_cache.clear()
         if key is not None and key in self._cow_cache:
             node.inputs[index] = self._cow_cache[key]
             return
@@ -161,4 +163,32 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
                         ("value_int", np.int64), ("value_ints", np.int64)):
         if name in attrs:
             return np.asarray(attrs[name], dtype=dtype)
+    return None
+
+
+def _fold(node: gs.Node, args: list, opset: int) -> np.ndarray | None:
+    """Evaluate a shape-only op on constant inputs."""
+    x = args[0]
+    op, attrs = node.op, node.attrs
+    if op == "Identity":
+        return x
+    if op == "Cast":
+        return x.astype(onnx.helper.tensor_dtype_to_np_dtype(int(attrs["to"])))
+    if op == "Transpose":
+        return np.transpose(x, attrs.get("perm"))
+    if op == "Reshape":
+        target = [int(v) for v in args[1].reshape(-1)]
+        if not int(attrs.get("allowzero", 0)):
+            target = [x.shape[i] if v == 0 else v for i, v in enumerate(target)]
+        return x.reshape(target)
+    axes = attrs.get("axes")
+    if axes is None and len(args) > 1 and args[1] is not None:
+        axes = [int(v) for v in args[1].reshape(-1)]
+    if op == "Squeeze":
+        return np.squeeze(x, axis=tuple(axes)) if axes else np.squeeze(x)
+    if op == "Unsqueeze":
+        out_rank = x.ndim + len(axes)
+        for a in sorted(a + out_rank if a < 0 else a for a in axes):
+            x = np.expand_dims(x, a)
+        return x
     return None

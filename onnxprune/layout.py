@@ -127,13 +127,24 @@ def layout_size(layout: Layout, atoms: Atoms) -> int:
     return sum(atoms.size(s.atom) * s.expand for s in layout)
 
 
+def _head(segs: list[Segment], i: int, atoms: Atoms) -> Segment:
+    """Segment i as a current leaf, refining it in place if its class was split meanwhile."""
+    while True:
+        seg = segs[i]
+        rep = atoms.find(seg.atom)
+        parts = atoms._parts.get(rep)
+        if parts is None:
+            segs[i] = Segment(rep, seg.expand)
+            return segs[i]
+        segs[i:i + 1] = [Segment(p, seg.expand) for p in parts]
+
+
 def _align(x: list[Segment], y: list[Segment], atoms: Atoms) -> None:
     """Union two layouts position by position, splitting atoms where boundaries differ."""
-    x = resolve(tuple(x), atoms)
-    y = resolve(tuple(y), atoms)
+    x, y = list(x), list(y)
     i = j = 0
     while i < len(x) and j < len(y):
-        sx, sy = x[i], y[j]
+        sx, sy = _head(x, i, atoms), _head(y, j, atoms)
         if sx.expand != sy.expand:
             raise LayoutError("layouts expand channels differently")
         nx, ny = atoms.size(sx.atom), atoms.size(sy.atom)
@@ -144,12 +155,12 @@ def _align(x: list[Segment], y: list[Segment], atoms: Atoms) -> None:
         elif nx < ny:
             head, tail = atoms.split_leaf(sy.atom, nx)
             atoms.union(sx.atom, head)
-            y[j] = Segment(atoms.find(tail), sy.expand)
+            y[j] = Segment(tail, sy.expand)
             i += 1
         else:
             head, tail = atoms.split_leaf(sx.atom, ny)
             atoms.union(head, sy.atom)
-            x[i] = Segment(atoms.find(tail), sx.expand)
+            x[i] = Segment(tail, sx.expand)
             j += 1
     if i < len(x) or j < len(y):
         raise LayoutError("layouts of different sizes")
@@ -165,8 +176,10 @@ def unify(x: Layout, y: Layout, atoms: Atoms) -> None:
 def cut(layout: Layout, start: int, stop: int, atoms: Atoms) -> Layout:
     """Positions [start, stop) of a layout as a layout of their own (splits atoms at the cuts)."""
     out: list[Segment] = []
-    pos = 0
-    for seg in resolve(layout, atoms):
+    segs = list(layout)
+    pos = i = 0
+    while i < len(segs) and pos < stop:
+        seg = _head(segs, i, atoms)
         n = atoms.size(seg.atom) * seg.expand
         lo, hi = max(start, pos), min(stop, pos + n)
         if lo < hi:
@@ -180,6 +193,7 @@ def cut(layout: Layout, start: int, stop: int, atoms: Atoms) -> Layout:
                 atom, _ = atoms.split_leaf(atom, b - a)
             out.append(Segment(atom, seg.expand))
         pos += n
+        i += 1
     return tuple(out)
 
 

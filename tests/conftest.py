@@ -1,0 +1,51 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # fixtures/ and tests/ helpers import as top-level modules
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+@pytest.fixture(scope="session")
+def torch_fixture_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("torch_fixtures")
+
+
+@pytest.fixture(scope="session")
+def export_fixture(torch_fixture_dir):
+    """Export a torch fixture architecture once per session and return the loaded model."""
+    cache = {}
+
+    def get(name, opset=17, dynamo=False):
+        key = (name, opset, dynamo)
+        if key not in cache:
+            pytest.importorskip("torch")
+            from fixtures.torch_models import export
+
+            path = torch_fixture_dir / f"{name}_{opset}_{'dynamo' if dynamo else 'legacy'}.onnx"
+            export(name, path, opset=opset, dynamo=dynamo)
+            cache[key] = onnx.load(str(path))
+        return cache[key]
+
+    return get
+
+
+def run_model(model, feeds):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def max_rel_diff(a_list, b_list):
+    worst = 0.0
+    for a, b in zip(a_list, b_list):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert a.shape == b.shape
+        scale = max(float(np.abs(a).max()), 1e-12)
+        worst = max(worst, float(np.abs(a - b).max()) / scale)
+    return worst

@@ -1,0 +1,51 @@
+"""Plant dead structure: make chosen channels contribute nothing, exactly.
+
+For every prunable group, a fraction of its channels gets all of its coupled
+weights zeroed: producer filters, biases, normalization scale/shift/mean (variance
+and divisors set to 1), and the consumers' input weights. Those channels then carry
+nothing any surviving channel reads, so removing exactly them must leave every
+output unchanged, while any mistake in coupling, slicing or shape rewriting shows
+up as a wrong output or an invalid model.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+from onnxprune.dependency import analyze
+from onnxprune.graph import Graph
+from onnxprune.plan import candidate_groups, group_key
+from onnxprune.shapes import infer_shapes
+
+NEUTRAL = {"bn_var": 1.0, "divisor": 1.0}
+
+
+def plant_dead_channels(model: onnx.ModelProto, ratio: float, seed: int = 0):
+    """Return (planted model, {group key: sorted dead channel indices})."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = Graph(infer_shapes(copy))
+    analysis = analyze(graph)
+    groups, _ = candidate_groups(analysis)
+    rng = np.random.default_rng(seed)
+    values = {}
+    truth = {}
+    for group in groups:
+        n = math.floor(ratio * group.channels)
+        if n == 0:
+            continue
+        dead = np.sort(rng.choice(group.channels, size=n, replace=False))
+        truth[group_key(analysis, group)] = [int(i) for i in dead]
+        for att in group.members:
+            use = (id(att.node), att.input_index)
+            if use not in values:
+                values[use] = (att.node, np.array(graph.const(att.tensor), copy=True))
+            arr = values[use][1]
+            index = [slice(None)] * arr.ndim
+            index[att.axis] = analysis.channel_index(att, group, dead)
+            arr[tuple(index)] = NEUTRAL.get(att.role, 0.0)
+    for (_, input_index), (node, arr) in values.items():
+        graph.set_const_input(node, input_index, arr)
+    return graph.to_model(), truth
