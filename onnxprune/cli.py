@@ -13,19 +13,21 @@ from .errors import OnnxPruneError
 from .importance import criteria_names
 
 
-def _ratio(value):
+def _ratio(ctx, param, value):
+    if value is None:
+        return None
     try:
         r = float(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a number") from None
+        raise click.BadParameter(f"{value!r} is not a number", ctx, param) from None
     if not 0.0 <= r < 1.0:
-        raise click.BadParameter(f"{value} is outside [0, 1)")
+        raise click.BadParameter(f"{value} is outside [0, 1)", ctx, param)
     return r
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--filters", "filters", default=None, help="Fraction of channels to remove from each group, in [0, 1).")
+@click.option("--filters", "filters", default=None, callback=_ratio, help="Fraction of channels to remove from each group, in [0, 1).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the pruned model (default: INPUT.pruned.onnx next to the input).")
 @click.option("--importance", default="l2", show_default=True,
@@ -53,7 +55,7 @@ def prune_command(input_path, filters, output, importance, round_to, global_rank
 
     if filters is None and apply_plan_path is None:
         raise click.UsageError("give --filters R (or --apply-plan FILE)")
-    ratio = _ratio(filters) if filters is not None else 0.0
+    ratio = filters if filters is not None else 0.0
     out_path = output or default_output_path(input_path)
     if not dry_run and out_path.resolve() == input_path.resolve():
         raise OnnxPruneError(f"{out_path}: refusing to overwrite the input model; choose another -o")

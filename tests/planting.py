@@ -49,3 +49,25 @@ def plant_dead_channels(model: onnx.ModelProto, ratio: float, seed: int = 0):
     for (_, input_index), (node, arr) in values.items():
         graph.set_const_input(node, input_index, arr)
     return graph.to_model(), truth
+
+
+def prune_planted(model: onnx.ModelProto, ratio: float, seed: int = 0, tolerance: float = 1e-4, **options):
+    """Plant dead channels, prune exactly that amount, and check the function is unchanged."""
+    from onnxprune import prune
+    from onnxprune.metrics import random_inputs
+    from onnxprune.shapes import concrete_input_shapes
+
+    from conftest import max_rel_diff, run_model
+
+    planted, truth = plant_dead_channels(model, ratio, seed)
+    result = prune(planted, filters=ratio, latency_runs=0, **options)
+    assert result.verification.checker == "passed", result.verification.checker
+    assert result.verification.ort == "passed", result.verification.ort
+    removed = {d.key: [int(i) for i in d.removed] for d in result.plan.decisions if len(d.removed)}
+    assert removed == truth
+    shapes, _ = concrete_input_shapes(planted, options.get("input_shapes"))
+    for feed_seed in (seed + 1, seed + 2):
+        feeds = random_inputs(planted, shapes, feed_seed)
+        diff = max_rel_diff(run_model(planted, feeds), run_model(result.model, feeds))
+        assert diff <= tolerance, f"pruned model differs from the planted original: rel {diff:.3g}"
+    return result
