@@ -112,6 +112,13 @@ def main(argv=None) -> int:
     except MemoryError:
         click.echo("onnxprune: error: out of memory", err=True)
         return 1
+    except Exception as exc:  # a bug, not bad input: still one line, traceback on request
+        if os.environ.get("ONNXPRUNE_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"onnxprune: internal error: {type(exc).__name__}: {first} "
+                   "(set ONNXPRUNE_DEBUG=1 for the traceback; the input was not modified)", err=True)
+        return 1
     return 0
 
 

@@ -52,7 +52,7 @@ def criteria_names() -> list[str]:
 
 _REDUCE = {
     "l1": lambda v: np.abs(v).sum(axis=1),
-    "l2sq": lambda v: np.square(v).sum(axis=1),
+    "l2sq": lambda v: np.einsum("ij,ij->i", v, v, dtype=np.float64),
 }
 
 
@@ -73,7 +73,7 @@ def per_channel(analysis: Analysis, group: Group, roles, kind: str) -> tuple[np.
             value = analysis.graph.const(att.tensor)
             if value is None:
                 continue
-            value = np.moveaxis(np.asarray(value, dtype=np.float64), att.axis, 0)
+            value = np.moveaxis(np.asarray(value, dtype=np.float32), att.axis, 0)
             cache[key] = reduce(value.reshape(value.shape[0], -1))
         per_position = cache[key]
         for offset, exp, n in analysis.positions(att, group):

@@ -67,7 +67,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path=No
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.exists():
         raise OnnxPruneError(f"{parent}: output folder does not exist")
-    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _byte_size_ok(model) else True
+    large = payload_bytes(model) > EXTERNAL_DATA_THRESHOLD
     staging = Path(tempfile.mkdtemp(prefix=".onnxprune-", dir=parent))
     try:
         staged = staging / out.name
@@ -86,19 +86,20 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path=No
     return out
 
 
+def payload_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of initializer data (cheap: no serialisation); decides on external data."""
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+    return total
+
+
 def model_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size in bytes, counting initializer payloads when too large to serialize."""
-    if _byte_size_ok(model):
-        return model.ByteSize()
-    return sum(t.ByteSize() for t in model.graph.initializer)
-
-
-def _byte_size_ok(model: onnx.ModelProto) -> bool:
+    """Serialized size in bytes (initializer payload alone when too large to serialize)."""
     try:
-        model.ByteSize()
-        return True
+        return model.ByteSize()
     except Exception:  # protobuf may refuse messages above 2 GiB
-        return False
+        return payload_bytes(model)
 
 
 def _first_line(exc: BaseException) -> str:

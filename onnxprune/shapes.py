@@ -63,8 +63,52 @@ def concrete_input_shapes(model: onnx.ModelProto, given=None) -> tuple[dict[str,
     return shapes, guessed
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx shape inference with data propagation; falls back to the model unchanged."""
+_SKELETON_MIN_ELEMENTS = 64  # initializers this large are shape-only for inference purposes
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without the payload of large initializers: they become typed graph inputs.
+
+    Shape inference then costs what the graph structure costs, not what the weights weigh.
+    Small initializers (shape targets, split sizes, axes) keep their values for data propagation.
+    """
+    light = onnx.ModelProto()
+    graph = model.graph
+    heavy = [t for t in graph.initializer if _elements(t) >= _SKELETON_MIN_ELEMENTS]
+    if not heavy:
+        light.CopyFrom(model)
+        return light
+    heavy_names = {t.name for t in heavy}
+    graph_fields = {f.name for f, _ in graph.ListFields()} - {"initializer"}
+    for name in graph_fields:
+        target, source = getattr(light.graph, name), getattr(graph, name)
+        if isinstance(source, (str, bytes)):
+            setattr(light.graph, name, source)
+        else:
+            target.extend(source)
+    light.graph.initializer.extend(t for t in graph.initializer if t.name not in heavy_names)
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            continue
+        if isinstance(value, (str, bytes, int, float)):
+            setattr(light, field.name, value)
+        else:
+            getattr(light, field.name).extend(value)
+    declared = {i.name for i in light.graph.input}
+    for t in heavy:
+        if t.name not in declared:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
+
+
+def _elements(tensor: onnx.TensorProto) -> int:
+    n = 1
+    for d in tensor.dims:
+        n *= d
+    return n
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception:
@@ -74,11 +118,21 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
             return model
 
 
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with value_info from onnx shape inference (data propagation on); in place."""
+    inferred = _infer(skeleton(model))
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    outputs = {o.name: o for o in inferred.graph.output}
+    for out in model.graph.output:
+        if not out.type.tensor_type.HasField("shape") and out.name in outputs:
+            out.CopyFrom(outputs[out.name])
+    return model
+
+
 def static_copy(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.ModelProto:
-    """A copy of the model with all inputs fixed to concrete shapes, shapes inferred."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    """A weightless copy with all inputs fixed to concrete shapes, shapes inferred (for counting)."""
+    copy = skeleton(model)
     fix_input_shapes(copy, shapes)
-    for vi in list(copy.graph.value_info):
-        copy.graph.value_info.remove(vi)
-    return infer_shapes(copy)
+    del copy.graph.value_info[:]
+    return _infer(copy)

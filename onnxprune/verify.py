@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .modelio import EXTERNAL_DATA_THRESHOLD, model_bytes
+from .modelio import EXTERNAL_DATA_THRESHOLD, payload_bytes
 from .runtime import has_runtime, require_runtime
 
 
@@ -28,7 +28,7 @@ class Verification:
 
 
 def check(model: onnx.ModelProto) -> str:
-    if model_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+    if payload_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         return "skipped (model above 2 GB; checked after saving)"
     try:
         onnx.checker.check_model(model)

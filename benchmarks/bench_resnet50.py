@@ -1,0 +1,126 @@
+"""Benchmark: onnxprune on a ResNet-50-sized model.
+
+Measures, in one run: tool wall time and peak memory (the CLI in a subprocess, with and
+without verification), MACs before/after, and onnxruntime latency before/after side by
+side (sessions alternated so both see the same machine state). Appends a dated section
+to docs/benchmarks.md.
+
+    .venv/bin/python benchmarks/bench_resnet50.py [--runs 30] [--threads 2] [--no-write]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, Python {platform.python_version()}, onnxruntime {ort.__version__}"
+
+
+def run_tool(args: list[str]) -> tuple[float, float, dict]:
+    """Wall seconds and peak RSS (MiB) of one CLI run in a fresh process, plus its report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "r.json"
+        code = ("import resource, sys, time; from onnxprune.cli import main; t = time.perf_counter(); "
+                "rc = main(sys.argv[1:]); print('WALL', time.perf_counter() - t); "
+                "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+        proc = subprocess.run([sys.executable, "-c", code, *args, "--report", str(report)],
+                              capture_output=True, text=True, check=True)
+        values = dict(line.split() for line in proc.stdout.splitlines() if line.startswith(("WALL", "RSS")))
+        return float(values["WALL"]), int(values["RSS"]) / 1024, json.loads(report.read_text())
+
+
+def latency_side_by_side(paths: dict[str, Path], runs: int, threads: int) -> dict[str, float]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    times = {k: [] for k in sessions}
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(None, {"input": x})
+    for _ in range(runs):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, {"input": x})
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ratio", type=float, default=0.3)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    from fixtures.torch_models import export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = tmp / "resnet50.onnx"
+        export("resnet50", model, fold_bn=True)  # deployment graphs have BN folded into conv
+        outputs = {"original": model}
+        rows = []
+        for label, extra in (("--filters R", []), ("--filters R --round-to 8", ["--round-to", "8"])):
+            out = tmp / f"pruned{len(outputs)}.onnx"
+            wall, rss, report = run_tool([str(model), "--filters", str(args.ratio), "-o", str(out), "--no-verify", *extra])
+            wall_v, rss_v, _ = run_tool([str(model), "--filters", str(args.ratio), "-o", str(tmp / "v.onnx"), *extra])
+            outputs[label] = out
+            rows.append((label, wall, rss, wall_v, rss_v, report))
+        latency = latency_side_by_side(outputs, args.runs, args.threads)
+
+    lines = [f"## ResNet-50, --filters {args.ratio} ({dt.date.today().isoformat()})", "",
+             f"Machine: {machine()}.", f"Command: `.venv/bin/python benchmarks/bench_resnet50.py --runs {args.runs} "
+             f"--threads {args.threads}`. Model: torch ResNet-50 layout, random weights, BN folded, "
+             f"input 1x3x224x224; latency is the median of {args.runs} alternating runs, {args.threads} threads.", "",
+             "| variant | prune time (s) | peak RSS (MiB) | with verify+latency (s) | params after | MACs after | MAC ratio | latency (ms) | speedup | speedup / MAC ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    macs_before = rows[0][5]["macs"]["before"]
+    params_before = rows[0][5]["params"]["before"]
+    lines.insert(4, f"Original: {params_before / 1e6:.2f} M params, {macs_before / 1e9:.2f} GMACs, "
+                    f"latency {latency['original']:.1f} ms.\n")
+    for label, wall, rss, wall_v, rss_v, report in rows:
+        macs_after = report["macs"]["after"]
+        mac_ratio = macs_before / macs_after
+        speedup = latency["original"] / latency[label]
+        lines.append(f"| `{label}` | {wall:.2f} | {rss:.0f} | {wall_v:.2f} | {report['params']['after'] / 1e6:.2f} M | "
+                     f"{macs_after / 1e9:.2f} G | {mac_ratio:.2f}x | {latency[label]:.1f} | {speedup:.2f}x | {speedup / mac_ratio:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        doc = ROOT / "docs" / "benchmarks.md"
+        if not doc.exists():
+            doc.write_text("# Benchmarks\n\nMeasured runs only; each section names its machine, date and command.\n\n")
+        with doc.open("a") as f:
+            f.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
