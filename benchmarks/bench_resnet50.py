@@ -55,20 +55,27 @@ def run_tool(args: list[str]) -> tuple[float, float, dict]:
         return float(values["WALL"]), int(values["RSS"]) / 1024, json.loads(report.read_text())
 
 
-def latency_side_by_side(paths: dict[str, Path], runs: int, threads: int) -> dict[str, float]:
+def latency_side_by_side(paths: dict[str, Path], runs: int, threads: int, rounds: int = 5) -> dict[str, float]:
+    """Median latency per model, measured in alternating blocks within one process.
+
+    Blocks rather than single alternating runs: onnxruntime's intra-op threads spin after
+    a run, and a run of another session during that spin measures the contention, not
+    the model (seen here: 57 ms instead of 28 ms for the same ResNet-50).
+    """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     times = {k: [] for k in sessions}
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, {"input": x})
-    for _ in range(runs):
+    per_block = max(runs // rounds, 1)
+    for _ in range(rounds):
         for k, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, {"input": x})
-            times[k].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(2):
+                s.run(None, {"input": x})
+            for _ in range(per_block):
+                t0 = time.perf_counter()
+                s.run(None, {"input": x})
+                times[k].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -87,7 +94,8 @@ def main() -> int:
         export("resnet50", model, fold_bn=True)  # deployment graphs have BN folded into conv
         outputs = {"original": model}
         rows = []
-        for label, extra in (("--filters R", []), ("--filters R --round-to 8", ["--round-to", "8"])):
+        for label, extra in (("--filters R", []), ("--filters R --round-to 8", ["--round-to", "8"]),
+                             ("--filters R --round-to 16", ["--round-to", "16"])):
             out = tmp / f"pruned{len(outputs)}.onnx"
             wall, rss, report = run_tool([str(model), "--filters", str(args.ratio), "-o", str(out), "--no-verify", *extra])
             wall_v, rss_v, _ = run_tool([str(model), "--filters", str(args.ratio), "-o", str(tmp / "v.onnx"), *extra])
@@ -98,7 +106,7 @@ def main() -> int:
     lines = [f"## ResNet-50, --filters {args.ratio} ({dt.date.today().isoformat()})", "",
              f"Machine: {machine()}.", f"Command: `.venv/bin/python benchmarks/bench_resnet50.py --runs {args.runs} "
              f"--threads {args.threads}`. Model: torch ResNet-50 layout, random weights, BN folded, "
-             f"input 1x3x224x224; latency is the median of {args.runs} alternating runs, {args.threads} threads.", "",
+             f"input 1x3x224x224; latency is the median of {args.runs} runs per model in alternating blocks, {args.threads} threads.", "",
              "| variant | prune time (s) | peak RSS (MiB) | with verify+latency (s) | params after | MACs after | MAC ratio | latency (ms) | speedup | speedup / MAC ratio |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     macs_before = rows[0][5]["macs"]["before"]
