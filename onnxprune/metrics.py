@@ -39,8 +39,8 @@ def count_macs(static_model: onnx.ModelProto) -> int:
     """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul, from inferred shapes."""
     shapes = {}
     for vi in list(static_model.graph.value_info) + list(static_model.graph.input) + list(static_model.graph.output):
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-        shapes[vi.name] = dims
+        if vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
     for init in static_model.graph.initializer:
         shapes[init.name] = list(init.dims)
     for node in static_model.graph.node:
@@ -58,9 +58,10 @@ def count_macs(static_model: onnx.ModelProto) -> int:
 
 
 def _prod(dims):
-    if dims is None or any(d is None for d in dims):
-        raise ValueError("unknown dims")
-    return int(np.prod(dims, dtype=np.int64))
+    # Shape inference sometimes loses a batch-like dim even with fixed inputs; count it as 1.
+    if dims is None:
+        raise ValueError("unknown rank")
+    return int(np.prod([1 if d is None or d == 0 else d for d in dims], dtype=np.int64))
 
 
 def _node_macs(node, shapes):
@@ -75,10 +76,10 @@ def _node_macs(node, shapes):
         a = shapes[node.input[0]]
         trans_a = next((a_.i for a_ in node.attribute if a_.name == "transA"), 0)
         k = a[0] if trans_a else a[1]
-        return _prod(shapes[node.output[0]]) * k
+        return _prod(shapes[node.output[0]]) * _prod([k])
     if op == "MatMul":
         a = shapes[node.input[0]]
-        return _prod(shapes[node.output[0]]) * a[-1]
+        return _prod(shapes[node.output[0]]) * _prod([a[-1]])
     return 0
 
 
@@ -93,10 +94,10 @@ def random_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], seed: in
         shape = shapes[inp.name]
         if np.issubdtype(dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[inp.name] = np.ones(shape, dtype=dtype)
+        elif dtype == np.bool_ or "mask" in inp.name.lower():
+            feeds[inp.name] = np.ones(shape, dtype=dtype)  # attention masks: attend everywhere
         else:
-            feeds[inp.name] = rng.integers(0, 10, size=shape).astype(dtype)
+            feeds[inp.name] = rng.integers(0, 100, size=shape).astype(dtype)  # token ids, indices
     return feeds
 
 

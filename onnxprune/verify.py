@@ -53,8 +53,14 @@ def compare(original_outputs, pruned_outputs, names) -> tuple[float, float, list
         if a.shape != b.shape or not np.issubdtype(a.dtype, np.number):
             continue
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
-        diff = float(np.max(np.abs(a64 - b64))) if a.size else 0.0
-        scale = float(np.max(np.abs(a64))) if a.size else 0.0
+        finite_a, finite_b = np.isfinite(a64), np.isfinite(b64)
+        if not np.array_equal(finite_a, finite_b):
+            worst_abs = worst_rel = float("inf")  # NaN/inf where the other has numbers
+            compared.append(name)
+            continue
+        a64, b64 = a64[finite_a], b64[finite_a]
+        diff = float(np.max(np.abs(a64 - b64))) if a64.size else 0.0
+        scale = float(np.max(np.abs(a64))) if a64.size else 0.0
         worst_abs = max(worst_abs, diff)
         worst_rel = max(worst_rel, diff / scale if scale > 0 else diff)
         compared.append(name)
