@@ -71,7 +71,9 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
                          round_to=options.round_to, global_rank=options.global_rank,
                          exclude=options.exclude)
     apply_plan(analysis, plan)
-    pruned = infer_shapes(graph.to_model())
+    pruned = graph.to_model()
+    if original.graph.value_info:  # keep the input's convention: shapes stored or not
+        pruned = infer_shapes(pruned)
     prune_seconds = time.perf_counter() - started
 
     concrete, guessed = concrete_input_shapes(working, options.input_shapes)

@@ -14,13 +14,15 @@ from .importance import Criterion
 
 
 def group_key(analysis: Analysis, group: Group) -> str:
-    """A name for a group that is the same every time the same model is analysed."""
-    for att in group.members:
-        if att.role == "weight_out":
-            offset = analysis.positions(att, group)[0][0]
-            return f"{att.node.name}/{att.tensor.name}@{att.axis}+{offset}"
-    att = group.members[0]
-    return f"{att.node.name}/{att.tensor.name}@{att.axis}+{analysis.positions(att, group)[0][0]}"
+    """A name for a group that is the same every time the same model is analysed.
+
+    Built from the first producing layer (node, weight input, axis, offset), not from
+    weight names, which exporters and the planting in tests are free to change.
+    """
+    members = [m for m in group.members if m.role == "weight_out"] or group.members
+    att = members[0]
+    node = att.node.name or att.node.outputs[0].name
+    return f"{node}:in{att.input_index}@{att.axis}+{analysis.positions(att, group)[0][0]}"
 
 
 @dataclass

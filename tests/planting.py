@@ -51,8 +51,14 @@ def plant_dead_channels(model: onnx.ModelProto, ratio: float, seed: int = 0):
     return graph.to_model(), truth
 
 
-def prune_planted(model: onnx.ModelProto, ratio: float, seed: int = 0, tolerance: float = 1e-4, **options):
-    """Plant dead channels, prune exactly that amount, and check the function is unchanged."""
+def prune_planted(model: onnx.ModelProto, ratio: float, seed: int = 0, tolerance: float = 1e-4,
+                  atol: float = 1e-6, **options):
+    """Plant dead channels, prune exactly that amount, and check the function is unchanged.
+
+    Outputs must agree to `tolerance` relative to their largest magnitude; `atol` only
+    matters for outputs that are themselves near zero (a sigmoid map far below 0.5 has a
+    largest value around 1e-6, where float32 summation order alone moves it by 1e-7).
+    """
     from onnxprune import prune
     from onnxprune.metrics import random_inputs
     from onnxprune.shapes import concrete_input_shapes
@@ -68,6 +74,6 @@ def prune_planted(model: onnx.ModelProto, ratio: float, seed: int = 0, tolerance
     shapes, _ = concrete_input_shapes(planted, options.get("input_shapes"))
     for feed_seed in (seed + 1, seed + 2):
         feeds = random_inputs(planted, shapes, feed_seed)
-        diff = max_rel_diff(run_model(planted, feeds), run_model(result.model, feeds))
+        diff = max_rel_diff(run_model(planted, feeds), run_model(result.model, feeds), atol=atol / tolerance)
         assert diff <= tolerance, f"pruned model differs from the planted original: rel {diff:.3g}"
     return result
