@@ -25,9 +25,6 @@ class Applier:
     def new_size(self, layout: Layout) -> int:
         return int(len(self.positions(layout)))
 
-    def old_size(self, layout: Layout) -> int:
-        return layout_size(layout, self.analysis.atoms)
-
     def set_attr(self, node: gs.Node, name: str, value) -> None:
         node.attrs[name] = value
 

@@ -48,10 +48,6 @@ class Graph:
         return model
 
     # -- lookups ---------------------------------------------------------------------
-    @property
-    def nodes(self):
-        return self.gs.nodes
-
     def opset(self, domain: str = "") -> int:
         for imp in self.model.opset_import:
             if imp.domain in (domain, "ai.onnx" if domain == "" else domain):

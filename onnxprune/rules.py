@@ -12,8 +12,6 @@ a barrier too: nothing is ever assumed to be elementwise.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 _RULES: dict[tuple[str, str], "OpRule"] = {}
 
 
@@ -63,5 +61,3 @@ def _load_builtin() -> None:
         _loaded = True
         from . import passes  # noqa: F401  (registers built-in op rules and criteria)
 
-
-ApplyFn = Callable[["object"], None]

@@ -65,6 +65,7 @@ def test_dry_run_writes_no_model(model):
     (["--filters", "0.3", "--input-shape", "input:1,x"], "--input-shape"),
     (["--filters", "0.3", "--input-shape", "nope:1,3,32,32"], "nope"),
     ([], "--filters"),
+    (["--filters", "0.3", "--bogus"], "--bogus"),
 ])
 def test_bad_flags_give_one_line_and_nonzero_exit(model, args, needle):
     proc = run_cli(model, *args)
