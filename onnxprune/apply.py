@@ -72,9 +72,25 @@ def apply_plan(analysis: Analysis, plan: Plan) -> None:
             value = np.take(value, pos, axis=axis)
         key = (source.name, tuple((axis, pos.tobytes()) for axis, pos in sorted(by_axis.items())))
         analysis.graph.set_const_input(node, index, value, key=key)
+    _rewrite_literals(analysis, applier)
     for fn in analysis.apply_fns:
         fn(applier)
     _forget_shapes(analysis.graph.gs)
+
+
+def _rewrite_literals(analysis: Analysis, applier: Applier) -> None:
+    """Write new channel counts into the shape constants that spell them out."""
+    by_input: dict[tuple[int, int], list] = defaultdict(list)
+    for (node, index, element), layout in analysis.literals:
+        by_input[(id(node), index)].append((node, element, layout))
+    for (_, index), items in by_input.items():
+        node = items[0][0]
+        value = np.array(analysis.graph.const(node.inputs[index]), copy=True)
+        before = value.copy()
+        for _, element, layout in items:
+            value.flat[element] = applier.new_size(layout)
+        if not np.array_equal(value, before):
+            analysis.graph.set_const_input(node, index, value)
 
 
 def _forget_shapes(graph: gs.Graph) -> None:

@@ -70,6 +70,7 @@ class Context:
         self._attach: list[Attachment] = []
         self._apply: list[Callable] = []
         self._new_atoms: list[int] = []
+        self._claims: dict[tuple, tuple] = {}
 
     # -- reading ---------------------------------------------------------------------
     def layouts(self, tensor: gs.Tensor | None) -> dict[int, Layout]:
@@ -135,6 +136,20 @@ class Context:
             raise Refuse(f"constant {tensor.name!r} does not have {self.size(layout)} entries on axis {axis}")
         self._attach.append(Attachment(self.node, index, axis, tuple(layout), role))
 
+    def rewrite_literal(self, source: tuple, layout: Layout) -> None:
+        """Have the plan write the new size of `layout` into one element of a shape constant.
+
+        `source` is (consumer node, input index, element index). Two layouts claiming the same
+        element are unified, so whatever the plan does, one value fits both.
+        """
+        consumer, index, element = source
+        key = (id(consumer), index, element)
+        claimed = self._a.literal_claims.get(key)
+        if claimed is not None:
+            self.unify(claimed, layout)
+            return
+        self._claims[key] = (source, tuple(layout))
+
     def on_apply(self, fn: Callable) -> None:
         """Run `fn(applier)` when a plan is applied (rewrite attributes or shape constants)."""
         self._apply.append(fn)
@@ -145,6 +160,9 @@ class Context:
             self._a.layouts.setdefault(name, {}).update(axes)
         self._a.attachments.extend(self._attach)
         self._a.apply_fns.extend(self._apply)
+        for key, (source, layout) in self._claims.items():
+            self._a.literal_claims[key] = layout
+            self._a.literals.append((source, layout))
 
     def _reject(self, reason: str) -> None:
         text = f"{self.node.op} {self.node.name!r}: {reason}"
@@ -166,6 +184,8 @@ class Analysis:
         self.layouts: dict[str, dict[int, Layout]] = {}
         self.attachments: list[Attachment] = []
         self.apply_fns: list[Callable] = []
+        self.literal_claims: dict[tuple, Layout] = {}
+        self.literals: list[tuple[tuple, Layout]] = []  # ((node, input, element), layout)
         self.barriers: list[str] = []
         self.groups: list[Group] = []
 

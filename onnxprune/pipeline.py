@@ -15,7 +15,7 @@ from .importance import criterion
 from .modelio import load_model
 from .plan import Plan, make_plan, plan_from_json
 from .runtime import has_runtime, runtime_description
-from .shapes import concrete_input_shapes, fix_input_shapes, infer_shapes, static_copy
+from .shapes import complete_shapes, concrete_input_shapes, fix_input_shapes, infer_shapes, static_copy
 from .verify import Verification, check, session, verify
 
 
@@ -56,13 +56,8 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     original = load_model(model) if isinstance(model, (str, Path)) else model
     _refuse_unsupported(original)
 
-    working = onnx.ModelProto()
-    working.CopyFrom(original)
-    if options.input_shapes:
-        fix_input_shapes(working, options.input_shapes)
-    working = infer_shapes(working)
-    graph = Graph(working)
-    analysis = analyze(graph)
+    analysis = analyze_model(original, options.input_shapes)
+    graph, working = analysis.graph, analysis.graph.model
     if options.plan is not None:
         plan = plan_from_json(analysis, options.plan)
     else:
@@ -108,6 +103,15 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     report["barriers"] = analysis.barriers
     report["seconds"] = {"prune": round(prune_seconds, 3), "total": round(time.perf_counter() - started, 3)}
     return PruneResult(pruned, plan, analysis, verification, report)
+
+
+def analyze_model(model: onnx.ModelProto, input_shapes: dict | None = None) -> Analysis:
+    """Dependency analysis of a copy of `model` (input dims fixed as given, shapes completed)."""
+    working = onnx.ModelProto()
+    working.CopyFrom(model)
+    if input_shapes:
+        fix_input_shapes(working, input_shapes)
+    return analyze(Graph(complete_shapes(working)))
 
 
 def _verify(working, pruned, shapes, options, report) -> Verification:

@@ -1,6 +1,7 @@
 """Shape inference, and fixing dynamic input dims (`--input-shape name:1,3,224,224`)."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from .errors import OnnxPruneError
@@ -136,3 +137,59 @@ def static_copy(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mo
     fix_input_shapes(copy, shapes)
     del copy.graph.value_info[:]
     return _infer(copy)
+
+
+def complete_shapes(model: onnx.ModelProto, rounds: int = 4) -> onnx.ModelProto:
+    """Shape inference, then fill in Reshape outputs whose run-time targets onnx could not read.
+
+    onnx's data propagation stops at some Shape -> Slice -> Concat chains; the symbolic
+    reader in shape_exprs gets the target from the static shapes, the output shape is
+    written as value_info, and inference runs again to carry it downstream.
+    """
+    from .graph import Graph
+    from .shape_exprs import entries, reshape_output
+
+    infer_shapes(model)
+    for _ in range(rounds):
+        known = {vi.name for vi in model.graph.value_info if _fully_known(vi)}
+        known |= {o.name for o in model.graph.output if _fully_known(o)}
+        pending = [n for n in model.graph.node if n.op_type == "Reshape" and n.output[0] not in known]
+        if not pending:
+            break
+        graph = Graph(model)
+        added = []
+        for node in graph.gs.nodes:
+            if node.op != "Reshape" or node.outputs[0].name in known or len(node.inputs) < 2:
+                continue
+            target = entries(graph, node.inputs[1])
+            if target is None:
+                continue
+            out = reshape_output(graph, target, node.inputs[0], graph.shape(node.inputs[0]),
+                                 int(node.attrs.get("allowzero", 0)))
+            dtype = node.inputs[0].dtype
+            if out is None or dtype is None or out == graph.shape(node.outputs[0]):
+                continue
+            elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+            dims = [d if d is not None else f"{node.outputs[0].name}_{i}" for i, d in enumerate(out)]
+            added.append(onnx.helper.make_tensor_value_info(node.outputs[0].name, elem, dims))
+        if not added:
+            break
+        names = {vi.name for vi in added}
+        kept = [vi for vi in model.graph.value_info if vi.name not in names]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept + added)
+        infer_shapes_keep(model)
+    return model
+
+
+def infer_shapes_keep(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference that starts from (and keeps) the model's current value_info."""
+    inferred = _infer(skeleton(model))
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
+
+
+def _fully_known(vi) -> bool:
+    t = vi.type.tensor_type
+    return t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim)

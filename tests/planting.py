@@ -14,20 +14,16 @@ import math
 import numpy as np
 import onnx
 
-from onnxprune.dependency import analyze
-from onnxprune.graph import Graph
+from onnxprune.pipeline import analyze_model
 from onnxprune.plan import candidate_groups, group_key
-from onnxprune.shapes import infer_shapes
 
 NEUTRAL = {"bn_var": 1.0, "divisor": 1.0}
 
 
 def plant_dead_channels(model: onnx.ModelProto, ratio: float, seed: int = 0):
     """Return (planted model, {group key: sorted dead channel indices})."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    graph = Graph(infer_shapes(copy))
-    analysis = analyze(graph)
+    analysis = analyze_model(model)
+    graph = analysis.graph
     groups, _ = candidate_groups(analysis)
     rng = np.random.default_rng(seed)
     values = {}

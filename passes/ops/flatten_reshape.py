@@ -11,6 +11,7 @@ import numpy as np
 
 from onnxprune.layout import expand, tile
 from onnxprune.rules import OpRule, Refuse, register
+from onnxprune.shape_exprs import Dim, Lit, deps, entries, reshape_output
 
 from ._common import norm_axis
 
@@ -71,57 +72,61 @@ class FlattenRule(OpRule):
 
 @register
 class ReshapeRule(OpRule):
+    """Constant targets, and targets computed at run time from Shape chains (see shape_exprs).
+
+    Per output axis that carries channels, the target entry must be -1, a 0 that copies the
+    same axis, a literal (rewritten in the constant it came from), or the run-time size of a
+    tensor axis with the same channels. Entries elsewhere must not read a pruned dim.
+    """
+
     ops = ("Reshape",)
 
     def propagate(self, node, ctx):
         layouts = ctx.input_layouts(0)
         if not layouts:
             return
-        target = ctx.const(ctx.input(1))
+        target = entries(ctx.graph, ctx.input(1), node, 1)
         if target is None:
-            raise Refuse("reshape target is computed at run time")
-        target = [int(v) for v in np.asarray(target).reshape(-1)]
+            raise Refuse("reshape target is computed at run time by ops onnxprune cannot follow")
+        allowzero = int(ctx.attr("allowzero", 0))
         in_shape = ctx.shape(ctx.input(0))
         out_shape = ctx.shape(node.outputs[0])
         if out_shape is None or None in out_shape:
-            out_shape = _resolve_target(target, in_shape, int(ctx.attr("allowzero", 0))) or out_shape
+            out_shape = reshape_output(ctx.graph, target, ctx.input(0), in_shape, allowzero) or out_shape
         placed = map_merged_axes(ctx, layouts, in_shape, out_shape, node.outputs[0])
-        literal = {}  # target entries that spell out a channel count
-        for t, (o, merged) in placed.items():
-            if target[o] == -1:
-                continue
-            if target[o] == 0 and not int(ctx.attr("allowzero", 0)):
+        channel_axes = {o: (t, merged) for t, (o, merged) in placed.items()}
+        for o, entry in enumerate(target):
+            if o in channel_axes:
+                t, merged = channel_axes[o]
+                self._channel_entry(ctx, entry, t, o, merged, in_shape, out_shape, allowzero)
+            else:
+                for dim in deps(entry):
+                    if dim.axis in ctx.layouts(dim.tensor):
+                        raise Refuse(f"target entry {o} reads a dim that pruning changes")
+
+    @staticmethod
+    def _channel_entry(ctx, entry, t, o, merged, in_shape, out_shape, allowzero):
+        if isinstance(entry, Lit):
+            if entry.value == -1:
+                return
+            if entry.value == 0 and not allowzero:
                 if o != t or in_shape[t] != out_shape[o]:
                     raise Refuse("copies a dimension that changes")
-                continue
-            if target[o] != ctx.size(merged):
-                raise Refuse(f"target entry {target[o]} does not match {ctx.size(merged)} channels")
-            literal[o] = merged
-        if not literal:
+                return
+            if entry.value != ctx.size(merged):
+                raise Refuse(f"target entry {entry.value} does not match {ctx.size(merged)} channels")
+            if entry.source is None:
+                raise Refuse("channel count in the target is computed from constants")
+            ctx.rewrite_literal(entry.source, merged)
             return
-
-        def rewrite(ap):
-            new = list(target)
-            for o, merged in literal.items():
-                new[o] = ap.new_size(merged)
-            if new != target:
-                ap.set_const_input(node, 1, np.array(new, dtype=np.int64))
-
-        ctx.on_apply(rewrite)
+        if isinstance(entry, Dim):
+            source = ctx.layouts(entry.tensor).get(entry.axis)
+            if source is None or ctx.size(source) != ctx.size(merged):
+                raise Refuse("target reads a fixed dim where the channels go")
+            ctx.unify(source, merged)
+            return
+        raise Refuse("target computes the channel count at run time")
 
 
 def _product(dims):
     return None if None in dims else int(np.prod(dims, dtype=np.int64))
-
-
-def _resolve_target(target, in_shape, allowzero):
-    if in_shape is None or None in in_shape:
-        return None
-    shape = [in_shape[i] if (v == 0 and not allowzero) else v for i, v in enumerate(target)]
-    if shape.count(-1) == 1:
-        known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
-        total = int(np.prod(in_shape, dtype=np.int64))
-        if known == 0 or total % known:
-            return None
-        shape[shape.index(-1)] = total // known
-    return tuple(shape)

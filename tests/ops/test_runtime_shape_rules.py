@@ -1,0 +1,68 @@
+"""Reshape targets computed at run time (Shape -> Gather/Slice -> Concat), as exporters write them."""
+import numpy as np
+from planting import prune_planted
+from textmodel import skipped_reasons, text_model
+
+I64 = np.int64
+WEIGHTS = {"W1": (6, 3, 1, 1), "W2": (96, 5), "zero": np.array([0], I64), "minus1": np.array([-1], I64)}
+
+
+def test_view_batch_minus_one_with_dynamic_batch():
+    # x.view(x.size(0), -1): the channels land on the -1 entry, which follows by itself.
+    m = text_model("""
+    g (float[N,3,4,4] x) => (float[N,5] y) {
+      a = Conv <kernel_shape=[1,1]> (x, W1)
+      s = Shape(a)
+      n = Gather <axis=0> (s, zero)
+      t = Concat <axis=0> (n, minus1)
+      f = Reshape(a, t)
+      y = MatMul(f, W2)
+    }""", WEIGHTS)
+    result = prune_planted(m, 0.5)
+    assert [d.group.channels for d in result.plan.decisions] == [6]
+
+
+def test_literal_channel_count_in_a_concat_is_rewritten_at_its_source():
+    m = text_model("""
+    g (float[N,3,4,4] x) => (float[N,5] y) {
+      a = Conv <kernel_shape=[1,1]> (x, W1)
+      s = Shape(a)
+      n = Slice(s, zero, one)
+      t = Concat <axis=0> (n, width)
+      f = Reshape(a, t)
+      y = MatMul(f, W2)
+    }""", {**WEIGHTS, "one": np.array([1], I64), "width": np.array([96], I64)})
+    result = prune_planted(m, 0.5)
+    width = next(i for i in result.model.graph.initializer if i.name.startswith("width"))
+    assert list(np.frombuffer(width.raw_data, dtype=np.int64)) == [48]
+
+
+def test_channel_dim_read_back_keeps_channels_in_place():
+    # reshape [N,C,H,W] -> [N, C, H*W] with C read from Shape(a)[1]: the same channels.
+    m = text_model("""
+    g (float[N,3,4,4] x) => (float[N,4,16] y) {
+      a = Conv <kernel_shape=[1,1]> (x, W1)
+      s = Shape(a)
+      nc = Slice(s, zero, two)
+      t = Concat <axis=0> (nc, minus1)
+      f = Reshape(a, t)
+      r = Relu(f)
+      u = Transpose <perm=[0,2,1]> (r)
+      v = MatMul(u, Wc)
+      y = Transpose <perm=[0,2,1]> (v)
+    }""", {**WEIGHTS, "two": np.array([2], I64), "Wc": (6, 4)})
+    prune_planted(m, 0.5)
+
+
+def test_pruned_dim_read_into_another_axis_is_refused():
+    m = text_model("""
+    g (float[1,3,4,4] x) => (float[1,16,6] y) {
+      a = Conv <kernel_shape=[1,1]> (x, W1)
+      s = Shape(a)
+      c = Gather(s, one)
+      t = Concat <axis=0> (head, minus1, c)
+      y = Reshape(a, t)
+    }""", {**WEIGHTS, "one": np.array([1], I64), "head": np.array([1], I64)})
+    result = prune_planted(m, 0.5)
+    assert result.plan.decisions == []
+    assert any("split across" in r or "reads a dim" in r for r in skipped_reasons(result))
