@@ -13,10 +13,10 @@ from .dependency import Analysis, analyze
 from .graph import Graph
 from .importance import criterion
 from .modelio import load_model
-from .plan import Plan, make_plan, plan_from_json
-from .runtime import has_runtime, runtime_description
+from .plan import Plan, make_plan, plan_from_json, plan_from_removed
+from .runtime import runtime_description
 from .shapes import complete_shapes, concrete_input_shapes, fix_input_shapes, infer_shapes, static_copy
-from .verify import Verification, check, session, verify
+from .verify import Checker, Verification
 
 
 @dataclass
@@ -57,20 +57,22 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     _refuse_unsupported(original)
 
     analysis = analyze_model(original, options.input_shapes)
-    graph, working = analysis.graph, analysis.graph.model
+    working = analysis.graph.model
     if options.plan is not None:
         plan = plan_from_json(analysis, options.plan)
     else:
         plan = make_plan(analysis, options.filters, criterion(options.importance, options.seed),
                          round_to=options.round_to, global_rank=options.global_rank,
                          exclude=options.exclude)
-    apply_plan(analysis, plan)
-    pruned = graph.to_model()
-    if original.graph.value_info:  # keep the input's convention: shapes stored or not
-        pruned = infer_shapes(pruned)
+    concrete, guessed = concrete_input_shapes(working, options.input_shapes)
+    checker = Checker(working, concrete, options.seed if options.verify else None)
+    pruned = _apply(analysis, plan, original)
+    rolled_back = []
+    failure = checker.failure(pruned)
+    if failure and plan.removed_by_atom():
+        analysis, plan, pruned, rolled_back = _roll_back(original, options, plan, checker)
     prune_seconds = time.perf_counter() - started
 
-    concrete, guessed = concrete_input_shapes(working, options.input_shapes)
     report = {
         "tool": "onnxprune",
         "runtime": runtime_description(),
@@ -87,10 +89,13 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
                       "after": metrics.count_macs(static_copy(pruned, concrete))}
     report["file_bytes"] = {"before": metrics.model_bytes(original), "after": metrics.model_bytes(pruned)}
 
-    if options.verify:
-        verification = _verify(working, pruned, concrete, options, report)
-    else:
-        verification = Verification(checker=check(pruned))
+    report["notes"].extend(checker.notes)
+    verification = checker.verification(pruned)
+    if options.latency_runs and verification.ort == "passed":
+        report["latency_ms"] = {
+            "before": round(metrics.measure_latency(checker.session, checker.feeds, options.latency_runs), 4),
+            "after": round(metrics.measure_latency(checker.last_session, checker.feeds, options.latency_runs), 4),
+        }
     report["verification"] = verification.to_json()
     report["groups"] = [_group_json(d) for d in plan.decisions]
     report["summary"] = {
@@ -100,6 +105,7 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
         "channels_removed": int(sum(len(d.removed) for d in plan.decisions)),
     }
     report["skipped"] = plan.skipped
+    report["rolled_back"] = rolled_back
     report["barriers"] = analysis.barriers
     report["seconds"] = {"prune": round(prune_seconds, 3), "total": round(time.perf_counter() - started, 3)}
     return PruneResult(pruned, plan, analysis, verification, report)
@@ -114,30 +120,57 @@ def analyze_model(model: onnx.ModelProto, input_shapes: dict | None = None) -> A
     return analyze(Graph(complete_shapes(working)))
 
 
-def _verify(working, pruned, shapes, options, report) -> Verification:
-    feeds, original_session, original_outputs = None, None, None
-    if not has_runtime():
-        report["notes"].append("no onnxruntime installed: checked with the onnx checker only")
-    else:
-        try:
-            original_session = session(working)
-            feeds = metrics.random_inputs(working, shapes, options.seed)
-            original_outputs = original_session.run(None, feeds)
-        except Exception as exc:  # custom ops, unsupported opsets: nothing to compare against
-            feeds, original_session = None, None
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            report["notes"].append(f"onnxruntime cannot run the input model ({first}): "
-                                   "checked with the onnx checker only")
-    if feeds is None:
-        result, pruned_session = Verification(checker=check(pruned)), None
-    else:
-        result, pruned_session = verify(original_session, pruned, feeds, original_outputs)
-    if options.latency_runs and original_session is not None and pruned_session is not None:
-        report["latency_ms"] = {
-            "before": round(metrics.measure_latency(original_session, feeds, options.latency_runs), 4),
-            "after": round(metrics.measure_latency(pruned_session, feeds, options.latency_runs), 4),
-        }
-    return result
+def _apply(analysis: Analysis, plan: Plan, original: onnx.ModelProto) -> onnx.ModelProto:
+    apply_plan(analysis, plan)
+    pruned = analysis.graph.to_model()
+    if original.graph.value_info:  # keep the input's convention: shapes stored or not
+        pruned = infer_shapes(pruned)
+    return pruned
+
+
+def _roll_back(original, options, plan: Plan, checker: Checker):
+    """Find the groups whose removal makes the model fail, undo them, keep the others.
+
+    Bisection over the planned groups, each try a fresh analysis of the original with a
+    subset of the plan. Returns the final analysis, the reduced plan, its model, and what
+    was rolled back.
+    """
+    removed = {d.key: d.removed for d in plan.decisions if len(d.removed)}
+    failures: dict[str, str] = {}
+
+    def attempt(keys):
+        analysis = analyze_model(original, options.input_shapes)
+        sub = plan_from_removed(analysis, {k: removed[k] for k in keys})
+        model = _apply(analysis, sub, original)
+        return analysis, sub, model, checker.failure(model)
+
+    def search(keys, known_failure=None):
+        if not keys:
+            return []
+        failure = known_failure
+        if failure is None:
+            failure = attempt(keys)[3]
+        if failure is None:
+            return list(keys)
+        if len(keys) == 1:
+            failures[keys[0]] = failure
+            return []
+        half = len(keys) // 2
+        return search(keys[:half]) + search(keys[half:])
+
+    keys = list(removed)
+    good = search(keys, known_failure="all groups together")
+    analysis, sub, model, failure = attempt(good)
+    if failure is not None:  # groups that only fail together: give up on all of them
+        failures.update({k: f"fails together with other groups: {failure}" for k in good})
+        analysis, sub, model, failure = attempt([])
+    by_key = {d.key: d for d in plan.decisions}
+    sub.criterion, sub.notes = plan.criterion, plan.notes
+    sub.skipped = plan.skipped + [
+        {"key": k, "channels": by_key[k].group.channels, "reason": f"rolled back: {why}",
+         "nodes": sorted(by_key[k].group.node_names())} for k, why in failures.items()]
+    rolled = [{"key": k, "reason": why} for k, why in failures.items()]
+    return analysis, sub, model, rolled
 
 
 def _group_json(decision) -> dict:

@@ -137,19 +137,31 @@ def _global_counts(groups, scores, ratio):
 def plan_from_json(analysis: Analysis, data: dict) -> Plan:
     if data.get("format") != "onnxprune-plan/1":
         raise OnnxPruneError("--apply-plan: not an onnxprune plan file")
+    removed, channels = {}, {}
+    for entry in data.get("groups", []):
+        removed[entry["key"]] = entry["removed"]
+        channels[entry["key"]] = entry["channels"]
+    plan = plan_from_removed(analysis, removed, channels)
+    plan.criterion = data.get("criterion", "") + " (from plan)"
+    return plan
+
+
+def plan_from_removed(analysis: Analysis, removed: dict, channels: dict | None = None) -> Plan:
+    """A plan removing the given channel indices from the groups named by key."""
     groups, skipped = candidate_groups(analysis)
     by_key = {group_key(analysis, g): g for g in groups}
-    plan = Plan(skipped=skipped, criterion=data.get("criterion", "") + " (from plan)")
-    for entry in data.get("groups", []):
-        g = by_key.get(entry["key"])
+    plan = Plan(skipped=skipped)
+    for key, indices in removed.items():
+        g = by_key.get(key)
         if g is None:
-            raise OnnxPruneError(f"--apply-plan: group {entry['key']!r} is not prunable in this model")
-        removed = np.array(sorted(set(int(i) for i in entry["removed"])), dtype=np.int64)
-        if g.channels != entry["channels"] or (removed.size and (removed.min() < 0 or removed.max() >= g.channels)):
-            raise OnnxPruneError(f"--apply-plan: group {entry['key']!r} has {g.channels} channels, plan expects {entry['channels']}")
-        if removed.size >= g.channels:
-            raise OnnxPruneError(f"--apply-plan: group {entry['key']!r} would lose every channel")
-        plan.decisions.append(GroupDecision(entry["key"], g, removed))
+            raise OnnxPruneError(f"--apply-plan: group {key!r} is not prunable in this model")
+        idx = np.array(sorted(set(int(i) for i in indices)), dtype=np.int64)
+        expected = g.channels if channels is None else channels[key]
+        if g.channels != expected or (idx.size and (idx.min() < 0 or idx.max() >= g.channels)):
+            raise OnnxPruneError(f"--apply-plan: group {key!r} has {g.channels} channels, plan expects {expected}")
+        if idx.size >= g.channels:
+            raise OnnxPruneError(f"--apply-plan: group {key!r} would lose every channel")
+        plan.decisions.append(GroupDecision(key, g, idx))
     return plan
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 
 from .modelio import EXTERNAL_DATA_THRESHOLD, payload_bytes
+from . import metrics
 from .runtime import has_runtime, require_runtime
 
 
@@ -42,7 +43,7 @@ def session(model: onnx.ModelProto, threads: int = 0):
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures are reported by onnxprune, not logged by onnxruntime
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
@@ -67,17 +68,61 @@ def compare(original_outputs, pruned_outputs, names) -> tuple[float, float, list
     return worst_abs, worst_rel, compared
 
 
-def verify(original_session, pruned: onnx.ModelProto, feeds, original_outputs) -> tuple[Verification, object]:
-    result = Verification(checker=check(pruned))
-    if not has_runtime():
-        return result, None
-    try:
-        sess = session(pruned)
-        outputs = sess.run(None, feeds)
-    except Exception as exc:
-        result.ort = f"failed: {str(exc).splitlines()[0][:300]}"
-        return result, None
-    result.ort = "passed"
-    names = [o.name for o in sess.get_outputs()]
-    result.max_abs_diff, result.max_rel_diff, result.outputs_compared = compare(original_outputs, outputs, names)
-    return result, sess
+class Checker:
+    """Checks candidate models against the original: checker, then an onnxruntime run.
+
+    `seed=None` means no onnxruntime run (the checker still runs). The original's
+    session, inputs and outputs are made once and reused for every candidate.
+    """
+
+    def __init__(self, working: onnx.ModelProto, shapes: dict, seed: int | None) -> None:
+        self.notes: list[str] = []
+        self.session = self.feeds = self.outputs = None
+        self.last_session = self.last_outputs = None
+        self._last_model = None
+        if seed is None:
+            return
+        if not has_runtime():
+            self.notes.append("no onnxruntime installed: checked with the onnx checker only")
+            return
+        try:
+            self.session = session(working)
+            self.feeds = metrics.random_inputs(working, shapes, seed)
+            self.outputs = self.session.run(None, self.feeds)
+        except Exception as exc:  # custom ops, unsupported opsets: nothing to compare against
+            self.session = self.feeds = self.outputs = None
+            self.notes.append(f"onnxruntime cannot run the input model ({_first_line(exc)}): "
+                              "checked with the onnx checker only")
+
+    def failure(self, model: onnx.ModelProto) -> str | None:
+        """Why `model` is not acceptable, or None."""
+        result = check(model)
+        if not result.startswith(("passed", "skipped")):
+            return f"onnx checker {result}"
+        if self.session is None:
+            return None
+        try:
+            sess = session(model)
+            outputs = sess.run(None, self.feeds)
+        except Exception as exc:
+            return f"onnxruntime {_first_line(exc)[:300]}"
+        self._last_model, self.last_session, self.last_outputs = model, sess, outputs
+        return None
+
+    def verification(self, model: onnx.ModelProto) -> Verification:
+        result = Verification(checker=check(model))
+        if self.session is None:
+            return result
+        if self._last_model is not model and self.failure(model) is not None:
+            result.ort = f"failed: {self.failure(model)}"
+            return result
+        result.ort = "passed"
+        names = [o.name for o in self.last_session.get_outputs()]
+        result.max_abs_diff, result.max_rel_diff, result.outputs_compared = compare(
+            self.outputs, self.last_outputs, names)
+        return result
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
