@@ -98,3 +98,21 @@ def test_exclude_protects_matching_groups(export_fixture):
     result = prune(model, filters=0.3, exclude=(first_conv,), latency_runs=0)
     assert any("excluded by --exclude" in s["reason"] for s in result.plan.skipped)
     assert all(first_conv not in d.group.node_names() for d in result.plan.decisions)
+
+
+OPSET_CASES = [(arch, opset) for arch in ARCHS for opset in (7, 9, 11, 13, 20, 21)
+               if not (arch == "unet" and opset == 7)]  # torch cannot export Upsample at opset 7
+
+
+@pytest.mark.parametrize("arch,opset", OPSET_CASES, ids=[f"{a}-op{o}" for a, o in OPSET_CASES])
+def test_planted_across_opsets_and_ir_versions(export_fixture, arch, opset):
+    """Opsets 7-21 (IR 3-10): Upsample vs Resize, Slice/Split/Pad attributes vs inputs, ..."""
+    if opset == 21:  # torch exports up to 20; the onnx converter takes it one step further
+        from onnx import version_converter
+
+        model = version_converter.convert_version(export_fixture(arch, opset=20), 21)
+        model.ir_version = 10
+    else:
+        model = export_fixture(arch, opset=opset)
+    result = prune_planted(model, 0.3)
+    assert len(result.plan.decisions) >= MIN_GROUPS[arch]
