@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from .graph import Graph
 from .layout import Atoms, Layout, LayoutError, Segment, resolve, unify as _unify
 from .rules import Refuse, rule_for
+from .weight_paths import trace
 
 
 @dataclass
@@ -27,7 +28,8 @@ class Attachment:
     input_index: int
     axis: int
     layout: Layout
-    role: str  # weight_out, weight_in, bias, bn_scale, bn_bias, bn_mean, bn_var, scale, offset, divisor, slope
+    role: str  # weight_out, weight_in, bias, bn_scale, ..., scale, offset, quant_scale, quant_zero_point
+    view: tuple | None = None  # (layer, input, axis) whose float value this stored constant feeds
 
     @property
     def tensor(self) -> gs.Tensor:
@@ -100,6 +102,17 @@ class Context:
             return None
         return inputs[index]
 
+    def is_weight(self, index: int) -> bool:
+        """Whether input `index` holds constant values, stored directly or behind casts/quantization."""
+        tensor = self.input(index)
+        if tensor is None:
+            return False
+        try:
+            trace(self.graph, self.node, index, 0)
+        except Refuse:
+            return False
+        return True
+
     def attr(self, name: str, default=None):
         return self.node.attrs.get(name, default)
 
@@ -126,15 +139,21 @@ class Context:
             self.atoms.fix(seg.atom, f"{self.node.op} {self.node.name!r}: {reason}")
 
     def attach(self, index: int, axis: int, layout: Layout, role: str) -> None:
+        """Slice constant input `index` of this node along `axis` like `layout`.
+
+        The input may reach the node through casts, transposes or (de)quantization: the
+        slicing then lands on the stored constants (see weight_paths).
+        """
         tensor = self.input(index)
         if tensor is None:
             return
-        if not self.graph.is_const(tensor):
-            raise Refuse(f"input {index} ({tensor.name!r}) is not a constant")
         shape = self.shape(tensor)
         if shape is None or axis >= len(shape) or shape[axis] != self.size(layout):
-            raise Refuse(f"constant {tensor.name!r} does not have {self.size(layout)} entries on axis {axis}")
-        self._attach.append(Attachment(self.node, index, axis, tuple(layout), role))
+            raise Refuse(f"input {tensor.name!r} does not have {self.size(layout)} entries on axis {axis}")
+        for node, i, ax, kind in trace(self.graph, self.node, index, axis):
+            view = None if node is self.node else (self.node, index, axis)
+            self._attach.append(Attachment(node, i, ax, tuple(layout), role if kind == "data" else kind,
+                                           view if kind == "data" else None))
 
     def rewrite_literal(self, source: tuple, layout: Layout) -> None:
         """Have the plan write the new size of `layout` into one element of a shape constant.

@@ -15,6 +15,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 _GENERATE_MIN_ELEMENTS = 32  # below this a ConstantOfShape node costs more bytes than the data
+_EVALUABLE = {"DequantizeLinear": None, "Mul": np.multiply, "Div": np.divide, "Add": np.add,
+              "Sub": np.subtract, "Cast": None, "Identity": None, "Transpose": None}
 _FOLDABLE = {"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Transpose"}
 
 
@@ -83,6 +85,23 @@ class Graph:
             fill = np.asarray(fill.values).reshape(-1) if fill is not None else np.zeros(1, np.float32)
             return np.full(tuple(int(d) for d in shape), fill[0], dtype=fill.dtype)
         args = [self.const(t) if t.name else None for t in node.inputs]
+        return _fold(node, args, self.opset(""))
+
+    def evaluate(self, tensor: gs.Tensor, depth: int = 0) -> np.ndarray | None:
+        """Numeric value of a weight, also through casts and (de)quantization (for scoring)."""
+        value = self.const(tensor)
+        if value is not None or depth > 16:
+            return value
+        node = self.producer(tensor)
+        if node is None or node.op not in _EVALUABLE:
+            return None
+        args = [self.evaluate(t, depth + 1) if t.name else None for t in node.inputs]
+        if args[0] is None or (node.op != "DequantizeLinear" and any(a is None for a in args)):
+            return None
+        if node.op == "DequantizeLinear":
+            return _dequantize(node, args)
+        if node.op in ("Mul", "Div", "Add", "Sub"):
+            return _EVALUABLE[node.op](args[0].astype(np.float32), args[1].astype(np.float32))
         return _fold(node, args, self.opset(""))
 
     def is_const(self, tensor: gs.Tensor | None, depth: int = 0) -> bool:
@@ -198,3 +217,17 @@ def _fold(node: gs.Node, args: list, opset: int) -> np.ndarray | None:
             x = np.expand_dims(x, a)
         return x
     return None
+
+
+def _dequantize(node: gs.Node, args: list) -> np.ndarray:
+    x, scale = args[0], args[1]
+    zero = args[2] if len(args) > 2 and args[2] is not None else np.zeros_like(scale, dtype=np.int32)
+    x = x.astype(np.float32)
+    scale, zero = np.asarray(scale, np.float32), np.asarray(zero).astype(np.float32)
+    if scale.size > 1:
+        axis = int(node.attrs.get("axis", 1))
+        axis = axis + x.ndim if axis < 0 else axis
+        shape = [1] * x.ndim
+        shape[axis] = scale.size
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return (x - zero) * scale

@@ -68,12 +68,13 @@ def per_channel(analysis: Analysis, group: Group, roles, kind: str) -> tuple[np.
     for att in group.members:
         if att.role not in roles:
             continue
-        key = (att.tensor.name, att.axis, kind)
+        node, index, axis = att.view or (att.node, att.input_index, att.axis)
+        key = (node.inputs[index].name, axis, kind)
         if key not in cache:
-            value = analysis.graph.const(att.tensor)
+            value = analysis.graph.evaluate(node.inputs[index])  # float values, dequantized if stored as int
             if value is None:
                 continue
-            value = np.moveaxis(np.asarray(value, dtype=np.float32), att.axis, 0)
+            value = np.moveaxis(np.asarray(value, dtype=np.float32), axis, 0)
             cache[key] = reduce(value.reshape(value.shape[0], -1))
         per_position = cache[key]
         for offset, exp, n in analysis.positions(att, group):

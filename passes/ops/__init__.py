@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     normalization,
     pad,
     pooling,
+    quantize,
     reduce,
     resize,
     shape_ops,

@@ -8,7 +8,7 @@ from ._common import only_axes
 def _weight_shape(ctx):
     w = ctx.input(1)
     shape = ctx.shape(w)
-    if w is None or shape is None or not ctx.graph.is_const(w) or None in shape:
+    if w is None or shape is None or None in shape or not ctx.is_weight(1):
         raise Refuse("weight is not a constant of known shape")
     return shape
 

@@ -9,7 +9,7 @@ class GemmRule(OpRule):
     def propagate(self, node, ctx):
         b = ctx.input(1)
         b_shape = ctx.shape(b)
-        if b is None or not ctx.graph.is_const(b) or b_shape is None or len(b_shape) != 2:
+        if b is None or b_shape is None or len(b_shape) != 2 or not ctx.is_weight(1):
             if ctx.any_tracked():
                 raise Refuse("weight B is not a 2-D constant")
             return
@@ -41,11 +41,11 @@ class MatMulRule(OpRule):
     def propagate(self, node, ctx):
         a, b = ctx.input(0), ctx.input(1)
         b_shape = ctx.shape(b)
-        if not ctx.graph.is_const(b) or b_shape is None or len(b_shape) != 2:
+        if b_shape is None or len(b_shape) != 2 or not ctx.is_weight(1):
             if ctx.any_tracked():
                 raise Refuse("B is not a 2-D constant weight (activation x activation is handled by head rules)")
             return
-        if ctx.graph.is_const(a):
+        if ctx.is_weight(0):
             return
         rank = ctx.rank(a)
         if rank is None:
