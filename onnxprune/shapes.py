@@ -136,7 +136,7 @@ def static_copy(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mo
     copy = skeleton(model)
     fix_input_shapes(copy, shapes)
     del copy.graph.value_info[:]
-    return _infer(copy)
+    return complete_shapes(copy)
 
 
 def complete_shapes(model: onnx.ModelProto, rounds: int = 4) -> onnx.ModelProto:

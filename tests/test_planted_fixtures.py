@@ -116,3 +116,30 @@ def test_planted_across_opsets_and_ir_versions(export_fixture, arch, opset):
         model = export_fixture(arch, opset=opset)
     result = prune_planted(model, 0.3)
     assert len(result.plan.decisions) >= MIN_GROUPS[arch]
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_planted_in_qdq_graphs_quantized_by_onnxruntime(export_fixture, tmp_path, arch, per_channel):
+    """QDQ graphs as onnxruntime's quantizer writes them: int8 weights stay int8."""
+    quantization = pytest.importorskip("onnxruntime.quantization")
+    import onnx
+
+    model = export_fixture(arch)
+    src, dst = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(model, str(src))
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    batches = iter([{"input": np.random.default_rng(i).standard_normal(shape).astype(np.float32)} for i in range(4)])
+
+    class Reader(quantization.CalibrationDataReader):
+        def get_next(self):
+            return next(batches, None)
+
+    quantization.quantize_static(str(src), str(dst), Reader(), quant_format=quantization.QuantFormat.QDQ,
+                                 per_channel=per_channel, weight_type=quantization.QuantType.QInt8,
+                                 activation_type=quantization.QuantType.QUInt8)
+    qdq = onnx.load(str(dst))
+    result = prune_planted(qdq, 0.3)
+    assert len(result.plan.decisions) >= MIN_GROUPS[arch]
+    int8_weights = [i for i in result.model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1]
+    assert int8_weights, "weights must stay quantized"

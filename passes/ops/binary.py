@@ -36,7 +36,7 @@ class Broadcasting(OpRule):
                     tracked.append(layout)
                 elif shape[axis] == 1:
                     continue
-                elif ctx.graph.is_const(t):
+                elif ctx.is_weight(i):
                     consts.append((i, axis))
                 else:
                     strangers.append(t.name)
