@@ -47,7 +47,7 @@ def _ratio(ctx, param, value):
 def prune_command(input_path, filters, output, importance, round_to, global_rank, exclude, input_shapes,
                   report_path, plan_path, apply_plan_path, dry_run, no_verify, seed):
     """Prune INPUT (an .onnx model) into a smaller model that computes the same minus the removed channels."""
-    from .modelio import default_output_path, load_model, save_model
+    from .modelio import default_output_path, save_model
     from .pipeline import PruneOptions, prune
     from .plan import load_plan_file
     from .report import summary_table
@@ -65,8 +65,7 @@ def prune_command(input_path, filters, output, importance, round_to, global_rank
         plan=load_plan_file(apply_plan_path) if apply_plan_path else None,
         seed=seed, verify=not no_verify, latency_runs=0 if no_verify else 20,
     )
-    model = load_model(input_path)
-    result = prune(model, options)
+    result = prune(input_path, options)
     report = result.report
     report["input"] = str(input_path)
     if not result.verification.checker.startswith(("passed", "skipped")) or result.verification.ort.startswith("failed"):

@@ -73,8 +73,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path=No
         staged = staging / out.name
         if large:
             data_name = out.name + ".data"
-            onnx.save_model(model, str(staged), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            write_with_external_data(model, staged, data_name)
             os.replace(staging / data_name, parent / data_name)
         else:
             onnx.save_model(model, str(staged))
@@ -84,6 +83,55 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path=No
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str,
+                             min_bytes: int = 1024) -> None:
+    """Save with initializers of at least `min_bytes` in one external file, next to `path`.
+
+    Unlike onnx.save_model(save_as_external_data=True) this leaves `model` untouched and
+    copies no tensor payload in memory: the light parts are copied, the payloads are
+    written straight from the original tensors.
+    """
+    light = onnx.ModelProto()
+    graph = model.graph
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            continue
+        if isinstance(value, (str, bytes, int, float)):
+            setattr(light, field.name, value)
+        else:
+            getattr(light, field.name).extend(value)
+    for field, value in graph.ListFields():
+        if field.name == "initializer":
+            continue
+        if isinstance(value, (str, bytes, int, float)):
+            setattr(light.graph, field.name, value)
+        else:
+            getattr(light.graph, field.name).extend(value)
+    offset = 0
+    with open(path.parent / data_name, "wb") as data:
+        for tensor in graph.initializer:
+            raw = tensor.raw_data if tensor.HasField("raw_data") else None
+            if raw is None and tensor.data_location != onnx.TensorProto.EXTERNAL:
+                raw = onnx.numpy_helper.to_array(tensor).astype(
+                    onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).tobytes()
+            if raw is None or len(raw) < min_bytes:
+                light.graph.initializer.append(tensor)
+                continue
+            pad = (-offset) % 4096  # page-aligned, so runtimes can map the file
+            data.write(b"\0" * pad)
+            offset += pad
+            data.write(raw)
+            stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                    data_location=onnx.TensorProto.EXTERNAL)
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = stub.external_data.add()
+                entry.key, entry.value = key, value
+            light.graph.initializer.append(stub)
+            offset += len(raw)
+    with open(path, "wb") as f:
+        f.write(light.SerializeToString())
 
 
 def payload_bytes(model: onnx.ModelProto) -> int:

@@ -53,10 +53,13 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
             raise TypeError(f"unknown option {key!r}")
         setattr(options, key, value)
     started = time.perf_counter()
-    original = load_model(model) if isinstance(model, (str, Path)) else model
+    owned = isinstance(model, (str, Path))  # loaded here: no one else holds it, no need to copy
+    original = load_model(model) if owned else model
     _refuse_unsupported(original)
+    before = {"params": metrics.count_params(original), "file_bytes": metrics.model_bytes(original),
+              "value_info": len(original.graph.value_info) > 0}
 
-    analysis = analyze_model(original, options.input_shapes)
+    analysis = analyze_model(original, options.input_shapes, copy=not owned)
     working = analysis.graph.model
     if options.plan is not None:
         plan = plan_from_json(analysis, options.plan)
@@ -66,11 +69,11 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
                          exclude=options.exclude)
     concrete, guessed = concrete_input_shapes(working, options.input_shapes)
     checker = Checker(working, concrete, options.seed if options.verify else None)
-    pruned = _apply(analysis, plan, original)
+    pruned = _apply(analysis, plan, before["value_info"])
     rolled_back = []
     failure = checker.failure(pruned)
     if failure and plan.removed_by_atom():
-        analysis, plan, pruned, rolled_back = _roll_back(original, options, plan, checker)
+        analysis, plan, pruned, rolled_back = _roll_back(original, options, plan, checker, before["value_info"])
     prune_seconds = time.perf_counter() - started
 
     report = {
@@ -84,10 +87,10 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     if guessed:
         report["notes"].append(
             f"dynamic dims {', '.join(guessed)} were set to defaults for measuring; pass --input-shape to choose")
-    report["params"] = {"before": metrics.count_params(original), "after": metrics.count_params(pruned)}
+    report["params"] = {"before": before["params"], "after": metrics.count_params(pruned)}
     report["macs"] = {"before": metrics.count_macs(static_copy(working, concrete)),
                       "after": metrics.count_macs(static_copy(pruned, concrete))}
-    report["file_bytes"] = {"before": metrics.model_bytes(original), "after": metrics.model_bytes(pruned)}
+    report["file_bytes"] = {"before": before["file_bytes"], "after": metrics.model_bytes(pruned)}
 
     report["notes"].extend(checker.notes)
     verification = checker.verification(pruned)
@@ -111,24 +114,30 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     return PruneResult(pruned, plan, analysis, verification, report)
 
 
-def analyze_model(model: onnx.ModelProto, input_shapes: dict | None = None) -> Analysis:
-    """Dependency analysis of a copy of `model` (input dims fixed as given, shapes completed)."""
-    working = onnx.ModelProto()
-    working.CopyFrom(model)
+def analyze_model(model: onnx.ModelProto, input_shapes: dict | None = None, copy: bool = True) -> Analysis:
+    """Dependency analysis of `model` (input dims fixed as given, shapes completed).
+
+    With copy=False the model's value_info and input dims are updated in place; weights
+    are never touched either way (edits happen in the graphsurgeon copy).
+    """
+    working = model
+    if copy:
+        working = onnx.ModelProto()
+        working.CopyFrom(model)
     if input_shapes:
         fix_input_shapes(working, input_shapes)
     return analyze(Graph(complete_shapes(working)))
 
 
-def _apply(analysis: Analysis, plan: Plan, original: onnx.ModelProto) -> onnx.ModelProto:
+def _apply(analysis: Analysis, plan: Plan, keep_value_info: bool) -> onnx.ModelProto:
     apply_plan(analysis, plan)
     pruned = analysis.graph.to_model()
-    if original.graph.value_info:  # keep the input's convention: shapes stored or not
+    if keep_value_info:  # keep the input's convention: shapes stored or not
         pruned = infer_shapes(pruned)
     return pruned
 
 
-def _roll_back(original, options, plan: Plan, checker: Checker):
+def _roll_back(original, options, plan: Plan, checker: Checker, keep_value_info: bool):
     """Find the groups whose removal makes the model fail, undo them, keep the others.
 
     Bisection over the planned groups, each try a fresh analysis of the original with a
@@ -141,7 +150,7 @@ def _roll_back(original, options, plan: Plan, checker: Checker):
     def attempt(keys):
         analysis = analyze_model(original, options.input_shapes)
         sub = plan_from_removed(analysis, {k: removed[k] for k in keys})
-        model = _apply(analysis, sub, original)
+        model = _apply(analysis, sub, keep_value_info)
         return analysis, sub, model, checker.failure(model)
 
     def search(keys, known_failure=None):

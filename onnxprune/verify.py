@@ -1,12 +1,14 @@
 """Checking a pruned model: onnx checker, onnxruntime load and run, numeric comparison."""
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .modelio import EXTERNAL_DATA_THRESHOLD, payload_bytes
+from .modelio import EXTERNAL_DATA_THRESHOLD, payload_bytes, write_with_external_data
 from . import metrics
 from .runtime import has_runtime, require_runtime
 
@@ -44,7 +46,13 @@ def session(model: onnx.ModelProto, threads: int = 0):
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 4  # failures are reported by onnxprune, not logged by onnxruntime
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    if payload_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    # Above 2 GB protobuf cannot serialise the model: hand it over as a file with external data.
+    with tempfile.TemporaryDirectory(prefix="onnxprune-ort-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        write_with_external_data(model, path, "model.onnx.data")
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def compare(original_outputs, pruned_outputs, names) -> tuple[float, float, list[str]]:
