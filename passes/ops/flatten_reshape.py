@@ -4,8 +4,12 @@ When an output axis is exactly the merge of input axes [s, e) containing the
 channel axis t, channel c occupies, for every outer index o over axes [s, t), the
 positions (o * C + c) * inner + j with inner = prod(dims (t, e)): the layout is
 tiled by the outer size and expanded by the inner one. C -> C*H*W (Flatten before
-Gemm) and H*W*C (NHWC flatten) are both of that form. An input axis that is split
-over several output axes (attention heads) is refused here.
+Gemm) and H*W*C (NHWC flatten) are both of that form.
+
+When the channel axis is split over several output axes (C -> g x C/g in a channel
+shuffle, hidden -> heads x head_dim), the channels are made to repeat with period
+C/g: every group keeps the same inner indices, the innermost output axis carries them,
+and the outer axes keep their sizes (as for grouped convolutions).
 """
 import numpy as np
 
@@ -37,6 +41,16 @@ def map_merged_axes(ctx, layouts, in_shape, out_shape, out_tensor):
         hi, lo = rin[t], rin[t + 1]
         if hi is None:
             raise Refuse("needs static shapes after the channel axis (fix dynamic dims with --input-shape)")
+        split = _split_axes(rin, rout, t, out_shape)
+        if split is not None:
+            o, inner_size = split
+            if any(o == other for other, _ in placed.values()):
+                raise Refuse("two channel axes merge into one")
+            period = ctx.new_channels(inner_size)
+            ctx.unify(layout, tile(period, hi // lo // inner_size))
+            ctx.set_layout(out_tensor, o, period)
+            placed[t] = (o, period)
+            continue
         o = next((k for k in range(len(out_shape))
                   if rout[k] is not None and rout[k + 1] is not None
                   and rout[k] >= hi and rout[k + 1] <= lo and out_shape[k] != 1), None)
@@ -52,6 +66,20 @@ def map_merged_axes(ctx, layouts, in_shape, out_shape, out_tensor):
         ctx.set_layout(out_tensor, o, merged)
         placed[t] = (o, merged)
     return placed
+
+
+def _split_axes(rin, rout, t, out_shape):
+    """(innermost output axis, its size) when input axis t splits exactly into several output axes."""
+    first = [k for k in range(len(out_shape)) if rout[k] == rin[t] and out_shape[k] != 1]
+    last = [k for k in range(len(out_shape)) if rout[k + 1] == rin[t + 1] and out_shape[k] != 1]
+    if not first or not last or rin[t] is None or rin[t + 1] is None:
+        return None
+    o_first, o_last = min(first), max(last)
+    if o_last <= o_first or any(rout[k] is None for k in range(o_first, o_last + 2)):
+        return None
+    if sum(1 for k in range(o_first, o_last + 1) if out_shape[k] != 1) < 2:
+        return None
+    return o_last, out_shape[o_last]
 
 
 @register

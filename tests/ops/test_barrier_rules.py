@@ -55,12 +55,13 @@ def test_op_without_rule_is_a_barrier_and_the_rest_is_pruned():
     assert [(d.group.channels, len(d.removed)) for d in result.plan.decisions] == [(8, 4)]
 
 
-def test_reshape_that_splits_channels_is_refused():
+def test_reshape_that_mixes_channels_with_spatial_dims_is_refused():
     m = text_model("""
-    g (float[1,3,6,6] x) => (float[1,2,4,36] y) {
+    g (float[1,3,6,6] x) => (float[1,4,4,12,6] y) {
       a = Conv <kernel_shape=[1,1]> (x, Wa)
-      y = Reshape(a, shape)
-    }""", {"Wa": (8, 3, 1, 1), "shape": np.array([1, 2, 4, 36], np.int64)})
+      r = Reshape(a, shape)
+      y = Conv <kernel_shape=[1,1,1]> (r, W2)
+    }""", {"Wa": (8, 3, 1, 1), "shape": np.array([1, 1, 4, 12, 6], np.int64), "W2": (4, 1, 1, 1, 1)})
     _only_skipped(prune_planted(m, 0.5), "split across output axes")
 
 

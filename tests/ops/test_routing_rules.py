@@ -112,3 +112,23 @@ def test_reduce_over_spatial_axes_keeps_channels():
       y = MatMul(r, W2)
     }""", {"Wa": (8, 3, 1, 1), "axes": np.array([2, 3], I64), "W2": (8, 4)}, opset=18)
     prune_planted(m, 0.5)
+
+
+def test_channel_shuffle_keeps_the_same_index_in_every_group():
+    # ShuffleNet: grouped conv -> reshape [N, g, C/g, H, W] -> transpose -> reshape back.
+    m = text_model("""
+    g (float[1,4,6,6] x) => (float[1,4,6,6] y) {
+      a = Conv <kernel_shape=[1,1], group=2> (x, Wg)
+      r = Relu(a)
+      s = Reshape(r, split)
+      t = Transpose <perm=[0,2,1,3,4]> (s)
+      u = Reshape(t, merge)
+      y = Conv <kernel_shape=[1,1]> (u, W2)
+    }""", {"Wg": (12, 2, 1, 1), "split": np.array([1, 2, 6, 6, 6], I64),
+           "merge": np.array([1, 12, 6, 6], I64), "W2": (4, 12, 1, 1)})
+    result = prune_planted(m, 0.5)
+    assert [(d.group.channels, len(d.removed)) for d in result.plan.decisions] == [(6, 3)]
+    split = next(i for i in result.model.graph.initializer if i.name.startswith("split"))
+    merge = next(i for i in result.model.graph.initializer if i.name.startswith("merge"))
+    assert list(np.frombuffer(split.raw_data, np.int64)) == [1, 2, 3, 6, 6]
+    assert list(np.frombuffer(merge.raw_data, np.int64)) == [1, 6, 6, 6]
