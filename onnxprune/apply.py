@@ -33,6 +33,9 @@ class Applier:
 
     def set_const_input(self, node: gs.Node, index: int, value: np.ndarray) -> None:
         if index < len(node.inputs) and node.inputs[index].name:
+            old = self.graph.const(node.inputs[index])
+            if old is not None:  # keep the exporter's dtype (Slice bounds may be int32)
+                value = np.asarray(value).astype(old.dtype)
             self.graph.set_const_input(node, index, value)
         else:
             while len(node.inputs) < index:

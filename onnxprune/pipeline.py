@@ -73,7 +73,8 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     rolled_back = []
     failure = checker.failure(pruned)
     if failure and plan.removed_by_atom():
-        analysis, plan, pruned, rolled_back = _roll_back(original, options, plan, checker, before["value_info"])
+        analysis, plan, pruned, rolled_back = _roll_back(original, options, plan, checker, before["value_info"],
+                                                         failure)
     prune_seconds = time.perf_counter() - started
 
     report = {
@@ -137,7 +138,7 @@ def _apply(analysis: Analysis, plan: Plan, keep_value_info: bool) -> onnx.ModelP
     return pruned
 
 
-def _roll_back(original, options, plan: Plan, checker: Checker, keep_value_info: bool):
+def _roll_back(original, options, plan: Plan, checker: Checker, keep_value_info: bool, failure: str):
     """Find the groups whose removal makes the model fail, undo them, keep the others.
 
     Bisection over the planned groups, each try a fresh analysis of the original with a
@@ -168,7 +169,7 @@ def _roll_back(original, options, plan: Plan, checker: Checker, keep_value_info:
         return search(keys[:half]) + search(keys[half:])
 
     keys = list(removed)
-    good = search(keys, known_failure="all groups together")
+    good = search(keys, known_failure=failure)
     analysis, sub, model, failure = attempt(good)
     if failure is not None:  # groups that only fail together: give up on all of them
         failures.update({k: f"fails together with other groups: {failure}" for k in good})

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 MIN_PRUNED_GROUPS = {
     "rapidocr_det_ppocrv4_mobile.onnx": 30, "rapidocr_cls_ppocr_mobile_v2.onnx": 20,
     "rapidocr_rec_ppocrv4_svtr_lcnet.onnx": 15, "nudenet_yolov8n_320.onnx": 50, "mtcnn_onet.onnx": 4,
-    "magika_standard_v3_3.onnx": 0, "paraphrase_minilm_l3_v2_bert.onnx": 3, "silero_vad_16k_sequence_lstm.onnx": 3,
+    "magika_standard_v3_3.onnx": 1, "paraphrase_minilm_l3_v2_bert.onnx": 3, "silero_vad_16k_sequence_lstm.onnx": 3,
     "light_resnet50.onnx": 35, "light_densenet121.onnx": 100, "light_inception_v1.onnx": 50,
     "light_inception_v2.onnx": 60, "light_shufflenet.onnx": 0, "light_squeezenet.onnx": 20,
     "light_vgg19.onnx": 15, "light_bvlc_alexnet.onnx": 4, "light_zfnet512.onnx": 4,

@@ -1,9 +1,6 @@
-"""Expand broadcasts to a shape constant: a channel entry in it is rewritten."""
-import numpy as np
-
+"""Expand broadcasts to a target shape: a channel entry in it is rewritten or must follow."""
 from onnxprune.rules import OpRule, Refuse, register
-
-from ._common import int_list
+from onnxprune.shape_exprs import Dim, Lit, entries
 
 
 @register
@@ -14,26 +11,23 @@ class ExpandRule(OpRule):
         layouts = ctx.input_layouts(0)
         if not layouts:
             return
-        target = int_list(ctx.const(ctx.input(1)))
+        target = entries(ctx.graph, ctx.input(1), node, 1)
         rank = ctx.rank(ctx.input(0))
         if target is None or rank is None:
-            raise Refuse("target shape is not a constant")
+            raise Refuse("target shape is computed by ops onnxprune cannot follow")
         out_rank = max(rank, len(target))
-        literal = {}  # target index -> layout, where the target spells out the channel count
         for axis, layout in layouts.items():
             k = axis + out_rank - rank
             ctx.set_layout(node.outputs[0], k, layout)
             j = k - (out_rank - len(target))
-            if j >= 0 and target[j] != 1:
-                literal[j] = layout
-        if not literal:
-            return
-
-        def rewrite(ap):
-            new = list(target)
-            for j, layout in literal.items():
-                new[j] = ap.new_size(layout)
-            if new != target:
-                ap.set_const_input(node, 1, np.array(new, dtype=np.int64))
-
-        ctx.on_apply(rewrite)
+            if j < 0:
+                continue
+            entry = target[j]
+            if isinstance(entry, Lit) and entry.value == 1:
+                continue  # broadcasting keeps the input's size
+            if isinstance(entry, Lit) and entry.value == ctx.size(layout) and entry.source is not None:
+                ctx.rewrite_literal(entry.source, layout)
+            elif isinstance(entry, Dim) and ctx.layouts(entry.tensor).get(entry.axis) is not None:
+                ctx.unify(ctx.layouts(entry.tensor)[entry.axis], layout)
+            else:
+                raise Refuse("target spells the channel count in a way onnxprune cannot rewrite")

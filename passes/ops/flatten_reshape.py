@@ -1,9 +1,10 @@
 """Flatten and Reshape: channel axes that merge with neighbours get an index mapping.
 
-When an output axis is exactly the merge of input axes [s, e) containing the
-channel axis t, channel c occupies, for every outer index o over axes [s, t), the
-positions (o * C + c) * inner + j with inner = prod(dims (t, e)): the layout is
-tiled by the outer size and expanded by the inner one. C -> C*H*W (Flatten before
+When an output axis covers the channel axis t together with neighbouring elements,
+channel c occupies, for every outer index o, the positions (o * C + c) * inner + j,
+where inner is how many output elements each channel step spans and outer how many
+channel periods the axis holds: the layout is tiled by the outer size and expanded by
+the inner one. C -> C*H*W (Flatten before
 Gemm) and H*W*C (NHWC flatten) are both of that form.
 
 When the channel axis is split over several output axes (C -> g x C/g in a channel
@@ -51,17 +52,16 @@ def map_merged_axes(ctx, layouts, in_shape, out_shape, out_tensor):
             ctx.set_layout(out_tensor, o, period)
             placed[t] = (o, period)
             continue
+        # The output axis holding the channel axis: its element stride divides the channel
+        # axis's inner block, and its extent is a whole number of channel periods.
         o = next((k for k in range(len(out_shape))
-                  if rout[k] is not None and rout[k + 1] is not None
-                  and rout[k] >= hi and rout[k + 1] <= lo and out_shape[k] != 1), None)
-        starts = [s for s in range(t + 1) if o is not None and rin[s] == rout[o]]
-        ends = [e for e in range(t + 1, len(in_shape) + 1) if o is not None and rin[e] == rout[o + 1]]
-        if o is None or not starts or not ends:
+                  if rout[k] is not None and rout[k + 1] is not None and out_shape[k] != 1
+                  and rout[k] >= hi and rout[k + 1] <= lo and rout[k] % hi == 0 and lo % rout[k + 1] == 0), None)
+        if o is None:
             raise Refuse(f"channel axis {t} is split across output axes")
-        s, e = max(starts), min(ends)
         if any(o == other for other, _ in placed.values()):
             raise Refuse("two channel axes merge into one")
-        outer, inner = rin[s] // hi, lo // rin[e]
+        outer, inner = rout[o] // hi, lo // rout[o + 1]
         merged = tile(expand(layout, inner), outer)
         ctx.set_layout(out_tensor, o, merged)
         placed[t] = (o, merged)

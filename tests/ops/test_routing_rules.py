@@ -132,3 +132,15 @@ def test_channel_shuffle_keeps_the_same_index_in_every_group():
     merge = next(i for i in result.model.graph.initializer if i.name.startswith("merge"))
     assert list(np.frombuffer(split.raw_data, np.int64)) == [1, 2, 3, 6, 6]
     assert list(np.frombuffer(merge.raw_data, np.int64)) == [1, 6, 6, 6]
+
+
+def test_slice_bounds_keep_their_int32_dtype():
+    m = text_model("""
+    g (float[1,3,6,6] x) => (float[1,4,6,6] y) {
+      a = Conv <kernel_shape=[1,1]> (x, Wa)
+      s = Slice(a, st, en, ax)
+      y = Conv <kernel_shape=[1,1]> (s, W2)
+    }""", {"Wa": (10, 3, 1, 1), "st": np.array([0, 2], np.int32), "en": np.array([1, 8], np.int32),
+           "ax": np.array([0, 1], np.int32), "W2": (4, 6, 1, 1)})
+    result = prune_planted(m, 0.5)
+    assert result.report["rolled_back"] == []
