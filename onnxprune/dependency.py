@@ -108,10 +108,9 @@ class Context:
         if tensor is None:
             return False
         try:
-            trace(self.graph, self.node, index, 0)
+            return any(kind == "data" for *_, kind in trace(self.graph, self.node, index, 0))
         except Refuse:
             return False
-        return True
 
     def attr(self, name: str, default=None):
         return self.node.attrs.get(name, default)

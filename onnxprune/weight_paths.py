@@ -90,10 +90,12 @@ def _broadcast(role):
         found = []
         for i, shape in enumerate(shapes):
             k = axis - (out_rank - len(shape))
-            if k < 0 or shape[k] == 1:
-                continue
             if i == data[0]:
+                if k < 0:
+                    raise Refuse(f"{node.op} on the weight path broadcasts the weight itself")
                 found += trace(graph, node, i, k, depth)
+            elif k < 0 or shape[k] == 1:
+                continue
             elif graph.is_const(node.inputs[i]):
                 found.append((node, i, k, role))
             else:

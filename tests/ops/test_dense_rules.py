@@ -63,3 +63,18 @@ def test_nhwc_transpose_conv_and_channels_last_flatten():
     }""", {"W1": (6, 3, 1, 1), "W2": (6, 8), "W3": (128, 5)})
     result = prune_planted(m, 0.5)
     assert sorted(d.group.channels for d in result.plan.decisions) == [6, 8]
+
+
+def test_activation_scaled_by_a_constant_is_not_mistaken_for_a_weight():
+    # GELU as exported by legacy torch ends in Mul(x, 0.5); with batch 1 the tensor once
+    # looked like a weight computed from constants and its channels were silently dropped.
+    m = text_model("""
+    g (float[1,5,6] x) => (float[1,5,4] y) {
+      a = MatMul(x, W1)
+      e = Erf(a)
+      h = Mul(e, half)
+      y = MatMul(h, W2)
+    }""", {"W1": (6, 12), "half": np.array(0.5, np.float32), "W2": (12, 4)})
+    result = prune_planted(m, 0.5)
+    assert [(d.group.channels, len(d.removed)) for d in result.plan.decisions] == [(12, 6)]
+    assert result.report["rolled_back"] == []
