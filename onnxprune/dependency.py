@@ -73,6 +73,7 @@ class Context:
         self._apply: list[Callable] = []
         self._new_atoms: list[int] = []
         self._claims: dict[tuple, tuple] = {}
+        self._consumed: list[Layout] = []
 
     # -- reading ---------------------------------------------------------------------
     def layouts(self, tensor: gs.Tensor | None) -> dict[int, Layout]:
@@ -168,6 +169,10 @@ class Context:
             return
         self._claims[key] = (source, tuple(layout))
 
+    def consume(self, layout: Layout) -> None:
+        """Declare channels that this node drops on purpose (e.g. outside a Slice's range)."""
+        self._consumed.append(tuple(layout))
+
     def on_apply(self, fn: Callable) -> None:
         """Run `fn(applier)` when a plan is applied (rewrite attributes or shape constants)."""
         self._apply.append(fn)
@@ -228,12 +233,37 @@ class Analysis:
                 ctx._reject(str(exc))
                 continue
             ctx._commit()
+            self._check_consumed(node, ctx)
         for tensor in g.outputs:
             for layout in self.layouts.get(tensor.name, {}).values():
                 for seg in layout:
                     self.atoms.fix(seg.atom, f"graph output {tensor.name!r} keeps its channels")
         self._build_groups()
         return self
+
+    # Ops whose outputs legitimately carry none of their input's channels.
+    SIZE_READERS = frozenset({"Shape", "Size"})
+
+    def _check_consumed(self, node: gs.Node, ctx: "Context") -> None:
+        """Channels entering a node must leave it or be sliced by it; else they are fixed.
+
+        A rule that forgets an axis would otherwise let channels change size where no
+        one follows them. This turns such a gap into a barrier instead of a wrong model.
+        """
+        if node.op in self.SIZE_READERS:
+            return
+        covered = set()
+        for layouts in ctx._outputs.values():
+            for layout in layouts.values():
+                covered.update(seg.atom for seg in resolve(layout, self.atoms))
+        for layout in [att.layout for att in ctx._attach] + ctx._consumed:
+            covered.update(seg.atom for seg in resolve(layout, self.atoms))
+        for tensor in node.inputs:
+            for axis, layout in self.layouts.get(tensor.name, {}).items():
+                lost = [seg.atom for seg in resolve(layout, self.atoms) if seg.atom not in covered]
+                for atom in lost:
+                    self.atoms.fix(atom, f"{node.op} {node.name!r}: channels on axis {axis} of "
+                                         f"{tensor.name!r} are not followed by its op rule")
 
     def _fix_subgraph_captures(self, node: gs.Node, owner: gs.Node) -> None:
         """Tensors read by a subgraph (If/Loop/Scan bodies) from the outer scope keep their channels."""

@@ -46,6 +46,8 @@ class MatMulRule(OpRule):
                 raise Refuse("B is not a 2-D constant weight (activation x activation is handled by head rules)")
             return
         if ctx.is_weight(0):
+            if ctx.input_layouts(1):
+                raise Refuse("constant weight on the left of a tracked activation")
             return
         rank = ctx.rank(a)
         if rank is None:

@@ -88,6 +88,7 @@ class SliceRule(OpRule):
                 lo, hi = _clamp(starts[j], dim), _clamp(ends[j], dim)
                 hi = max(lo, hi)
                 sliced[axis] = (j, lo, hi, cut(layouts[axis], lo, hi, ctx.atoms))
+                ctx.consume(cut(layouts[axis], 0, lo, ctx.atoms) + cut(layouts[axis], hi, dim, ctx.atoms))
         for axis, layout in layouts.items():
             if axis in sliced:
                 if sliced[axis][2] > sliced[axis][1]:
