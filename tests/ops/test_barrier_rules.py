@@ -1,5 +1,6 @@
 """What must not be pruned: ops across channels, unknown ops, outputs, subgraphs."""
 import numpy as np
+import onnx
 from onnx import helper
 from planting import prune_planted
 from textmodel import skipped_reasons, text_model
@@ -87,3 +88,27 @@ def test_tensor_read_inside_an_if_branch_is_fixed():
     m.graph.node.append(helper.make_node("If", ["c"], ["branch"], then_branch=then_branch, else_branch=else_branch))
     m.graph.output.append(helper.make_tensor_value_info("branch", 1, None))
     _only_skipped(prune_planted(m, 0.5), "read inside a subgraph")
+
+
+def test_custom_domain_op_is_a_barrier_and_onnxruntime_absence_is_reported():
+    from onnx import parser
+
+    from onnxprune import prune
+
+    m = parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17, "com.example" : 1]>
+    g (float[1,3,6,6] x) => (float[1,4,6,6] y) {
+      a = Conv <kernel_shape=[1,1]> (x, Wa)
+      c = com.example.Mystery(a)
+      b = Conv <kernel_shape=[1,1]> (c, Wb)
+      r = Relu(b)
+      y = Conv <kernel_shape=[1,1]> (r, W2)
+    }""")
+    rng = np.random.default_rng(0)
+    for name, shape in (("Wa", (8, 3, 1, 1)), ("Wb", (8, 8, 1, 1)), ("W2", (4, 8, 1, 1))):
+        m.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    result = prune(m, filters=0.5, latency_runs=0)
+    assert any("Mystery" in r and "no op rule" in r for r in skipped_reasons(result))
+    assert [(d.group.channels, len(d.removed)) for d in result.plan.decisions] == [(8, 4)]
+    assert any("cannot run the input model" in n for n in result.report["notes"])
+    assert result.verification.checker == "passed"
