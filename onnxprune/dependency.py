@@ -163,7 +163,7 @@ class Context:
         """
         consumer, index, element = source
         key = (id(consumer), index, element)
-        claimed = self._a.literal_claims.get(key)
+        claimed = self._a.literal_claims.get(key) or self._claims.get(key, (None, None))[1]
         if claimed is not None:
             self.unify(claimed, layout)
             return

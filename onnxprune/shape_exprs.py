@@ -45,19 +45,24 @@ class Opaque:
 _MAX_DEPTH = 24
 
 
-def entries(graph, tensor: gs.Tensor, consumer=None, index: int = 0, depth: int = 0):
-    """The entries of a 1-D (or scalar) int tensor, or None when it cannot be followed."""
+def entries(graph, tensor: gs.Tensor, consumer=None, index: int = 0, depth: int = 0, exclusive: bool = True):
+    """The entries of a 1-D (or scalar) int tensor, or None when it cannot be followed.
+
+    A literal gets a source only if every tensor between it and the caller feeds nothing
+    else, so rewriting it cannot change another node's shape.
+    """
     if depth > _MAX_DEPTH or tensor is None:
         return None
     if isinstance(tensor, gs.Constant) or _is_constant_node(tensor):
-        return _literals(graph.const(tensor), consumer, index)
+        return _literals(graph.const(tensor), consumer if exclusive else None, index)
     node = graph.producer(tensor)
     if node is None:
         return None
     op = node.op
+    exclusive = exclusive and len(tensor.outputs) <= 1
 
     def sub(i):
-        return entries(graph, node.inputs[i], node, i, depth + 1)
+        return entries(graph, node.inputs[i], node, i, depth + 1, exclusive)
 
     if op == "Shape":
         rank = graph.rank(node.inputs[0])

@@ -66,3 +66,20 @@ def test_pruned_dim_read_into_another_axis_is_refused():
     result = prune_planted(m, 0.5)
     assert result.plan.decisions == []
     assert any("split across" in r or "reads a dim" in r for r in skipped_reasons(result))
+
+
+def test_target_shared_with_an_unpruned_reshape_is_not_rewritten():
+    # One Concat feeds two Reshapes; rewriting its literal would reshape the other tensor too.
+    m = text_model("""
+    g (float[N,3,4,4] x, float[N,96] z) => (float[N,5] y, float[N,96] w) {
+      a = Conv <kernel_shape=[1,1]> (x, W1)
+      s = Shape(a)
+      n = Slice(s, zero, one)
+      t = Concat <axis=0> (n, width)
+      f = Reshape(a, t)
+      y = MatMul(f, W2)
+      w = Reshape(z, t)
+    }""", {**WEIGHTS, "one": np.array([1], I64), "width": np.array([96], I64)})
+    result = prune_planted(m, 0.5)
+    assert result.plan.decisions == []
+    assert any("computed from constants" in r for r in skipped_reasons(result))
