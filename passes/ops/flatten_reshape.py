@@ -144,7 +144,7 @@ class ReshapeRule(OpRule):
             if entry.value != ctx.size(merged):
                 raise Refuse(f"target entry {entry.value} does not match {ctx.size(merged)} channels")
             if entry.source is None:
-                raise Refuse("channel count in the target is computed from constants")
+                raise Refuse("channel count in the target cannot be rewritten (computed from constants or shared with other nodes)")
             ctx.rewrite_literal(entry.source, merged)
             return
         if isinstance(entry, Dim):
