@@ -155,14 +155,19 @@ class Context:
             self._attach.append(Attachment(node, i, ax, tuple(layout), role if kind == "data" else kind,
                                            view if kind == "data" else None))
 
-    def rewrite_literal(self, source: tuple, layout: Layout) -> None:
+    def rewrite_literal(self, source: tuple, layout: Layout, shared: tuple = ()) -> None:
         """Have the plan write the new size of `layout` into one element of a shape constant.
 
         `source` is (consumer node, input index, element index). Two layouts claiming the same
-        element are unified, so whatever the plan does, one value fits both.
+        element are unified, so whatever the plan does, one value fits both. `shared` are
+        tensors on the way that other nodes read: all of those must claim it too (checked
+        once the whole graph is seen), or the channels stay.
         """
         consumer, index, element = source
         key = (id(consumer), index, element)
+        self._a.literal_readers.setdefault(key, set()).add(id(self.node))
+        for tensor in shared:
+            self._a.literal_shared.setdefault(key, []).append((tensor, tuple(layout), self.node))
         claimed = self._a.literal_claims.get(key) or self._claims.get(key, (None, None))[1]
         if claimed is not None:
             self.unify(claimed, layout)
@@ -209,6 +214,8 @@ class Analysis:
         self.apply_fns: list[Callable] = []
         self.literal_claims: dict[tuple, Layout] = {}
         self.literals: list[tuple[tuple, Layout]] = []  # ((node, input, element), layout)
+        self.literal_readers: dict[tuple, set] = {}  # literal -> ids of nodes that rewrite it
+        self.literal_shared: dict[tuple, list] = {}  # literal -> [(shared tensor, layout, reader)]
         self.barriers: list[str] = []
         self.groups: list[Group] = []
 
@@ -234,12 +241,25 @@ class Analysis:
                 continue
             ctx._commit()
             self._check_consumed(node, ctx)
+        self._check_shared_literals()
         for tensor in g.outputs:
             for layout in self.layouts.get(tensor.name, {}).values():
                 for seg in layout:
                     self.atoms.fix(seg.atom, f"graph output {tensor.name!r} keeps its channels")
         self._build_groups()
         return self
+
+    def _check_shared_literals(self) -> None:
+        """A shape literal read through a shared tensor may only be rewritten if every reader
+        of that tensor asked for the same rewrite (and was therefore unified with it)."""
+        for key, items in self.literal_shared.items():
+            readers = self.literal_readers.get(key, set())
+            for tensor, layout, reader in items:
+                others = [n for n in tensor.outputs if id(n) not in readers]
+                if others:
+                    for seg in layout:
+                        self.atoms.fix(seg.atom, f"{reader.op} {reader.name!r}: its shape constant is also "
+                                                 f"read by {others[0].op} {others[0].name!r}")
 
     # Ops whose outputs legitimately carry none of their input's channels.
     SIZE_READERS = frozenset({"Shape", "Size"})

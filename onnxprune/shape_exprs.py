@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 class Lit:
     value: int
     source: tuple | None = None  # (consumer node, input index, element index) holding the literal
+    shared: tuple = ()  # tensors between the literal and the reader that also feed other nodes
 
 
 @dataclass(frozen=True)
@@ -45,24 +46,25 @@ class Opaque:
 _MAX_DEPTH = 24
 
 
-def entries(graph, tensor: gs.Tensor, consumer=None, index: int = 0, depth: int = 0, exclusive: bool = True):
+def entries(graph, tensor: gs.Tensor, consumer=None, index: int = 0, depth: int = 0, shared: tuple = ()):
     """The entries of a 1-D (or scalar) int tensor, or None when it cannot be followed.
 
-    A literal gets a source only if every tensor between it and the caller feeds nothing
-    else, so rewriting it cannot change another node's shape.
+    Each literal lists the tensors on its way to the caller that other nodes read too
+    (`Lit.shared`): rewriting the literal changes what those nodes see as well.
     """
     if depth > _MAX_DEPTH or tensor is None:
         return None
     if isinstance(tensor, gs.Constant) or _is_constant_node(tensor):
-        return _literals(graph.const(tensor), consumer if exclusive else None, index)
+        return _literals(graph.const(tensor), consumer, index, shared)
     node = graph.producer(tensor)
     if node is None:
         return None
     op = node.op
-    exclusive = exclusive and len(tensor.outputs) <= 1
+    if len(tensor.outputs) > 1:
+        shared = shared + (tensor,)
 
     def sub(i):
-        return entries(graph, node.inputs[i], node, i, depth + 1, exclusive)
+        return entries(graph, node.inputs[i], node, i, depth + 1, shared)
 
     if op == "Shape":
         rank = graph.rank(node.inputs[0])
@@ -114,17 +116,17 @@ def entries(graph, tensor: gs.Tensor, consumer=None, index: int = 0, depth: int 
             return None
         return [_combine(op, x, y) for x, y in zip(a, b)]
     if graph.is_const(tensor):  # some other constant-only computation: values without a source
-        return _literals(graph.const(tensor), None, 0)
+        return _literals(graph.const(tensor), None, 0, shared)
     return None
 
 
-def _literals(value, consumer, index):
+def _literals(value, consumer, index, shared=()):
     if value is None:
         return None
     flat = np.asarray(value).reshape(-1)
     if flat.dtype.kind not in "iu":
         return None
-    return [Lit(int(v), (consumer, index, k) if consumer is not None else None) for k, v in enumerate(flat)]
+    return [Lit(int(v), (consumer, index, k) if consumer is not None else None, shared) for k, v in enumerate(flat)]
 
 
 def _is_constant_node(tensor) -> bool:

@@ -26,7 +26,7 @@ class ExpandRule(OpRule):
             if isinstance(entry, Lit) and entry.value == 1:
                 continue  # broadcasting keeps the input's size
             if isinstance(entry, Lit) and entry.value == ctx.size(layout) and entry.source is not None:
-                ctx.rewrite_literal(entry.source, layout)
+                ctx.rewrite_literal(entry.source, layout, entry.shared)
             elif isinstance(entry, Dim) and ctx.layouts(entry.tensor).get(entry.axis) is not None:
                 ctx.unify(ctx.layouts(entry.tensor)[entry.axis], layout)
             else:

@@ -145,7 +145,7 @@ class ReshapeRule(OpRule):
                 raise Refuse(f"target entry {entry.value} does not match {ctx.size(merged)} channels")
             if entry.source is None:
                 raise Refuse("channel count in the target cannot be rewritten (computed from constants or shared with other nodes)")
-            ctx.rewrite_literal(entry.source, merged)
+            ctx.rewrite_literal(entry.source, merged, entry.shared)
             return
         if isinstance(entry, Dim):
             source = ctx.layouts(entry.tensor).get(entry.axis)
