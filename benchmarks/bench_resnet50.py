@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,19 +25,9 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, Python {platform.python_version()}, onnxruntime {ort.__version__}"
+from machine_info import machine  # noqa: E402
 
 
 def run_tool(args: list[str]) -> tuple[float, float, dict]:
@@ -104,7 +92,7 @@ def main() -> int:
         latency = latency_side_by_side(outputs, args.runs, args.threads)
 
     lines = [f"## ResNet-50, --filters {args.ratio} ({dt.date.today().isoformat()})", "",
-             f"Machine: {machine()}.", f"Command: `.venv/bin/python benchmarks/bench_resnet50.py --runs {args.runs} "
+             f"Machine: {machine()}, Python {platform.python_version()}, onnxruntime {ort.__version__}.", f"Command: `.venv/bin/python benchmarks/bench_resnet50.py --runs {args.runs} "
              f"--threads {args.threads}`. Model: torch ResNet-50 layout, random weights, BN folded, "
              f"input 1x3x224x224; latency is the median of {args.runs} runs per model in alternating blocks, {args.threads} threads.", "",
              "| variant | prune time (s) | peak RSS (MiB) | with verify+latency (s) | params after | MACs after | MAC ratio | latency (ms) | speedup | speedup / MAC ratio |",
@@ -113,7 +101,7 @@ def main() -> int:
     params_before = rows[0][5]["params"]["before"]
     lines.insert(4, f"Original: {params_before / 1e6:.2f} M params, {macs_before / 1e9:.2f} GMACs, "
                     f"latency {latency['original']:.1f} ms.\n")
-    for label, wall, rss, wall_v, rss_v, report in rows:
+    for label, wall, rss, wall_v, _rss_v, report in rows:
         macs_after = report["macs"]["after"]
         mac_ratio = macs_before / macs_after
         speedup = latency["original"] / latency[label]

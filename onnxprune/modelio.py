@@ -85,6 +85,30 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path=No
     return out
 
 
+def copy_without_initializers(model: onnx.ModelProto, keep=lambda tensor: False) -> onnx.ModelProto:
+    """A copy of everything but the initializers (those for which `keep` is true are copied too).
+
+    Copying a ModelProto whole would duplicate every weight; this copies the structure only.
+    """
+    light = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            continue
+        if isinstance(value, (str, bytes, int, float)):
+            setattr(light, field.name, value)
+        else:
+            getattr(light, field.name).extend(value)
+    for field, value in model.graph.ListFields():
+        if field.name == "initializer":
+            continue
+        if isinstance(value, (str, bytes, int, float)):
+            setattr(light.graph, field.name, value)
+        else:
+            getattr(light.graph, field.name).extend(value)
+    light.graph.initializer.extend(t for t in model.graph.initializer if keep(t))
+    return light
+
+
 def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str,
                              min_bytes: int = 1024) -> None:
     """Save with initializers of at least `min_bytes` in one external file, next to `path`.
@@ -93,22 +117,8 @@ def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str,
     copies no tensor payload in memory: the light parts are copied, the payloads are
     written straight from the original tensors.
     """
-    light = onnx.ModelProto()
+    light = copy_without_initializers(model)
     graph = model.graph
-    for field, value in model.ListFields():
-        if field.name == "graph":
-            continue
-        if isinstance(value, (str, bytes, int, float)):
-            setattr(light, field.name, value)
-        else:
-            getattr(light, field.name).extend(value)
-    for field, value in graph.ListFields():
-        if field.name == "initializer":
-            continue
-        if isinstance(value, (str, bytes, int, float)):
-            setattr(light.graph, field.name, value)
-        else:
-            getattr(light.graph, field.name).extend(value)
     offset = 0
     with open(path.parent / data_name, "wb") as data:
         for tensor in graph.initializer:

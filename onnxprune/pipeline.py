@@ -10,6 +10,7 @@ import onnx
 from . import metrics
 from .apply import apply_plan
 from .dependency import Analysis, analyze
+from .errors import OnnxPruneError
 from .graph import Graph
 from .importance import criterion
 from .modelio import load_model

@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxPruneError
+from .modelio import copy_without_initializers
 
 DEFAULT_DYNAMIC_DIM = 1  # batch-like dims; other unknown dims get DEFAULT_SPATIAL_DIM
 DEFAULT_SPATIAL_DIM = 64
@@ -73,28 +74,8 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     Shape inference then costs what the graph structure costs, not what the weights weigh.
     Small initializers (shape targets, split sizes, axes) keep their values for data propagation.
     """
-    light = onnx.ModelProto()
-    graph = model.graph
-    heavy = [t for t in graph.initializer if _elements(t) >= _SKELETON_MIN_ELEMENTS]
-    if not heavy:
-        light.CopyFrom(model)
-        return light
-    heavy_names = {t.name for t in heavy}
-    graph_fields = {f.name for f, _ in graph.ListFields()} - {"initializer"}
-    for name in graph_fields:
-        target, source = getattr(light.graph, name), getattr(graph, name)
-        if isinstance(source, (str, bytes)):
-            setattr(light.graph, name, source)
-        else:
-            target.extend(source)
-    light.graph.initializer.extend(t for t in graph.initializer if t.name not in heavy_names)
-    for field, value in model.ListFields():
-        if field.name == "graph":
-            continue
-        if isinstance(value, (str, bytes, int, float)):
-            setattr(light, field.name, value)
-        else:
-            getattr(light, field.name).extend(value)
+    heavy = [t for t in model.graph.initializer if _elements(t) >= _SKELETON_MIN_ELEMENTS]
+    light = copy_without_initializers(model, keep=lambda t: _elements(t) < _SKELETON_MIN_ELEMENTS)
     declared = {i.name for i in light.graph.input}
     for t in heavy:
         if t.name not in declared:

@@ -104,3 +104,15 @@ def test_input_shape_fixes_dynamic_dims(tmp_path):
     proc = run_cli(path, "--filters", "0.3", "--input-shape", "input:2,3,32,32", "--report", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "r.json").read_text())["input_shapes"] == {"input": [2, 3, 32, 32]}
+
+
+def test_model_from_a_newer_onnx_is_refused_in_one_line(tmp_path):
+    import onnx
+
+    m = onnx.load(str(FIXTURE))
+    m.ir_version = 99
+    path = tmp_path / "future.onnx"
+    onnx.save(m, str(path))
+    proc = run_cli(path, "--filters", "0.3")
+    assert proc.returncode == 2 and "IR version 99" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
