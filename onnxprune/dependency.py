@@ -50,6 +50,7 @@ class Group:
     members: list[Attachment] = field(default_factory=list)
     fixed_reasons: list[str] = field(default_factory=list)
     origins: list[str] = field(default_factory=list)
+    kind: str = "channels"  # "heads" when the group's channels are whole attention heads
 
     @property
     def prunable(self) -> bool:
@@ -68,6 +69,7 @@ class Context:
         self.atoms = analysis.atoms
         self.node = node
         self.opset = analysis.graph.opset("")
+        self.heads_mode = analysis.heads
         self._outputs: dict[str, dict[int, Layout]] = {}
         self._attach: list[Attachment] = []
         self._apply: list[Callable] = []
@@ -120,9 +122,12 @@ class Context:
         return sum(self.atoms.size(s.atom) * s.expand for s in layout)
 
     # -- declaring -------------------------------------------------------------------
-    def new_channels(self, count: int) -> Layout:
+    def new_channels(self, count: int, heads: bool = False) -> Layout:
+        """Fresh channels created by this node (heads=True: attention heads, for --heads)."""
         atom = self.atoms.new(int(count), self.node.name)
         self._new_atoms.append(atom)
+        if heads:
+            self._a.head_atoms.add(atom)
         return (Segment(atom),)
 
     def set_layout(self, tensor: gs.Tensor, axis: int, layout: Layout) -> None:
@@ -206,8 +211,13 @@ class Context:
 class Analysis:
     """Result of the dependency analysis on one graph."""
 
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, heads: bool = False) -> None:
         self.graph = graph
+        # How a Reshape that splits channels (hidden -> heads x head_dim) is read: by
+        # default every group keeps the same inner indices (channel shuffle, head_dim);
+        # with heads=True the outer axis carries the channels, so whole heads go.
+        self.heads = heads
+        self.head_atoms: set[int] = set()
         self.atoms = Atoms()
         self.layouts: dict[str, dict[int, Layout]] = {}
         self.attachments: list[Attachment] = []
@@ -319,9 +329,12 @@ class Analysis:
             for leaf in atoms.leaves(atom_id):
                 if leaf in by_leaf and origin and origin not in origins.setdefault(leaf, []):
                     origins[leaf].append(origin)
+        head_leaves = {atoms.find(leaf) for a in self.head_atoms for leaf in atoms.leaves(a)}
         for leaf, grp in by_leaf.items():
             grp.fixed_reasons = list(atoms.fixed.get(leaf, []))
             grp.origins = origins.get(leaf, [])
+            if leaf in head_leaves:
+                grp.kind = "heads"
         self.groups = sorted(by_leaf.values(), key=lambda g: g.id)
 
     # -- helpers for importance, planting and reports ----------------------------------
@@ -344,5 +357,5 @@ class Analysis:
         return np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64)
 
 
-def analyze(graph: Graph) -> Analysis:
-    return Analysis(graph).run()
+def analyze(graph: Graph, heads: bool = False) -> Analysis:
+    return Analysis(graph, heads).run()

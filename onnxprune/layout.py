@@ -35,7 +35,7 @@ class Atoms:
     def __init__(self) -> None:
         self._parent: list[int] = []
         self._size: list[int] = []
-        self._parts: dict[int, list[int]] = {}
+        self._parts: dict[int, list[Segment]] = {}  # refinements: consecutive parts, or one coarser atom
         self.fixed: dict[int, list[str]] = {}  # class rep -> reasons it cannot shrink
         self.origin: list[str] = []  # node that created each atom
 
@@ -60,13 +60,17 @@ class Atoms:
         return self._size[self.find(a)]
 
     def leaves(self, a: int) -> list[int]:
+        return [seg.atom for seg in self.leaf_segments(a)]
+
+    def leaf_segments(self, a: int, expand: int = 1) -> list[Segment]:
+        """Atom a as current leaf classes, each with how many positions one of its channels spans."""
         rep = self.find(a)
         parts = self._parts.get(rep)
         if parts is None:
-            return [rep]
-        out: list[int] = []
+            return [Segment(rep, expand)]
+        out: list[Segment] = []
         for p in parts:
-            out.extend(self.leaves(p))
+            out.extend(self.leaf_segments(p.atom, expand * p.expand))
         return out
 
     def is_fixed(self, a: int) -> bool:
@@ -82,11 +86,25 @@ class Atoms:
             raise LayoutError(f"cannot split {total} channels at {first}")
         a = self.new(first, self.origin[rep])
         b = self.new(total - first, self.origin[rep])
-        self._parts[rep] = [a, b]
+        self._parts[rep] = [Segment(a), Segment(b)]
         if rep in self.fixed:
             self.fixed[a] = list(self.fixed[rep])
             self.fixed[b] = list(self.fixed[rep])
         return a, b
+
+    def coarsen_leaf(self, leaf: int, factor: int) -> int:
+        """Tie a leaf class's channels in consecutive blocks of `factor`: it becomes a coarser
+        atom expanded by `factor` (hidden units grouped into attention heads)."""
+        rep = self.find(leaf)
+        assert rep not in self._parts
+        total = self._size[rep]
+        if factor <= 1 or total % factor:
+            raise LayoutError(f"cannot group {total} channels in blocks of {factor}")
+        coarse = self.new(total // factor, self.origin[rep])
+        self._parts[rep] = [Segment(coarse, factor)]
+        if rep in self.fixed:
+            self.fixed[coarse] = list(self.fixed[rep])
+        return coarse
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
@@ -118,8 +136,7 @@ def resolve(layout: Layout, atoms: Atoms) -> list[Segment]:
     """The layout in terms of current leaf classes."""
     out: list[Segment] = []
     for seg in layout:
-        for leaf in atoms.leaves(seg.atom):
-            out.append(Segment(atoms.find(leaf), seg.expand))
+        out.extend(atoms.leaf_segments(seg.atom, seg.expand))
     return out
 
 
@@ -136,7 +153,7 @@ def _head(segs: list[Segment], i: int, atoms: Atoms) -> Segment:
         if parts is None:
             segs[i] = Segment(rep, seg.expand)
             return segs[i]
-        segs[i:i + 1] = [Segment(p, seg.expand) for p in parts]
+        segs[i:i + 1] = [Segment(p.atom, seg.expand * p.expand) for p in parts]
 
 
 def _align(x: list[Segment], y: list[Segment], atoms: Atoms) -> None:
@@ -146,7 +163,12 @@ def _align(x: list[Segment], y: list[Segment], atoms: Atoms) -> None:
     while i < len(x) and j < len(y):
         sx, sy = _head(x, i, atoms), _head(y, j, atoms)
         if sx.expand != sy.expand:
-            raise LayoutError("layouts expand channels differently")
+            # One side spans more positions per channel: tie the other's channels in blocks.
+            small, large = (sx, sy) if sx.expand < sy.expand else (sy, sx)
+            if large.expand % small.expand:
+                raise LayoutError("layouts expand channels differently")
+            atoms.coarsen_leaf(small.atom, large.expand // small.expand)
+            continue
         nx, ny = atoms.size(sx.atom), atoms.size(sy.atom)
         if nx == ny:
             atoms.union(sx.atom, sy.atom)

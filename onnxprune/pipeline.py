@@ -23,6 +23,7 @@ from .verify import Checker, Verification
 @dataclass
 class PruneOptions:
     filters: float = 0.0
+    heads: float | None = None  # ratio of attention heads to remove (whole heads)
     importance: str = "l2"
     round_to: int = 1
     global_rank: bool = False
@@ -60,14 +61,15 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     before = {"params": metrics.count_params(original), "file_bytes": metrics.model_bytes(original),
               "value_info": len(original.graph.value_info) > 0}
 
-    analysis = analyze_model(original, options.input_shapes, copy=not owned)
+    heads_mode = options.heads is not None or bool((options.plan or {}).get("heads"))
+    analysis = analyze_model(original, options.input_shapes, copy=not owned, heads=heads_mode)
     working = analysis.graph.model
     if options.plan is not None:
         plan = plan_from_json(analysis, options.plan)
     else:
         plan = make_plan(analysis, options.filters, criterion(options.importance, options.seed),
                          round_to=options.round_to, global_rank=options.global_rank,
-                         exclude=options.exclude)
+                         exclude=options.exclude, heads=options.heads)
     concrete, guessed = concrete_input_shapes(working, options.input_shapes)
     checker = Checker(working, concrete, options.seed if options.verify else None)
     pruned = _apply(analysis, plan, before["value_info"])
@@ -75,7 +77,7 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     failure = checker.failure(pruned)
     if failure and plan.removed_by_atom():
         analysis, plan, pruned, rolled_back = _roll_back(original, options, plan, checker, before["value_info"],
-                                                         failure)
+                                                         failure, heads_mode)
     prune_seconds = time.perf_counter() - started
 
     report = {
@@ -83,6 +85,7 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
         "runtime": runtime_description(),
         "criterion": plan.criterion,
         "ratio": options.filters,
+        "heads_ratio": options.heads,
         "input_shapes": concrete,
         "notes": list(plan.notes),
     }
@@ -116,7 +119,8 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     return PruneResult(pruned, plan, analysis, verification, report)
 
 
-def analyze_model(model: onnx.ModelProto, input_shapes: dict | None = None, copy: bool = True) -> Analysis:
+def analyze_model(model: onnx.ModelProto, input_shapes: dict | None = None, copy: bool = True,
+                  heads: bool = False) -> Analysis:
     """Dependency analysis of `model` (input dims fixed as given, shapes completed).
 
     With copy=False the model's value_info and input dims are updated in place; weights
@@ -128,7 +132,7 @@ def analyze_model(model: onnx.ModelProto, input_shapes: dict | None = None, copy
         working.CopyFrom(model)
     if input_shapes:
         fix_input_shapes(working, input_shapes)
-    return analyze(Graph(complete_shapes(working)))
+    return analyze(Graph(complete_shapes(working)), heads=heads)
 
 
 def _apply(analysis: Analysis, plan: Plan, keep_value_info: bool) -> onnx.ModelProto:
@@ -139,7 +143,8 @@ def _apply(analysis: Analysis, plan: Plan, keep_value_info: bool) -> onnx.ModelP
     return pruned
 
 
-def _roll_back(original, options, plan: Plan, checker: Checker, keep_value_info: bool, failure: str):
+def _roll_back(original, options, plan: Plan, checker: Checker, keep_value_info: bool, failure: str,
+               heads_mode: bool):
     """Find the groups whose removal makes the model fail, undo them, keep the others.
 
     Bisection over the planned groups, each try a fresh analysis of the original with a
@@ -150,7 +155,7 @@ def _roll_back(original, options, plan: Plan, checker: Checker, keep_value_info:
     failures: dict[str, str] = {}
 
     def attempt(keys):
-        analysis = analyze_model(original, options.input_shapes)
+        analysis = analyze_model(original, options.input_shapes, heads=heads_mode)
         sub = plan_from_removed(analysis, {k: removed[k] for k in keys})
         model = _apply(analysis, sub, keep_value_info)
         return analysis, sub, model, checker.failure(model)

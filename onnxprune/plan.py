@@ -47,6 +47,7 @@ class Plan:
         return {
             "format": "onnxprune-plan/1",
             "criterion": self.criterion,
+            "heads": any(d.group.kind == "heads" for d in self.decisions),
             "groups": [
                 {"key": d.key, "channels": d.group.channels, "removed": [int(i) for i in d.removed]}
                 for d in self.decisions if len(d.removed)
@@ -93,18 +94,23 @@ def _keep_count(channels: int, remove: int, round_to: int) -> int:
 
 
 def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: int = 1,
-              global_rank: bool = False, exclude=()) -> Plan:
+              global_rank: bool = False, exclude=(), heads: float | None = None) -> Plan:
+    """`ratio` applies to channel groups; `heads`, when given, to groups of attention heads."""
     if not 0.0 <= ratio < 1.0:
         raise OnnxPruneError(f"--filters {ratio}: must be in [0, 1)")
+    if heads is not None and not 0.0 <= heads < 1.0:
+        raise OnnxPruneError(f"--heads {heads}: must be in [0, 1)")
     if round_to < 1:
         raise OnnxPruneError(f"--round-to {round_to}: must be a positive integer")
     groups, skipped = candidate_groups(analysis, exclude)
     plan = Plan(skipped=skipped, criterion=crit.name)
     scores = {g.id: np.asarray(crit.scores(analysis, g), dtype=np.float64) for g in groups}
+    def group_ratio(g):
+        return heads if g.kind == "heads" and heads is not None else ratio
+
+    counts = {g.id: math.floor(group_ratio(g) * g.channels) for g in groups}
     if global_rank:
-        counts = _global_counts(groups, scores, ratio)
-    else:
-        counts = {g.id: math.floor(ratio * g.channels) for g in groups}
+        counts.update(_global_counts([g for g in groups if g.kind != "heads"], scores, ratio))
     for g in groups:
         keep = _keep_count(g.channels, counts[g.id], round_to)
         order = np.argsort(scores[g.id], kind="stable")

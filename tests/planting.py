@@ -20,15 +20,20 @@ from onnxprune.plan import candidate_groups, group_key
 NEUTRAL = {"bn_var": 1.0, "divisor": 1.0}
 
 
-def plant_dead_channels(model: onnx.ModelProto, ratio: float, seed: int = 0):
-    """Return (planted model, {group key: sorted dead channel indices})."""
-    analysis = analyze_model(model)
+def plant_dead_channels(model: onnx.ModelProto, ratio: float, seed: int = 0, heads: bool = False):
+    """Return (planted model, {group key: sorted dead channel indices}).
+
+    heads=True plants dead attention heads only (groups of whole heads).
+    """
+    analysis = analyze_model(model, heads=heads)
     graph = analysis.graph
     groups, _ = candidate_groups(analysis)
     rng = np.random.default_rng(seed)
     values = {}
     truth = {}
     for group in groups:
+        if heads and group.kind != "heads":
+            continue
         n = math.floor(ratio * group.channels)
         if n == 0:
             continue
@@ -48,7 +53,7 @@ def plant_dead_channels(model: onnx.ModelProto, ratio: float, seed: int = 0):
 
 
 def prune_planted(model: onnx.ModelProto, ratio: float, seed: int = 0, tolerance: float = 1e-4,
-                  atol: float = 1e-6, **options):
+                  atol: float = 1e-6, heads: bool = False, **options):
     """Plant dead channels, prune exactly that amount, and check the function is unchanged.
 
     Outputs must agree to `tolerance` relative to their largest magnitude; `atol` only
@@ -61,8 +66,11 @@ def prune_planted(model: onnx.ModelProto, ratio: float, seed: int = 0, tolerance
 
     from conftest import max_rel_diff, run_model
 
-    planted, truth = plant_dead_channels(model, ratio, seed)
-    result = prune(planted, filters=ratio, latency_runs=0, **options)
+    planted, truth = plant_dead_channels(model, ratio, seed, heads=heads)
+    if heads:
+        result = prune(planted, filters=0.0, heads=ratio, latency_runs=0, **options)
+    else:
+        result = prune(planted, filters=ratio, latency_runs=0, **options)
     assert result.verification.checker == "passed", result.verification.checker
     assert result.verification.ort == "passed", result.verification.ort
     removed = {d.key: [int(i) for i in d.removed] for d in result.plan.decisions if len(d.removed)}

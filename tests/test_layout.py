@@ -40,9 +40,9 @@ def test_unify_refuses_sizes_and_expansions_that_disagree():
     a, b = atoms.new(4), atoms.new(5)
     with pytest.raises(LayoutError):
         unify(lay(a), lay(b), atoms)
-    c, d = atoms.new(2), atoms.new(4)
-    with pytest.raises(LayoutError):
-        unify(expand(lay(c), 2), lay(d), atoms)
+    c, d = atoms.new(2), atoms.new(3)
+    with pytest.raises(LayoutError):  # 3 positions per channel against 2: no block structure
+        unify(expand(lay(c), 3), expand(lay(d), 2), atoms)
 
 
 def test_cut_splits_at_boundaries_and_refuses_inside_an_expansion():
@@ -72,3 +72,13 @@ def test_concat_of_the_same_tensor_twice():
     unify(lay(a, a), lay(c), atoms)
     leaves = atoms.leaves(c)
     assert atoms.find(leaves[0]) == atoms.find(leaves[1]) == atoms.find(a)
+
+
+def test_channels_tied_in_blocks_to_match_an_expanded_layout():
+    # hidden units (32) against heads (4) x head_dim (8): hidden channels go in blocks of 8
+    atoms = Atoms()
+    hidden, heads = atoms.new(32), atoms.new(4)
+    unify(lay(hidden), expand(lay(heads), 8), atoms)
+    assert [(atoms.find(s.atom) == atoms.find(heads), s.expand) for s in resolve(lay(hidden), atoms)] == [(True, 8)]
+    kept = {atoms.find(heads): np.array([0, 2])}
+    assert kept_positions(lay(hidden), atoms, kept).tolist() == list(range(0, 8)) + list(range(16, 24))

@@ -44,13 +44,19 @@ def map_merged_axes(ctx, layouts, in_shape, out_shape, out_tensor):
             raise Refuse("needs static shapes after the channel axis (fix dynamic dims with --input-shape)")
         split = _split_axes(rin, rout, t, out_shape)
         if split is not None:
-            o, inner_size = split
+            o_first, o_last = split
+            o = o_first if ctx.heads_mode else o_last
             if any(o == other for other, _ in placed.values()):
                 raise Refuse("two channel axes merge into one")
-            period = ctx.new_channels(inner_size)
-            ctx.unify(layout, tile(period, hi // lo // inner_size))
-            ctx.set_layout(out_tensor, o, period)
-            placed[t] = (o, period)
+            count = out_shape[o]
+            if ctx.heads_mode:  # whole heads: each head is a block of the inner size
+                carrier = ctx.new_channels(count, heads=True)
+                ctx.unify(layout, expand(carrier, hi // lo // count))
+            else:  # same inner index in every group
+                carrier = ctx.new_channels(count)
+                ctx.unify(layout, tile(carrier, hi // lo // count))
+            ctx.set_layout(out_tensor, o, carrier)
+            placed[t] = (o, carrier)
             continue
         # The output axis holding the channel axis: its element stride divides the channel
         # axis's inner block, and its extent is a whole number of channel periods.
@@ -69,7 +75,7 @@ def map_merged_axes(ctx, layouts, in_shape, out_shape, out_tensor):
 
 
 def _split_axes(rin, rout, t, out_shape):
-    """(innermost output axis, its size) when input axis t splits exactly into several output axes."""
+    """(outermost, innermost) output axes when input axis t splits exactly into several axes."""
     first = [k for k in range(len(out_shape)) if rout[k] == rin[t] and out_shape[k] != 1]
     last = [k for k in range(len(out_shape)) if rout[k + 1] == rin[t + 1] and out_shape[k] != 1]
     if not first or not last or rin[t] is None or rin[t + 1] is None:
@@ -79,7 +85,7 @@ def _split_axes(rin, rout, t, out_shape):
         return None
     if sum(1 for k in range(o_first, o_last + 1) if out_shape[k] != 1) < 2:
         return None
-    return o_last, out_shape[o_last]
+    return o_first, o_last
 
 
 @register

@@ -1,0 +1,52 @@
+"""Attention: whole heads through q/k/v projections, head reshapes, score and context MatMuls."""
+import numpy as np
+from planting import prune_planted
+from textmodel import text_model
+
+I64 = np.int64
+H, D, S, E = 4, 8, 5, 32  # heads, head_dim, sequence, hidden = H * D
+
+ATTENTION = f"""
+g (float[1,{S},{E}] x) => (float[1,{S},{E}] y) {{
+  q0 = MatMul(x, Wq)
+  q1 = Add(q0, Bq)
+  k0 = MatMul(x, Wk)
+  k1 = Add(k0, Bk)
+  v0 = MatMul(x, Wv)
+  v1 = Add(v0, Bv)
+  q2 = Reshape(q1, split)
+  k2 = Reshape(k1, split)
+  v2 = Reshape(v1, split)
+  q = Transpose <perm=[0,2,1,3]> (q2)
+  k = Transpose <perm=[0,2,3,1]> (k2)
+  v = Transpose <perm=[0,2,1,3]> (v2)
+  s0 = MatMul(q, k)
+  s1 = Mul(s0, scale)
+  s2 = Add(s1, mask)
+  p = Softmax <axis=-1> (s2)
+  c0 = MatMul(p, v)
+  c1 = Transpose <perm=[0,2,1,3]> (c0)
+  c2 = Reshape(c1, merge)
+  o = MatMul(c2, Wo)
+  y = Add(o, x)
+}}"""
+
+WEIGHTS = {"Wq": (E, E), "Bq": (E,), "Wk": (E, E), "Bk": (E,), "Wv": (E, E), "Bv": (E,), "Wo": (E, E),
+           "split": np.array([1, S, H, D], I64), "merge": np.array([1, S, E], I64),
+           "scale": np.array(1 / np.sqrt(D), np.float32), "mask": np.zeros((1, 1, 1, S), np.float32)}
+
+
+def test_dead_heads_are_removed_with_their_reshape_constants():
+    result = prune_planted(text_model(ATTENTION, WEIGHTS), 0.5, heads=True)
+    assert [(d.group.kind, d.group.channels, len(d.removed)) for d in result.plan.decisions if len(d.removed)] == \
+        [("heads", H, H // 2)]
+    init = {i.name.split("__")[0]: i for i in result.model.graph.initializer}
+    assert list(np.frombuffer(init["split"].raw_data, I64)) == [1, S, H // 2, D]
+    assert list(np.frombuffer(init["merge"].raw_data, I64)) == [1, S, E // 2]
+    assert list(init["Wq"].dims) == [E, E // 2] and list(init["Wo"].dims) == [E // 2, E]
+
+
+def test_without_heads_the_same_reshape_prunes_head_dim_in_every_head():
+    result = prune_planted(text_model(ATTENTION, WEIGHTS), 0.5)
+    # q and k share head_dim through the scores; v has its own through the context
+    assert [(d.group.kind, d.group.channels) for d in result.plan.decisions] == [("channels", D)] * 2
