@@ -28,6 +28,8 @@ def _ratio(ctx, param, value):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--filters", "filters", default=None, callback=_ratio, help="Fraction of channels to remove from each group, in [0, 1).")
+@click.option("--neurons", "neurons", default=None, callback=_ratio,
+              help="Fraction of hidden units of MLP blocks (Gemm/MatMul producers) to remove; default: --filters.")
 @click.option("--heads", "heads", default=None, callback=_ratio,
               help="Fraction of attention heads to remove (whole heads), in [0, 1).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
@@ -46,7 +48,7 @@ def _ratio(ctx, param, value):
 @click.option("--dry-run", is_flag=True, help="Plan and report, but write no model.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime run, comparison and latency measurement.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for random inputs and the random criterion.")
-def prune_command(input_path, filters, heads, output, importance, round_to, global_rank, exclude, input_shapes,
+def prune_command(input_path, filters, neurons, heads, output, importance, round_to, global_rank, exclude, input_shapes,
                   report_path, plan_path, apply_plan_path, dry_run, no_verify, seed):
     """Prune INPUT (an .onnx model) into a smaller model that computes the same minus the removed channels."""
     from .modelio import default_output_path, save_model
@@ -55,14 +57,14 @@ def prune_command(input_path, filters, heads, output, importance, round_to, glob
     from .report import summary_table
     from .shapes import parse_input_shapes
 
-    if filters is None and heads is None and apply_plan_path is None:
-        raise click.UsageError("give --filters R and/or --heads R (or --apply-plan FILE)")
+    if filters is None and neurons is None and heads is None and apply_plan_path is None:
+        raise click.UsageError("give --filters R, --neurons R and/or --heads R (or --apply-plan FILE)")
     ratio = filters if filters is not None else 0.0
     out_path = output or default_output_path(input_path)
     if not dry_run and out_path.resolve() == input_path.resolve():
         raise OnnxPruneError(f"{out_path}: refusing to overwrite the input model; choose another -o")
     options = PruneOptions(
-        filters=ratio, heads=heads, importance=importance.lower(), round_to=round_to, global_rank=global_rank,
+        filters=ratio, heads=heads, neurons=neurons, importance=importance.lower(), round_to=round_to, global_rank=global_rank,
         exclude=tuple(exclude), input_shapes=parse_input_shapes(input_shapes),
         plan=load_plan_file(apply_plan_path) if apply_plan_path else None,
         seed=seed, verify=not no_verify, latency_runs=0 if no_verify else 20,

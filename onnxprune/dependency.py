@@ -50,7 +50,7 @@ class Group:
     members: list[Attachment] = field(default_factory=list)
     fixed_reasons: list[str] = field(default_factory=list)
     origins: list[str] = field(default_factory=list)
-    kind: str = "channels"  # "heads" when the group's channels are whole attention heads
+    kind: str = "filters"  # "filters" (conv), "neurons" (Gemm/MatMul) or "heads" (attention heads)
 
     @property
     def prunable(self) -> bool:
@@ -333,8 +333,11 @@ class Analysis:
         for leaf, grp in by_leaf.items():
             grp.fixed_reasons = list(atoms.fixed.get(leaf, []))
             grp.origins = origins.get(leaf, [])
+            producers = {(m.view[0] if m.view else m.node).op for m in grp.members if m.role == "weight_out"}
             if leaf in head_leaves:
                 grp.kind = "heads"
+            elif producers and producers <= {"Gemm", "MatMul"}:
+                grp.kind = "neurons"
         self.groups = sorted(by_leaf.values(), key=lambda g: g.id)
 
     # -- helpers for importance, planting and reports ----------------------------------

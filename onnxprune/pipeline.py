@@ -24,6 +24,7 @@ from .verify import Checker, Verification
 class PruneOptions:
     filters: float = 0.0
     heads: float | None = None  # ratio of attention heads to remove (whole heads)
+    neurons: float | None = None  # ratio for Gemm/MatMul hidden units (default: filters)
     importance: str = "l2"
     round_to: int = 1
     global_rank: bool = False
@@ -69,7 +70,7 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     else:
         plan = make_plan(analysis, options.filters, criterion(options.importance, options.seed),
                          round_to=options.round_to, global_rank=options.global_rank,
-                         exclude=options.exclude, heads=options.heads)
+                         exclude=options.exclude, heads=options.heads, neurons=options.neurons)
     concrete, guessed = concrete_input_shapes(working, options.input_shapes)
     checker = Checker(working, concrete, options.seed if options.verify else None)
     pruned = _apply(analysis, plan, before["value_info"])
@@ -86,6 +87,7 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
         "criterion": plan.criterion,
         "ratio": options.filters,
         "heads_ratio": options.heads,
+        "neurons_ratio": options.neurons,
         "input_shapes": concrete,
         "notes": list(plan.notes),
     }
@@ -196,6 +198,7 @@ def _group_json(decision) -> dict:
         "channels_before": g.channels,
         "channels_after": g.channels - len(decision.removed),
         "removed": [int(i) for i in decision.removed],
+        "kind": g.kind,
         "members": [m.describe() for m in g.members],
     }
 

@@ -94,23 +94,26 @@ def _keep_count(channels: int, remove: int, round_to: int) -> int:
 
 
 def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: int = 1,
-              global_rank: bool = False, exclude=(), heads: float | None = None) -> Plan:
-    """`ratio` applies to channel groups; `heads`, when given, to groups of attention heads."""
-    if not 0.0 <= ratio < 1.0:
-        raise OnnxPruneError(f"--filters {ratio}: must be in [0, 1)")
-    if heads is not None and not 0.0 <= heads < 1.0:
-        raise OnnxPruneError(f"--heads {heads}: must be in [0, 1)")
+              global_rank: bool = False, exclude=(), heads: float | None = None,
+              neurons: float | None = None) -> Plan:
+    """`ratio` applies to every group; `neurons` (Gemm/MatMul hidden units) and `heads`
+    (whole attention heads), when given, override it for their kind of group."""
+    for flag, value in (("--filters", ratio), ("--heads", heads), ("--neurons", neurons)):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise OnnxPruneError(f"{flag} {value}: must be in [0, 1)")
     if round_to < 1:
         raise OnnxPruneError(f"--round-to {round_to}: must be a positive integer")
     groups, skipped = candidate_groups(analysis, exclude)
     plan = Plan(skipped=skipped, criterion=crit.name)
     scores = {g.id: np.asarray(crit.scores(analysis, g), dtype=np.float64) for g in groups}
+    override = {"heads": heads, "neurons": neurons}
+
     def group_ratio(g):
-        return heads if g.kind == "heads" and heads is not None else ratio
+        return ratio if override.get(g.kind) is None else override[g.kind]
 
     counts = {g.id: math.floor(group_ratio(g) * g.channels) for g in groups}
-    if global_rank:
-        counts.update(_global_counts([g for g in groups if g.kind != "heads"], scores, ratio))
+    if global_rank:  # the global ranking covers the groups that --filters governs
+        counts.update(_global_counts([g for g in groups if override.get(g.kind) is None], scores, ratio))
     for g in groups:
         keep = _keep_count(g.channels, counts[g.id], round_to)
         order = np.argsort(scores[g.id], kind="stable")

@@ -54,3 +54,10 @@ def test_prunes_into_a_valid_smaller_model(name):
 def test_planted_dead_channels_in_real_graphs(name):
     # Trained weights, real exporter patterns: the exact-function check on each of them.
     prune_planted(_model(name), 0.3)
+
+
+def test_minilm_whole_heads_planted_exactly():
+    """BERT (legacy torch export, 12 heads x 32): dead heads planted in every layer go exactly."""
+    result = prune_planted(_model("paraphrase_minilm_l3_v2_bert.onnx"), 0.25, heads=True)
+    heads = [(d.group.channels, len(d.removed)) for d in result.plan.decisions if d.group.kind == "heads"]
+    assert heads == [(12, 3)] * 3

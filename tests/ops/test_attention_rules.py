@@ -49,4 +49,35 @@ def test_dead_heads_are_removed_with_their_reshape_constants():
 def test_without_heads_the_same_reshape_prunes_head_dim_in_every_head():
     result = prune_planted(text_model(ATTENTION, WEIGHTS), 0.5)
     # q and k share head_dim through the scores; v has its own through the context
-    assert [(d.group.kind, d.group.channels) for d in result.plan.decisions] == [("channels", D)] * 2
+    assert [(d.group.kind, d.group.channels) for d in result.plan.decisions] == [("neurons", D)] * 2
+
+
+def test_heads_plan_round_trips_through_json():
+    from onnxprune import prune
+
+    model = text_model(ATTENTION, WEIGHTS)
+    first = prune(model, heads=0.5, latency_runs=0)
+    again = prune(model, plan=first.plan.to_json(), latency_runs=0)
+    assert first.plan.to_json()["heads"] is True
+    assert [list(d.removed) for d in again.plan.decisions] == [list(d.removed) for d in first.plan.decisions]
+    assert again.model.SerializeToString() == first.model.SerializeToString()
+
+
+def test_neurons_ratio_applies_to_dense_groups_only():
+    from onnxprune import prune
+
+    m = text_model("""
+    g (float[1,3,4,4] x) => (float[1,5] y) {
+      a = Conv <kernel_shape=[1,1]> (x, W1)
+      r = Relu(a)
+      p = GlobalAveragePool(r)
+      f = Flatten(p)
+      h = Gemm <transB=1> (f, W2, B2)
+      s = Relu(h)
+      y = Gemm <transB=1> (s, W3)
+    }""", {"W1": (8, 3, 1, 1), "W2": (16, 8), "B2": (16,), "W3": (5, 16)})
+    result = prune(m, neurons=0.5, latency_runs=0)
+    removed = {d.group.kind: len(d.removed) for d in result.plan.decisions}
+    assert removed == {"filters": 0, "neurons": 8}
+    both = prune(m, filters=0.25, neurons=0.5, latency_runs=0)
+    assert {d.group.kind: len(d.removed) for d in both.plan.decisions} == {"filters": 2, "neurons": 8}
