@@ -32,6 +32,12 @@ def _ratio(ctx, param, value):
               help="Fraction of hidden units of MLP blocks (Gemm/MatMul producers) to remove; default: --filters.")
 @click.option("--heads", "heads", default=None, callback=_ratio,
               help="Fraction of attention heads to remove (whole heads), in [0, 1).")
+@click.option("--layers", "layers", default=0.0, type=float,
+              help="Residual blocks (transformer layers, ResNet blocks) to remove: a count, or a fraction < 1.")
+@click.option("--drop-layer", "drop_layers", multiple=True, metavar="NAME",
+              help="Remove this residual block, named by its Add node (repeatable).")
+@click.option("--layer-importance", default="magnitude", show_default=True,
+              type=click.Choice(["magnitude", "influence"]), help="How blocks are scored for --layers.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the pruned model (default: INPUT.pruned.onnx next to the input).")
 @click.option("--importance", default="l2", show_default=True,
@@ -48,7 +54,7 @@ def _ratio(ctx, param, value):
 @click.option("--dry-run", is_flag=True, help="Plan and report, but write no model.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime run, comparison and latency measurement.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for random inputs and the random criterion.")
-def prune_command(input_path, filters, neurons, heads, output, importance, round_to, global_rank, exclude, input_shapes,
+def prune_command(input_path, filters, neurons, heads, layers, drop_layers, layer_importance, output, importance, round_to, global_rank, exclude, input_shapes,
                   report_path, plan_path, apply_plan_path, dry_run, no_verify, seed):
     """Prune INPUT (an .onnx model) into a smaller model that computes the same minus the removed channels."""
     from .modelio import default_output_path, save_model
@@ -57,14 +63,16 @@ def prune_command(input_path, filters, neurons, heads, output, importance, round
     from .report import summary_table
     from .shapes import parse_input_shapes
 
-    if filters is None and neurons is None and heads is None and apply_plan_path is None:
-        raise click.UsageError("give --filters R, --neurons R and/or --heads R (or --apply-plan FILE)")
+    if filters is None and neurons is None and heads is None and not layers and not drop_layers \
+            and apply_plan_path is None:
+        raise click.UsageError("give --filters R, --neurons R, --heads R and/or --layers N (or --apply-plan FILE)")
     ratio = filters if filters is not None else 0.0
     out_path = output or default_output_path(input_path)
     if not dry_run and out_path.resolve() == input_path.resolve():
         raise OnnxPruneError(f"{out_path}: refusing to overwrite the input model; choose another -o")
     options = PruneOptions(
-        filters=ratio, heads=heads, neurons=neurons, importance=importance.lower(), round_to=round_to, global_rank=global_rank,
+        filters=ratio, heads=heads, neurons=neurons, layers=layers, drop_layers=tuple(drop_layers),
+        layer_importance=layer_importance, importance=importance.lower(), round_to=round_to, global_rank=global_rank,
         exclude=tuple(exclude), input_shapes=parse_input_shapes(input_shapes),
         plan=load_plan_file(apply_plan_path) if apply_plan_path else None,
         seed=seed, verify=not no_verify, latency_runs=0 if no_verify else 20,

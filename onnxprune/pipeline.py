@@ -17,7 +17,7 @@ from .modelio import load_model
 from .plan import Plan, make_plan, plan_from_json, plan_from_removed
 from .runtime import runtime_description
 from .shapes import complete_shapes, concrete_input_shapes, fix_input_shapes, infer_shapes, static_copy
-from .verify import Checker, Verification
+from .verify import Checker, Verification, session
 
 
 @dataclass
@@ -25,6 +25,9 @@ class PruneOptions:
     filters: float = 0.0
     heads: float | None = None  # ratio of attention heads to remove (whole heads)
     neurons: float | None = None  # ratio for Gemm/MatMul hidden units (default: filters)
+    layers: float = 0  # residual blocks to remove: a count (>= 1) or a fraction of them (< 1)
+    drop_layers: tuple[str, ...] = ()  # residual blocks to remove, by the name of their Add
+    layer_importance: str = "magnitude"  # or "influence" (measured with onnxruntime)
     importance: str = "l2"
     round_to: int = 1
     global_rank: bool = False
@@ -61,6 +64,12 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     _refuse_unsupported(original)
     before = {"params": metrics.count_params(original), "file_bytes": metrics.model_bytes(original),
               "value_info": len(original.graph.value_info) > 0}
+    reference = None  # the model outputs are compared with, when it is not the analysed one
+    layer_report = None
+    if options.layers or options.drop_layers:
+        reference = _fixed_copy(original, options.input_shapes)
+        original, layer_report = _remove_layers(original, options)
+        owned = True
 
     heads_mode = options.heads is not None or bool((options.plan or {}).get("heads"))
     analysis = analyze_model(original, options.input_shapes, copy=not owned, heads=heads_mode)
@@ -72,7 +81,8 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
                          round_to=options.round_to, global_rank=options.global_rank,
                          exclude=options.exclude, heads=options.heads, neurons=options.neurons)
     concrete, guessed = concrete_input_shapes(working, options.input_shapes)
-    checker = Checker(working, concrete, options.seed if options.verify else None)
+    reference = reference or working
+    checker = Checker(reference, concrete, options.seed if options.verify else None)
     pruned = _apply(analysis, plan, before["value_info"])
     rolled_back = []
     failure = checker.failure(pruned)
@@ -95,7 +105,7 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
         report["notes"].append(
             f"dynamic dims {', '.join(guessed)} were set to defaults for measuring; pass --input-shape to choose")
     report["params"] = {"before": before["params"], "after": metrics.count_params(pruned)}
-    report["macs"] = {"before": metrics.count_macs(static_copy(working, concrete)),
+    report["macs"] = {"before": metrics.count_macs(static_copy(reference, concrete)),
                       "after": metrics.count_macs(static_copy(pruned, concrete))}
     report["file_bytes"] = {"before": before["file_bytes"], "after": metrics.model_bytes(pruned)}
 
@@ -114,6 +124,8 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
         "groups_skipped": len(plan.skipped),
         "channels_removed": int(sum(len(d.removed) for d in plan.decisions)),
     }
+    if layer_report is not None:
+        report["layers"] = layer_report
     report["skipped"] = plan.skipped
     report["rolled_back"] = rolled_back
     report["barriers"] = analysis.barriers
@@ -135,6 +147,44 @@ def analyze_model(model: onnx.ModelProto, input_shapes: dict | None = None, copy
     if input_shapes:
         fix_input_shapes(working, input_shapes)
     return analyze(Graph(complete_shapes(working)), heads=heads)
+
+
+def _fixed_copy(model: onnx.ModelProto, input_shapes: dict | None) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    if input_shapes:
+        fix_input_shapes(copy, input_shapes)
+    return copy
+
+
+def _remove_layers(model: onnx.ModelProto, options: PruneOptions) -> tuple[onnx.ModelProto, dict]:
+    """Remove whole residual blocks (see blocks.py); returns the new model and a report."""
+    from . import blocks as blk
+
+    working = _fixed_copy(model, options.input_shapes)
+    graph = Graph(complete_shapes(working))
+    candidates = blk.find_blocks(graph)
+    layers = options.layers
+    if layers < 0 or (layers >= 1 and layers != int(layers)):
+        raise OnnxPruneError(f"--layers {layers}: give a count (1, 2, ...) or a fraction in (0, 1)")
+    count = int(layers) if layers >= 1 else int(layers * len(candidates))
+    if count > len(candidates):
+        raise OnnxPruneError(f"--layers {count}: the model has {len(candidates)} removable residual blocks")
+    if options.layer_importance == "influence":
+        shapes, _ = concrete_input_shapes(working, options.input_shapes)
+        feeds = [metrics.random_inputs(working, shapes, options.seed + i) for i in range(4)]
+        scores = blk.influence_scores(working, candidates, feeds, session)
+        criterion_name = "influence (1 - cos(x, block(x)) on 4 random inputs)"
+    elif options.layer_importance == "magnitude":
+        scores = blk.magnitude_scores(graph, candidates)
+        criterion_name = "magnitude (norm of each branch's last layer)"
+    else:
+        raise OnnxPruneError(f"--layer-importance {options.layer_importance!r}: choose magnitude or influence")
+    chosen = blk.choose(candidates, scores, count, options.drop_layers)
+    blk.remove(graph, chosen)
+    report = {"candidates": len(candidates), "criterion": "named" if options.drop_layers else criterion_name,
+              "removed": [b.key for b in chosen], "scores": {b.key: round(scores[b.key], 6) for b in candidates}}
+    return graph.to_model(), report
 
 
 def _apply(analysis: Analysis, plan: Plan, keep_value_info: bool) -> onnx.ModelProto:

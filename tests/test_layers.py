@@ -1,0 +1,95 @@
+"""--layers: whole residual blocks go; planted identity blocks must go exactly, outputs unchanged."""
+import numpy as np
+import onnx
+import pytest
+from conftest import max_rel_diff, run_model
+from textmodel import text_model
+
+from onnxprune import OnnxPruneError, prune
+from onnxprune import blocks as blk
+from onnxprune.graph import Graph
+from onnxprune.metrics import random_inputs
+from onnxprune.shapes import complete_shapes, concrete_input_shapes
+
+
+def plant_identity_blocks(model: onnx.ModelProto, count: int):
+    """Zero the last layer of `count` blocks' branches (and the per-channel constants after it),
+    so those blocks add exactly zero. Returns (planted model, their keys)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = Graph(complete_shapes(copy))
+    blocks = blk.find_blocks(graph)
+    chosen = blocks[1::2][:count]  # every other block, not simply the first ones
+    for block in chosen:
+        members = {id(n) for n in block.nodes}
+        node = block.branch.inputs[0]
+        while node is not None:
+            for i, t in enumerate(node.inputs[1:], start=1):
+                keep = (node.op == "BatchNormalization" and i == 4) or (node.op == "Div" and i == 1)
+                value = graph.const(t)
+                if value is not None and value.dtype.kind == "f" and not keep:
+                    graph.set_const_input(node, i, np.zeros_like(value))
+            if node.op in ("Conv", "MatMul", "Gemm"):
+                break
+            upstream = [t for t in node.inputs if t.inputs and id(t.inputs[0]) in members]
+            node = upstream[0].inputs[0] if upstream else None
+    return graph.to_model(), [b.key for b in chosen]
+
+
+def _same_function(a, b, seed=5):
+    shapes, _ = concrete_input_shapes(a)
+    feeds = random_inputs(a, shapes, seed)
+    return max_rel_diff(run_model(a, feeds), run_model(b, feeds))
+
+
+def test_planted_identity_blocks_in_a_resnet_are_removed_exactly(export_fixture):
+    planted, keys = plant_identity_blocks(export_fixture("resnet"), 1)
+    result = prune(planted, layers=1, latency_runs=0)
+    assert result.report["layers"]["removed"] == keys
+    assert result.report["params"]["after"] < result.report["params"]["before"]
+    assert _same_function(planted, result.model) <= 1e-5
+
+
+PRE_LN = """
+g (float[1,6,16] x) => (float[1,6,16] y) {
+  n1 = LayerNormalization <axis=-1> (x, g1, b1)
+  h1 = MatMul(n1, U1)
+  r1 = Relu(h1)
+  f1 = MatMul(r1, D1)
+  x1 = Add(x, f1)
+  n2 = LayerNormalization <axis=-1> (x1, g2, b2)
+  h2 = MatMul(n2, U2)
+  r2 = Relu(h2)
+  o2 = MatMul(r2, D2)
+  f2 = Add(o2, c2)
+  x2 = Add(x1, f2)
+  n3 = LayerNormalization <axis=-1> (x2, g3, b3)
+  h3 = MatMul(n3, U3)
+  r3 = Relu(h3)
+  f3 = MatMul(r3, D3)
+  y = Add(x2, f3)
+}"""
+PRE_LN_WEIGHTS = {**{f"g{i}": (16,) for i in (1, 2, 3)}, **{f"b{i}": (16,) for i in (1, 2, 3)},
+                  **{f"U{i}": (16, 32) for i in (1, 2, 3)}, **{f"D{i}": (32, 16) for i in (1, 2, 3)}, "c2": (16,)}
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "influence"])
+def test_planted_identity_sublayer_of_a_pre_ln_transformer(importance):
+    model = text_model(PRE_LN, PRE_LN_WEIGHTS)
+    planted, keys = plant_identity_blocks(model, 1)
+    assert len(blk.find_blocks(Graph(complete_shapes(planted)))) == 2  # the last Add is the graph output
+    result = prune(planted, layers=1, layer_importance=importance, latency_runs=0)
+    assert result.report["layers"]["removed"] == keys
+    assert _same_function(planted, result.model) <= 1e-5
+    assert sum(1 for n in result.model.graph.node if n.op_type == "MatMul") == 4
+
+
+def test_named_blocks_and_bad_names():
+    model = text_model(PRE_LN, PRE_LN_WEIGHTS)
+    keys = [b.key for b in blk.find_blocks(Graph(complete_shapes(model)))]
+    result = prune(model, drop_layers=(keys[0],), latency_runs=0)
+    assert result.report["layers"]["removed"] == [keys[0]]
+    with pytest.raises(OnnxPruneError, match="not a removable residual block"):
+        prune(model, drop_layers=("nope",), latency_runs=0)
+    with pytest.raises(OnnxPruneError, match="removable residual blocks"):
+        prune(model, layers=5, latency_runs=0)
