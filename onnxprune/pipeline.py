@@ -67,8 +67,9 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     reference = None  # the model outputs are compared with, when it is not the analysed one
     layer_report = None
     if options.layers or options.drop_layers:
-        reference = _fixed_copy(original, options.input_shapes)
-        original, layer_report = _remove_layers(original, options)
+        # The unpruned model stays the reference for verification; copied only when needed.
+        reference = _fixed_copy(original, options.input_shapes) if options.input_shapes or not owned else original
+        original, layer_report = _remove_layers(reference, options, copy=False)
         owned = True
 
     heads_mode = options.heads is not None or bool((options.plan or {}).get("heads"))
@@ -157,11 +158,15 @@ def _fixed_copy(model: onnx.ModelProto, input_shapes: dict | None) -> onnx.Model
     return copy
 
 
-def _remove_layers(model: onnx.ModelProto, options: PruneOptions) -> tuple[onnx.ModelProto, dict]:
-    """Remove whole residual blocks (see blocks.py); returns the new model and a report."""
+def _remove_layers(model: onnx.ModelProto, options: PruneOptions, copy: bool = True) -> tuple[onnx.ModelProto, dict]:
+    """Remove whole residual blocks (see blocks.py); returns the new model and a report.
+
+    With copy=False only `model`'s value_info is filled in (shape inference); its nodes and
+    weights are untouched, since the edits happen in the graphsurgeon copy.
+    """
     from . import blocks as blk
 
-    working = _fixed_copy(model, options.input_shapes)
+    working = _fixed_copy(model, options.input_shapes) if copy else model
     graph = Graph(complete_shapes(working))
     candidates = blk.find_blocks(graph)
     layers = options.layers
