@@ -92,21 +92,29 @@ def _branch(x: gs.Tensor, f: gs.Tensor, add: gs.Node) -> list | None:
 _WEIGHTED = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
+def branch_tail(block: Block) -> list:
+    """Nodes from the one producing f back to the branch's last weighted layer (inclusive),
+    through weightless ops such as a bias Add, BatchNormalization or an activation."""
+    members = {id(n) for n in block.nodes}
+    tail, node = [], block.branch.inputs[0]
+    while node is not None and len(tail) < 32:
+        tail.append(node)
+        if node.op in _WEIGHTED:
+            break
+        upstream = [t for t in node.inputs if t.inputs and id(t.inputs[0]) in members]
+        node = upstream[0].inputs[0] if upstream else None
+    return tail
+
+
 def magnitude_scores(graph: Graph, blocks: list[Block]) -> dict[str, float]:
     """Norm of the weights of the branch's last layer (0 for a branch whose output is dead)."""
     scores = {}
     for block in blocks:
-        members = {id(n) for n in block.nodes}
-        node, score = block.branch.inputs[0], 0.0
-        for _ in range(32):  # walk back through weightless ops (bias Add, BN, activations)
-            if node.op in _WEIGHTED:
-                values = [graph.evaluate(t) for t in node.inputs[1:] if t.name]
-                score = float(np.sqrt(sum(np.square(v.astype(np.float64)).sum() for v in values if v is not None)))
-                break
-            upstream = [t for t in node.inputs if t.inputs and id(t.inputs[0]) in members]
-            if not upstream:
-                break
-            node = upstream[0].inputs[0]
+        last = branch_tail(block)[-1]
+        score = 0.0
+        if last.op in _WEIGHTED:
+            values = [graph.evaluate(t) for t in last.inputs[1:] if t.name]
+            score = float(np.sqrt(sum(np.square(v.astype(np.float64)).sum() for v in values if v is not None)))
         scores[block.key] = score
     return scores
 

@@ -21,18 +21,12 @@ def plant_identity_blocks(model: onnx.ModelProto, count: int):
     blocks = blk.find_blocks(graph)
     chosen = blocks[1::2][:count]  # every other block, not simply the first ones
     for block in chosen:
-        members = {id(n) for n in block.nodes}
-        node = block.branch.inputs[0]
-        while node is not None:
+        for node in blk.branch_tail(block):
             for i, t in enumerate(node.inputs[1:], start=1):
                 keep = (node.op == "BatchNormalization" and i == 4) or (node.op == "Div" and i == 1)
                 value = graph.const(t)
                 if value is not None and value.dtype.kind == "f" and not keep:
                     graph.set_const_input(node, i, np.zeros_like(value))
-            if node.op in ("Conv", "MatMul", "Gemm"):
-                break
-            upstream = [t for t in node.inputs if t.inputs and id(t.inputs[0]) in members]
-            node = upstream[0].inputs[0] if upstream else None
     return graph.to_model(), [b.key for b in chosen]
 
 
