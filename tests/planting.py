@@ -20,12 +20,13 @@ from onnxprune.plan import candidate_groups, group_key
 NEUTRAL = {"bn_var": 1.0, "divisor": 1.0}
 
 
-def plant_dead_channels(model: onnx.ModelProto, ratio: float, seed: int = 0, heads: bool = False):
+def plant_dead_channels(model: onnx.ModelProto, ratio: float, seed: int = 0, heads: bool = False,
+                        input_shapes: dict | None = None):
     """Return (planted model, {group key: sorted dead channel indices}).
 
     heads=True plants dead attention heads only (groups of whole heads).
     """
-    analysis = analyze_model(model, heads=heads)
+    analysis = analyze_model(model, input_shapes, heads=heads)
     graph = analysis.graph
     groups, _ = candidate_groups(analysis)
     rng = np.random.default_rng(seed)
@@ -66,7 +67,7 @@ def prune_planted(model: onnx.ModelProto, ratio: float, seed: int = 0, tolerance
 
     from conftest import max_rel_diff, run_model
 
-    planted, truth = plant_dead_channels(model, ratio, seed, heads=heads)
+    planted, truth = plant_dead_channels(model, ratio, seed, heads=heads, input_shapes=options.get("input_shapes"))
     if heads:
         result = prune(planted, filters=0.0, heads=ratio, latency_runs=0, **options)
     else:

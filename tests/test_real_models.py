@@ -61,3 +61,11 @@ def test_minilm_whole_heads_planted_exactly():
     result = prune_planted(_model("paraphrase_minilm_l3_v2_bert.onnx"), 0.25, heads=True)
     heads = [(d.group.channels, len(d.removed)) for d in result.plan.decisions if d.group.kind == "heads"]
     assert heads == [(12, 3)] * 3
+
+
+def test_ppocr_svtr_fused_qkv_heads_planted_exactly():
+    """PP-OCRv4 recognizer: one qkv MatMul reshaped to [B, S, 3, 8, 15] (dynamic width fixed)."""
+    result = prune_planted(_model("rapidocr_rec_ppocrv4_svtr_lcnet.onnx"), 0.25, heads=True,
+                           input_shapes={"x": [1, 3, 48, 320]})
+    heads = [(d.group.channels, len(d.removed)) for d in result.plan.decisions if d.group.kind == "heads"]
+    assert (8, 2) in heads

@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     conv,
     expand,
     flatten_reshape,
+    gather,
     gemm_matmul,
     normalization,
     pad,

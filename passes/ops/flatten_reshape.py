@@ -45,16 +45,17 @@ def map_merged_axes(ctx, layouts, in_shape, out_shape, out_tensor):
         split = _split_axes(rin, rout, t, out_shape)
         if split is not None:
             o_first, o_last = split
-            o = o_first if ctx.heads_mode else o_last
+            real = [k for k in range(o_first, o_last + 1) if out_shape[k] != 1]
+            # heads mode: [.., H, D] or [.., 3, H, D] (fused q/k/v): heads are the axis before
+            # head_dim, anything in front repeats them; otherwise the innermost axis carries.
+            o = real[-2] if ctx.heads_mode else real[-1]
             if any(o == other for other, _ in placed.values()):
                 raise Refuse("two channel axes merge into one")
             count = out_shape[o]
-            if ctx.heads_mode:  # whole heads: each head is a block of the inner size
-                carrier = ctx.new_channels(count, heads=True)
-                ctx.unify(layout, expand(carrier, hi // lo // count))
-            else:  # same inner index in every group
-                carrier = ctx.new_channels(count)
-                ctx.unify(layout, tile(carrier, hi // lo // count))
+            inner = int(np.prod([out_shape[k] for k in range(o + 1, o_last + 1)], dtype=np.int64))
+            outer = hi // lo // count // inner
+            carrier = ctx.new_channels(count, heads=ctx.heads_mode)
+            ctx.unify(layout, tile(expand(carrier, inner), outer))
             ctx.set_layout(out_tensor, o, carrier)
             placed[t] = (o, carrier)
             continue

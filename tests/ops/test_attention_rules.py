@@ -81,3 +81,34 @@ def test_neurons_ratio_applies_to_dense_groups_only():
     assert removed == {"filters": 0, "neurons": 8}
     both = prune(m, filters=0.25, neurons=0.5, latency_runs=0)
     assert {d.group.kind: len(d.removed) for d in both.plan.decisions} == {"filters": 2, "neurons": 8}
+
+
+FUSED = f"""
+g (float[1,{S},{E}] x) => (float[1,{S},{E}] y) {{
+  a = MatMul(x, Wqkv)
+  b = Add(a, Bqkv)
+  r = Reshape(b, split3)
+  t = Transpose <perm=[2,0,3,1,4]> (r)
+  q = Gather <axis=0> (t, i0)
+  k0 = Gather <axis=0> (t, i1)
+  v = Gather <axis=0> (t, i2)
+  k = Transpose <perm=[0,1,3,2]> (k0)
+  s0 = MatMul(q, k)
+  p = Softmax <axis=-1> (s0)
+  c0 = MatMul(p, v)
+  c1 = Transpose <perm=[0,2,1,3]> (c0)
+  c2 = Reshape(c1, merge)
+  y = MatMul(c2, Wo)
+}}"""
+
+
+def test_fused_qkv_projection_loses_whole_heads_in_q_k_and_v():
+    # PP-OCR SVTR / GPT-style: one projection reshaped to [B, S, 3, H, D].
+    m = text_model(FUSED, {"Wqkv": (E, 3 * E), "Bqkv": (3 * E,), "split3": np.array([1, S, 3, H, D], I64),
+                           "i0": np.array(0, I64), "i1": np.array(1, I64), "i2": np.array(2, I64),
+                           "merge": np.array([1, S, E], I64), "Wo": (E, E)})
+    result = prune_planted(m, 0.5, heads=True)
+    assert [(d.group.kind, d.group.channels, len(d.removed)) for d in result.plan.decisions if len(d.removed)] == \
+        [("heads", H, H // 2)]
+    init = {i.name.split("__")[0]: i for i in result.model.graph.initializer}
+    assert list(init["Wqkv"].dims) == [E, 3 * E // 2]
