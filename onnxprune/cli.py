@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .errors import OnnxPruneError
+from .errors import OnnxPruneError, first_line
 from .importance import criteria_names
 
 
@@ -126,8 +126,7 @@ def main(argv=None) -> int:
     except Exception as exc:  # a bug, not bad input: still one line, traceback on request
         if os.environ.get("ONNXPRUNE_DEBUG"):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        click.echo(f"onnxprune: internal error: {type(exc).__name__}: {first} "
+        click.echo(f"onnxprune: internal error: {type(exc).__name__}: {first_line(exc)} "
                    "(set ONNXPRUNE_DEBUG=1 for the traceback; the input was not modified)", err=True)
         return 1
     return 0

@@ -7,3 +7,9 @@ class OnnxPruneError(Exception):
 
 class RuntimeMissing(OnnxPruneError):
     """A feature needs an onnxruntime flavour that is not importable."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import OnnxPruneError
+from .errors import OnnxPruneError, first_line
 
 # protobuf refuses to serialise a single message above 2 GiB; stay well clear of it.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
@@ -32,14 +32,14 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-        raise OnnxPruneError(f"{p}: not an ONNX model ({_first_line(exc)})") from None
+        raise OnnxPruneError(f"{p}: not an ONNX model ({first_line(exc)})") from None
     if not model.graph.node:
         raise OnnxPruneError(f"{p}: not an ONNX model (no graph nodes)")
     _check_external_locations(model, p.parent)
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     except (OSError, ValueError) as exc:
-        raise OnnxPruneError(f"{p}: cannot read its external data ({_first_line(exc)})") from None
+        raise OnnxPruneError(f"{p}: cannot read its external data ({first_line(exc)})") from None
     return model
 
 
@@ -79,7 +79,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path=No
             onnx.save_model(model, str(staged))
         os.replace(staged, out)
     except OSError as exc:
-        raise OnnxPruneError(f"{out}: cannot write ({_first_line(exc)})") from None
+        raise OnnxPruneError(f"{out}: cannot write ({first_line(exc)})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -158,8 +158,3 @@ def model_bytes(model: onnx.ModelProto) -> int:
         return model.ByteSize()
     except Exception:  # protobuf may refuse messages above 2 GiB
         return payload_bytes(model)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

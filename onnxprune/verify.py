@@ -10,6 +10,7 @@ import onnx
 
 from .modelio import EXTERNAL_DATA_THRESHOLD, payload_bytes, write_with_external_data
 from . import metrics
+from .errors import first_line
 from .runtime import has_runtime, require_runtime
 
 
@@ -37,7 +38,7 @@ def check(model: onnx.ModelProto) -> str:
         onnx.checker.check_model(model)
         return "passed"
     except Exception as exc:  # checker raises several exception types
-        return f"failed: {str(exc).splitlines()[0]}"
+        return f"failed: {first_line(exc)}"
 
 
 def session(model: onnx.ModelProto, threads: int = 0):
@@ -103,7 +104,7 @@ class Checker:
             self.outputs = self.session.run(None, self.feeds)
         except Exception as exc:  # custom ops, unsupported opsets: nothing to compare against
             self.session = self.feeds = self.outputs = None
-            self.notes.append(f"onnxruntime cannot run the input model ({_first_line(exc)}): "
+            self.notes.append(f"onnxruntime cannot run the input model ({first_line(exc)}): "
                               "checked with the onnx checker only")
 
     def failure(self, model: onnx.ModelProto) -> str | None:
@@ -117,7 +118,7 @@ class Checker:
             sess = session(model)
             outputs = sess.run(None, self.feeds)
         except Exception as exc:
-            return f"onnxruntime {_first_line(exc)[:300]}"
+            return f"onnxruntime {first_line(exc)[:300]}"
         for meta, before, after in zip(sess.get_outputs(), self.outputs, outputs):
             if np.shape(before) != np.shape(after):
                 return f"output {meta.name!r} changed shape {np.shape(before)} -> {np.shape(after)}"
@@ -128,16 +129,12 @@ class Checker:
         result = Verification(checker=check(model))
         if self.session is None:
             return result
-        if self._last_model is not model and self.failure(model) is not None:
-            result.ort = f"failed: {self.failure(model)}"
+        failure = None if self._last_model is model else self.failure(model)
+        if failure is not None:
+            result.ort = f"failed: {failure}"
             return result
         result.ort = "passed"
         names = [o.name for o in self.last_session.get_outputs()]
         result.max_abs_diff, result.max_rel_diff, result.outputs_compared = compare(
             self.outputs, self.last_outputs, names)
         return result
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
