@@ -68,7 +68,7 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     layer_report = None
     if options.layers or options.drop_layers:
         # The unpruned model stays the reference for verification; copied only when needed.
-        reference = _fixed_copy(original, options.input_shapes) if options.input_shapes or not owned else original
+        reference = _with_input_shapes(original, options.input_shapes, copy=bool(options.input_shapes) or not owned)
         original, layer_report = _remove_layers(reference, options, copy=False)
         owned = True
 
@@ -141,21 +141,18 @@ def analyze_model(model: onnx.ModelProto, input_shapes: dict | None = None, copy
     With copy=False the model's value_info and input dims are updated in place; weights
     are never touched either way (edits happen in the graphsurgeon copy).
     """
-    working = model
-    if copy:
-        working = onnx.ModelProto()
-        working.CopyFrom(model)
-    if input_shapes:
-        fix_input_shapes(working, input_shapes)
+    working = _with_input_shapes(model, input_shapes, copy)
     return analyze(Graph(complete_shapes(working)), heads=heads)
 
 
-def _fixed_copy(model: onnx.ModelProto, input_shapes: dict | None) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+def _with_input_shapes(model: onnx.ModelProto, input_shapes: dict | None, copy: bool = True) -> onnx.ModelProto:
+    """`model` (or a copy) with the given input dims fixed."""
+    if copy:
+        model, original = onnx.ModelProto(), model
+        model.CopyFrom(original)
     if input_shapes:
-        fix_input_shapes(copy, input_shapes)
-    return copy
+        fix_input_shapes(model, input_shapes)
+    return model
 
 
 def _remove_layers(model: onnx.ModelProto, options: PruneOptions, copy: bool = True) -> tuple[onnx.ModelProto, dict]:
@@ -166,7 +163,7 @@ def _remove_layers(model: onnx.ModelProto, options: PruneOptions, copy: bool = T
     """
     from . import blocks as blk
 
-    working = _fixed_copy(model, options.input_shapes) if copy else model
+    working = _with_input_shapes(model, options.input_shapes, copy)
     graph = Graph(complete_shapes(working))
     candidates = blk.find_blocks(graph)
     layers = options.layers
