@@ -47,11 +47,6 @@ def rule_for(op: str, domain: str = "") -> OpRule | None:
     return _RULES.get((domain, op))
 
 
-def registered_ops() -> list[str]:
-    _load_builtin()
-    return sorted(op for (_, op) in _RULES)
-
-
 _loaded = False
 
 
