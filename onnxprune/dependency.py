@@ -336,7 +336,7 @@ class Analysis:
             producers = {(m.view[0] if m.view else m.node).op for m in grp.members if m.role == "weight_out"}
             if leaf in head_leaves:
                 grp.kind = "heads"
-            elif producers and producers <= {"Gemm", "MatMul"}:
+            elif producers and producers <= {"Gemm", "MatMul", "Attention"}:
                 grp.kind = "neurons"
         self.groups = sorted(by_leaf.values(), key=lambda g: g.id)
 

@@ -6,6 +6,9 @@ channels an op creates (`ctx.new_channels`), which axes must shrink together
 (`ctx.unify`), which constant inputs get sliced (`ctx.attach`) and which shape
 constants or attributes must be rewritten once the plan is known (`ctx.on_apply`).
 
+A rule may also offer `output_shape(node, graph)` for outputs onnx's shape inference
+leaves unknown (run-time Reshape targets, contrib ops); see shapes.complete_shapes.
+
 A rule that cannot handle a particular node raises `Refuse(reason)`: the node then
 becomes a barrier and the reason goes into the report. An op with no rule at all is
 a barrier too: nothing is ever assumed to be elementwise.

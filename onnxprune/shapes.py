@@ -121,33 +121,32 @@ def static_copy(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mo
 
 
 def complete_shapes(model: onnx.ModelProto, rounds: int = 4) -> onnx.ModelProto:
-    """Shape inference, then fill in Reshape outputs whose run-time targets onnx could not read.
+    """Shape inference, then fill in outputs that onnx could not infer from what op rules know.
 
-    onnx's data propagation stops at some Shape -> Slice -> Concat chains; the symbolic
-    reader in shape_exprs gets the target from the static shapes, the output shape is
-    written as value_info, and inference runs again to carry it downstream.
+    onnx's data propagation stops at some Shape -> Slice -> Concat chains, and it has no
+    shape functions for contrib ops (com.microsoft attention). An op rule may offer
+    `output_shape(node, graph)`: the shape is written as value_info and inference runs
+    again to carry it downstream.
     """
     from .graph import Graph
-    from .shape_exprs import entries, reshape_output
+    from .rules import rule_for
 
     infer_shapes(model)
     for _ in range(rounds):
         known = {vi.name for vi in model.graph.value_info if _fully_known(vi)}
         known |= {o.name for o in model.graph.output if _fully_known(o)}
-        pending = [n for n in model.graph.node if n.op_type == "Reshape" and n.output[0] not in known]
+        pending = [n for n in model.graph.node if n.output and n.output[0] not in known
+                   and getattr(rule_for(n.op_type, n.domain), "output_shape", None)]
         if not pending:
             break
         graph = Graph(model)
         added = []
         for node in graph.gs.nodes:
-            if node.op != "Reshape" or node.outputs[0].name in known or len(node.inputs) < 2:
+            rule = rule_for(node.op, node.domain or "")
+            if not node.outputs or node.outputs[0].name in known or not hasattr(rule, "output_shape"):
                 continue
-            target = entries(graph, node.inputs[1])
-            if target is None:
-                continue
-            out = reshape_output(graph, target, node.inputs[0], graph.shape(node.inputs[0]),
-                                 int(node.attrs.get("allowzero", 0)))
-            dtype = node.inputs[0].dtype
+            out = rule.output_shape(node, graph)
+            dtype = node.inputs[0].dtype if node.inputs else None
             if out is None or dtype is None or out == graph.shape(node.outputs[0]):
                 continue
             elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))

@@ -6,9 +6,12 @@ import onnx
 from onnx import numpy_helper
 
 
-def text_model(graph_text: str, weights: dict, opset: int = 17, ir_version: int = 8, seed: int = 0) -> onnx.ModelProto:
-    """`weights` maps initializer names to a shape (random normal), or ("positive", shape), or an array."""
-    header = f'<ir_version: {ir_version}, opset_import: ["" : {opset}]>\n'
+def text_model(graph_text: str, weights: dict, opset: int = 17, ir_version: int = 8, seed: int = 0,
+               domains: dict | None = None) -> onnx.ModelProto:
+    """`weights` maps initializer names to a shape (random normal), or ("positive", shape), or an array.
+    `domains` adds opset imports for other domains, e.g. {"com.microsoft": 1}."""
+    imports = ", ".join(f'"{d}" : {v}' for d, v in {"": opset, **(domains or {})}.items())
+    header = f'<ir_version: {ir_version}, opset_import: [{imports}]>\n'
     model = onnx.parser.parse_model(header + graph_text)
     rng = np.random.default_rng(seed)
     for name, spec in weights.items():

@@ -1,5 +1,6 @@
 """Op rules, one module per op family. See onnxprune.rules for the contract."""
 from . import (  # noqa: F401
+    attention,
     binary,
     concat,
     conv,

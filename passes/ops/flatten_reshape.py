@@ -116,6 +116,17 @@ class ReshapeRule(OpRule):
 
     ops = ("Reshape",)
 
+    @staticmethod
+    def output_shape(node, graph):
+        """The output shape from a target that onnx's data propagation could not read."""
+        if len(node.inputs) < 2:
+            return None
+        target = entries(graph, node.inputs[1])
+        if target is None:
+            return None
+        return reshape_output(graph, target, node.inputs[0], graph.shape(node.inputs[0]),
+                              int(node.attrs.get("allowzero", 0)))
+
     def propagate(self, node, ctx):
         layouts = ctx.input_layouts(0)
         if not layouts:
