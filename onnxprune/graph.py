@@ -20,6 +20,20 @@ _EVALUABLE = {"DequantizeLinear": None, "Mul": np.multiply, "Div": np.divide, "A
 _FOLDABLE = {"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Transpose"}
 
 
+def _int_divide(a, b):
+    return (np.trunc(a / b)).astype(np.result_type(a, b))  # ONNX integer Div truncates
+
+
+# Integer arithmetic exporters wrap around shape constants (torch's legacy `expand(-1, ...)`
+# writes Where(Equal(shape, -1), ones, shape)). Folded only on small integer/bool values,
+# so float weights keep going through weight_paths.
+_SHAPE_ARITHMETIC = {"Equal": np.equal, "Where": np.where, "Mul": np.multiply, "Add": np.add,
+                     "Sub": np.subtract, "Div": _int_divide, "Not": np.logical_not, "Less": np.less,
+                     "Greater": np.greater, "Max": np.maximum, "Min": np.minimum, "Neg": np.negative,
+                     "Abs": np.abs}
+_SHAPE_ARITHMETIC_MAX_ELEMENTS = 1024
+
+
 class Graph:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
@@ -116,6 +130,8 @@ class Graph:
             return True
         if node.op == "ConstantOfShape" or node.op in _FOLDABLE:
             return all(self.is_const(t, depth + 1) for t in node.inputs if t.name)
+        if node.op in _SHAPE_ARITHMETIC:
+            return all(self.is_const(t, depth + 1) and _small_integers(self.const(t)) for t in node.inputs if t.name)
         return False
 
     def shape(self, tensor: gs.Tensor | None) -> tuple | None:
@@ -191,10 +207,17 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     return None
 
 
+def _small_integers(value) -> bool:
+    return value is not None and value.size <= _SHAPE_ARITHMETIC_MAX_ELEMENTS and (
+        np.issubdtype(value.dtype, np.integer) or value.dtype == np.bool_)
+
+
 def _fold(node: gs.Node, args: list, opset: int) -> np.ndarray | None:
-    """Evaluate a shape-only op on constant inputs."""
+    """Evaluate a shape-only op (or integer shape arithmetic) on constant inputs."""
     x = args[0]
     op, attrs = node.op, node.attrs
+    if op in _SHAPE_ARITHMETIC:
+        return np.asarray(_SHAPE_ARITHMETIC[op](*args))
     if op == "Identity":
         return x
     if op == "Cast":

@@ -7,6 +7,24 @@ from onnxprune.shape_exprs import Dim, Lit, entries
 class ExpandRule(OpRule):
     ops = ("Expand",)
 
+    @staticmethod
+    def output_shape(node, graph):
+        """Broadcast of the input with a constant target (onnx cannot propagate folded targets)."""
+        shape, target = graph.shape(node.inputs[0]), graph.const(node.inputs[1])
+        if shape is None or target is None:
+            return None
+        target = [int(v) for v in target.reshape(-1)]
+        rank = max(len(shape), len(target))
+        shape = [1] * (rank - len(shape)) + list(shape)
+        target = [1] * (rank - len(target)) + target
+        out = []
+        for a, b in zip(shape, target):
+            if a is None:
+                out.append(None if b == 1 else b)
+            else:
+                out.append(b if a == 1 else a)
+        return out
+
     def propagate(self, node, ctx):
         layouts = ctx.input_layouts(0)
         if not layouts:

@@ -83,3 +83,29 @@ def test_target_shared_with_an_unpruned_reshape_is_not_rewritten():
     result = prune_planted(m, 0.5)
     assert result.plan.decisions == []
     assert any("also read by Reshape" in r for r in skipped_reasons(result))
+
+
+def test_integer_shape_arithmetic_is_folded_so_heads_are_found():
+    # torch's legacy export of buffer.expand(batch, -1) writes the shape as
+    # Where(Equal(shape, -1), ones, shape); onnx's shape inference cannot read it, loses the
+    # batch dim downstream, and the head reshape [1, S, -1, D] could not be mapped.
+    m = text_model("""
+    g (float[1,5,32] x) => (float[1,5,32] y) {
+      ones = ConstantOfShape <value = int64[1] {1}> (two)
+      neg = Mul(ones, m1)
+      eq = Equal(target, neg)
+      shp = Where(eq, ones, target)
+      ids = Expand(buffer, shp)
+      e = Gather(table, ids)
+      x2 = Add(x, e)
+      h = MatMul(x2, Wq)
+      r = Reshape(h, split)
+      t = Transpose <perm=[0,2,1,3]> (r)
+      t2 = Transpose <perm=[0,2,1,3]> (t)
+      c = Reshape(t2, merge)
+      y = MatMul(c, Wo)
+    }""", {"two": np.array([2], I64), "m1": np.array(-1, I64), "target": np.array([1, -1], I64),
+           "buffer": np.zeros((1, 5), I64), "table": (2, 32), "Wq": (32, 32), "Wo": (32, 32),
+           "split": np.array([1, 5, -1, 8], I64), "merge": np.array([1, 5, 32], I64)})
+    result = prune_planted(m, 0.5, heads=True)
+    assert [(d.group.kind, d.group.channels, len(d.removed)) for d in result.plan.decisions] == [("heads", 4, 2)]
