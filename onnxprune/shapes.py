@@ -120,13 +120,14 @@ def static_copy(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mo
     return complete_shapes(copy)
 
 
-def complete_shapes(model: onnx.ModelProto, rounds: int = 4) -> onnx.ModelProto:
+def complete_shapes(model: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:
     """Shape inference, then fill in outputs that onnx could not infer from what op rules know.
 
     onnx's data propagation stops at some Shape -> Slice -> Concat chains, and it has no
     shape functions for contrib ops (com.microsoft attention). An op rule may offer
     `output_shape(node, graph)`: the shape is written as value_info and inference runs
-    again to carry it downstream.
+    again to carry it downstream. Chains of such ops take a round each (PP-OCR's recognizer
+    needs six); rounds stop as soon as one adds nothing.
     """
     from .graph import Graph
     from .rules import rule_for

@@ -64,8 +64,9 @@ def test_minilm_whole_heads_planted_exactly():
 
 
 def test_ppocr_svtr_fused_qkv_heads_planted_exactly():
-    """PP-OCRv4 recognizer: one qkv MatMul reshaped to [B, S, 3, 8, 15] (dynamic width fixed)."""
+    """PP-OCRv4 recognizer: two SVTR blocks, each with one qkv MatMul reshaped to [B, S, 3, 8, 15]
+    (dynamic width fixed); the second block's shapes take six rounds of shape completion."""
     result = prune_planted(_model("rapidocr_rec_ppocrv4_svtr_lcnet.onnx"), 0.25, heads=True,
                            input_shapes={"x": [1, 3, 48, 320]})
     heads = [(d.group.channels, len(d.removed)) for d in result.plan.decisions if d.group.kind == "heads"]
-    assert (8, 2) in heads
+    assert heads == [(8, 2), (8, 2)]
