@@ -342,10 +342,14 @@ class Analysis:
 
     # -- helpers for importance, planting and reports ----------------------------------
     def positions(self, att: Attachment, group: Group) -> list[tuple[int, int, int]]:
-        """(offset, expand, leaf) runs where `group`'s channels sit on the attachment's axis."""
+        """(offset, expand, channels) runs where `group`'s channels sit on the attachment's axis."""
+        return self.layout_positions(att.layout, group)
+
+    def layout_positions(self, layout: Layout, group: Group) -> list[tuple[int, int, int]]:
+        """(offset, expand, channels) runs where `group`'s channels sit on an axis laid out so."""
         runs = []
         pos = 0
-        for seg in resolve(att.layout, self.atoms):
+        for seg in resolve(layout, self.atoms):
             n = self.atoms.size(seg.atom)
             if seg.atom == group.atom:
                 runs.append((pos, seg.expand, n))

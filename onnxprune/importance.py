@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dependency import Analysis, Group
+from dataclasses import dataclass
+
+from .dependency import Analysis, Attachment, Group
 
 _CRITERIA: dict[str, type["Criterion"]] = {}
 
@@ -17,11 +19,14 @@ SCORED_ROLES = ("weight_out", "weight_in", "bn_scale")
 
 class Criterion:
     name = ""
-    needs_data = False
+    needs_data = False  # scores from calibration activations: prepare() runs first
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
         self.notes: list[str] = []
+
+    def prepare(self, analysis: Analysis, groups: list[Group], calibration) -> None:
+        """Measure what scoring `groups` needs on `calibration` (feed dicts) before scores() is called."""
 
     def scores(self, analysis: Analysis, group: Group) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
@@ -61,24 +66,57 @@ def per_channel(analysis: Analysis, group: Group, roles, kind: str) -> tuple[np.
 
     Returns the scores and how many members contributed.
     """
-    reduce = _REDUCE[kind]
     total = np.zeros(group.channels, dtype=np.float64)
     used = 0
-    cache = analysis.__dict__.setdefault("_value_cache", {})
     for att in group.members:
         if att.role not in roles:
             continue
-        node, index, axis = att.view or (att.node, att.input_index, att.axis)
-        key = (node.inputs[index].name, axis, kind)
-        if key not in cache:
-            value = analysis.graph.evaluate(node.inputs[index])  # float values, dequantized if stored as int
-            if value is None:
-                continue
-            value = np.moveaxis(np.asarray(value, dtype=np.float32), axis, 0)
-            cache[key] = reduce(value.reshape(value.shape[0], -1))
-        per_position = cache[key]
+        per_position = weight_per_position(analysis, att, kind)
+        if per_position is None:
+            continue
         for offset, exp, n in analysis.positions(att, group):
             block = per_position[offset:offset + n * exp].reshape(n, exp)
             total += block.sum(axis=1)
             used += 1
     return total, used
+
+
+@dataclass
+class Site:
+    """Where a group's channels enter a weighted layer: the layer's weight (a weight_in member)
+    and the activation it multiplies, `tensor` on `axis`, laid out as `layout`."""
+
+    weight: Attachment
+    tensor: str
+    axis: int
+    layout: tuple
+
+
+def consumer_sites(analysis: Analysis, group: Group) -> list[Site]:
+    """Every (weight, activation) pair through which the group's channels reach a layer."""
+    sites = []
+    for att in group.members:
+        if att.role != "weight_in":
+            continue
+        node, index, _ = att.view or (att.node, att.input_index, att.axis)
+        for i, tensor in enumerate(node.inputs):
+            if i == index or not tensor.name or analysis.graph.is_const(tensor):
+                continue
+            for axis, layout in analysis.layouts.get(tensor.name, {}).items():
+                if analysis.layout_positions(layout, group):
+                    sites.append(Site(att, tensor.name, axis, layout))
+    return sites
+
+
+def weight_per_position(analysis: Analysis, att: Attachment, kind: str) -> np.ndarray | None:
+    """Sum of |w| ("l1") or w^2 ("l2sq") of a member's weight per position of its axis."""
+    node, index, axis = att.view or (att.node, att.input_index, att.axis)
+    cache = analysis.__dict__.setdefault("_value_cache", {})
+    key = (node.inputs[index].name, axis, kind)
+    if key not in cache:
+        value = analysis.graph.evaluate(node.inputs[index])  # float values, dequantized if stored as int
+        if value is None:
+            return None
+        value = np.moveaxis(np.asarray(value, dtype=np.float32), axis, 0)
+        cache[key] = _REDUCE[kind](value.reshape(value.shape[0], -1))
+    return cache[key]
