@@ -1,0 +1,334 @@
+"""Training-free recovery: make up, inside the graph, for what removed channels contributed.
+
+- bias (FLAP-style): a removed input channel of a layer added W[:, c] * x_c to its output;
+  on calibration data x_c has mean m_c, so W[:, c] * m_c goes into the layer's bias. The
+  layer's output keeps its mean; what is lost is only the channel's fluctuation. For
+  convolutions with zero padding the border pixels get the mean too (a small error there).
+- lsq: the layer's remaining input weights are refitted by least squares so that, on the
+  calibration activations, it reproduces its original output from the kept channels:
+  W' = argmin ||[X_k 1] W' - (X W + b)||^2, solved from the streamed Gram matrix of X.
+  For MatMul/Gemm and 1x1 convolutions.
+- bn: BatchNormalization layers right after a layer that lost input channels get their
+  running mean/variance re-estimated on the pruned model.
+
+Compensations are computed from the original weights before the plan is applied
+(`prepare`), then written into the pruned graph (`finish`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .dependency import Analysis
+from .importance import consumer_sites
+from .layout import kept_positions
+from .plan import Plan
+
+METHODS = ("bias", "lsq", "bn")
+_RIDGE = 1e-6  # relative to the Gram's mean diagonal: keeps the solve stable for dead or duplicate channels
+
+
+def parse_methods(text: str | None) -> tuple[str, ...]:
+    from .errors import OnnxPruneError
+
+    if not text or text == "none":
+        return ()
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise OnnxPruneError(f"--recover {unknown[0]!r}: choose from {', '.join(METHODS)} (comma-separated) or none")
+    return methods
+
+
+@dataclass
+class LayerEdit:
+    """A change to one layer's bias (full output size) and/or kept input weights."""
+
+    node: gs.Node
+    bias_delta: np.ndarray | None = None
+    weight: np.ndarray | None = None  # new [in_kept, out] matrix (lsq)
+    sites: list = field(default_factory=list)
+
+
+@dataclass
+class Recovery:
+    methods: tuple[str, ...]
+    edits: dict[int, LayerEdit] = field(default_factory=dict)
+    bn_nodes: dict[str, np.ndarray | None] = field(default_factory=dict)  # name -> kept input positions
+    notes: list[str] = field(default_factory=list)
+    layers: int = 0
+
+    def to_json(self) -> dict:
+        return {"methods": list(self.methods), "layers_compensated": self.layers, "bn_reestimated": len(self.bn_nodes),
+                "notes": self.notes}
+
+
+# -- which layers: weight layout helpers -----------------------------------------------------
+def _weight_axes(node: gs.Node, index: int) -> tuple[int, int] | None:
+    """(input-channel axis, output-channel axis) of a layer's weight, for the layers handled."""
+    if node.op == "Conv" and index == 1 and int(node.attrs.get("group", 1)) == 1:
+        return 1, 0
+    if node.op == "Gemm" and index == 1:
+        return (1, 0) if int(node.attrs.get("transB", 0)) else (0, 1)
+    if node.op == "MatMul" and index == 1:
+        return 0, 1
+    return None
+
+
+def _output_axis(node: gs.Node, graph) -> int:
+    if node.op == "MatMul":
+        return len(graph.shape(node.outputs[0]) or (0, 0)) - 1
+    return 1
+
+
+def prepare(analysis: Analysis, plan: Plan, methods, calibration, stats: dict | None = None) -> Recovery:
+    """Work out every layer's compensation from the original weights and calibration data."""
+    from .calibration import collect_channel_stats, collect_grams
+
+    recovery = Recovery(tuple(methods))
+    graph = analysis.graph
+    removed = plan.removed_by_atom()
+    if not removed or not methods:
+        return recovery
+    by_layer: dict[int, LayerEdit] = {}
+    skipped = set()
+    for decision in plan.decisions:
+        if not len(decision.removed):
+            continue
+        for site in consumer_sites(analysis, decision.group):
+            node, index, _ = site.weight.view or (site.weight.node, site.weight.input_index, site.weight.axis)
+            if _weight_axes(node, index) is None or graph.evaluate(node.inputs[index]) is None:
+                skipped.add(f"{node.op} {node.name!r}")
+                continue
+            edit = by_layer.setdefault(id(node), LayerEdit(node))
+            edit.sites.append((site, decision))
+    if skipped:
+        recovery.notes.append(f"no compensation for {len(skipped)} layer(s) (grouped/transposed conv or "
+                              f"non-constant weights), e.g. {sorted(skipped)[0]}")
+    recovery.layers = len(by_layer)
+    if "bias" in methods or "lsq" in methods:
+        tensors = {site.tensor: site.axis for e in by_layer.values() for site, _ in e.sites}
+        missing = {t: a for t, a in tensors.items() if not stats or t not in stats}
+        stats = dict(stats or {})
+        if missing:
+            stats.update(collect_channel_stats(graph.model, calibration, missing))
+    lsq_layers = {}
+    if "lsq" in methods:
+        lsq_layers = {k: e for k, e in by_layer.items() if _lsq_ready(e, graph)}
+        if len(lsq_layers) < len(by_layer):
+            recovery.notes.append(f"lsq refit for {len(lsq_layers)} of {len(by_layer)} layers "
+                                  "(MatMul/Gemm/1x1 conv with one input site); bias compensation for the rest")
+        tensors = {e.sites[0][0].tensor: e.sites[0][0].axis for e in lsq_layers.values()}
+        grams = collect_grams(graph.model, calibration, tensors) if tensors else {}
+    for key, edit in by_layer.items():
+        if key in lsq_layers:
+            _fit_lsq(analysis, edit, removed, grams[edit.sites[0][0].tensor])
+        elif "bias" in methods or "lsq" in methods:
+            _bias_delta(analysis, edit, removed, stats)
+    if "bn" in methods:
+        for edit in by_layer.values():
+            users = edit.node.outputs[0].outputs
+            if len(users) == 1 and users[0].op == "BatchNormalization":
+                recovery.bn_nodes[users[0].name] = None
+    recovery.edits = by_layer
+    return recovery
+
+
+def _matrix(graph, node: gs.Node, index: int) -> np.ndarray:
+    """The layer's weight as [in positions, out, rest...] float64 (kernel taps last)."""
+    value = np.asarray(graph.evaluate(node.inputs[index]), dtype=np.float64)
+    in_axis, out_axis = _weight_axes(node, index)
+    value = np.moveaxis(value, (in_axis, out_axis), (0, 1))
+    if node.op == "Gemm":
+        value = value * float(node.attrs.get("alpha", 1.0))
+    return value
+
+
+def _removed_positions(analysis, layout, group, removed_channels) -> np.ndarray:
+    idx = [offset + removed_channels[:, None] * exp + np.arange(exp)[None, :]
+           for offset, exp, _ in analysis.layout_positions(layout, group)]
+    return np.concatenate([i.reshape(-1) for i in idx]) if idx else np.zeros(0, dtype=np.int64)
+
+
+def _bias_delta(analysis, edit: LayerEdit, removed, stats) -> None:
+    graph = analysis.graph
+    delta = None
+    for site, decision in edit.sites:
+        node, index, _ = site.weight.view or (site.weight.node, site.weight.input_index, site.weight.axis)
+        w = _matrix(graph, node, index)
+        w = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # kernel taps all see the mean
+        weight_pos = _removed_positions(analysis, site.weight.layout, decision.group, decision.removed)
+        data_pos = _removed_positions(analysis, site.layout, decision.group, decision.removed)
+        if len(weight_pos) != len(data_pos):
+            continue
+        part = stats[site.tensor].mean[data_pos] @ w[weight_pos]
+        delta = part if delta is None else delta + part
+    edit.bias_delta = delta
+
+
+def _lsq_ready(edit: LayerEdit, graph) -> bool:
+    if len({id(s.weight.view[0] if s.weight.view else s.weight.node) for s, _ in edit.sites}) != 1:
+        return False
+    tensors = {s.tensor for s, _ in edit.sites}
+    if len(tensors) != 1:
+        return False
+    node = edit.node
+    if graph.const(node.inputs[1]) is None:  # weights behind casts/quantization are not rewritten
+        return False
+    if node.op == "Conv":
+        kernel = graph.shape(node.inputs[1])
+        return kernel is not None and all(k == 1 for k in kernel[2:]) and not any(node.attrs.get("pads", []) or [])
+    return True
+
+
+def _fit_lsq(analysis, edit: LayerEdit, removed, gram) -> None:
+    """Refit the kept input weights and the bias so the layer's output is reproduced in the
+    least-squares sense on the calibration activations (original model)."""
+    graph = analysis.graph
+    site, _ = edit.sites[0]
+    node, index, _ = site.weight.view or (site.weight.node, site.weight.input_index, site.weight.axis)
+    w = _matrix(graph, node, index)
+    w = w.reshape(w.shape[:2])  # [in, out]: 1x1 kernels
+    gone = np.concatenate([_removed_positions(analysis, site.layout, d.group, d.removed) for s, d in edit.sites])
+    keep = np.setdiff1d(np.arange(w.shape[0]), gone)
+    n = gram.count
+    mean = gram.sum / n
+    second = gram.gram / n  # E[x x^T]
+    # Augment with a constant 1 so the bias is refitted with the weights.
+    k = len(keep)
+    a = np.empty((k + 1, k + 1))
+    a[:k, :k] = second[np.ix_(keep, keep)]
+    a[:k, k] = a[k, :k] = mean[keep]
+    a[k, k] = 1.0
+    b = np.empty((k + 1, w.shape[1]))
+    b[:k] = second[keep] @ w
+    b[k] = mean @ w
+    # Ridge towards the original weights (not towards zero): where the kept channels already
+    # reproduce the output (dead channels removed), the weights come back unchanged.
+    ridge = _RIDGE * max(float(np.mean(np.diag(a))), 1e-12)
+    prior = np.vstack([w[keep], np.zeros((1, w.shape[1]))])
+    solution = np.linalg.solve(a + ridge * np.eye(k + 1), b + ridge * prior)
+    edit.weight = solution[:k]
+    edit.bias_delta = solution[k]  # the fit's target excludes the old bias: this adds to it
+
+
+# -- writing into the pruned graph ------------------------------------------------------------
+def finish(analysis: Analysis, plan: Plan, recovery: Recovery) -> None:
+    """After apply_plan: add each layer's bias change (sliced to its kept outputs), write refits."""
+    atoms = analysis.atoms
+    kept = {atom: np.setdiff1d(np.arange(atoms.size(atom)), rem) for atom, rem in plan.removed_by_atom().items()}
+    graph = analysis.graph
+    for edit in recovery.edits.values():
+        node = edit.node
+        users = node.outputs[0].outputs
+        if len(users) == 1 and users[0].name in recovery.bn_nodes:
+            layout = analysis.layouts.get(node.outputs[0].name, {}).get(1)
+            recovery.bn_nodes[users[0].name] = None if layout is None else kept_positions(layout, atoms, kept)
+        out_layout = analysis.layouts.get(node.outputs[0].name, {}).get(_output_axis(node, graph))
+        if edit.weight is not None:
+            _write_weight(analysis, edit, out_layout, kept)
+        if edit.bias_delta is None:
+            continue
+        delta = edit.bias_delta
+        if out_layout is not None:
+            delta = delta[kept_positions(out_layout, atoms, kept)]
+        _add_bias(graph, node, delta.astype(np.float32))
+
+
+def _write_weight(analysis, edit: LayerEdit, out_layout, kept) -> None:
+    """The refitted [kept in, out] matrix, sliced to the outputs the plan kept, in the weight's layout."""
+    graph = analysis.graph
+    node = edit.node
+    out_keep = kept_positions(out_layout, analysis.atoms, kept) if out_layout is not None else None
+    w = edit.weight if out_keep is None else edit.weight[:, out_keep]
+    current = graph.const(node.inputs[1])
+    in_axis, out_axis = _weight_axes(node, 1)
+    value = np.moveaxis(w.reshape(w.shape + (1,) * (current.ndim - 2)), (0, 1), (in_axis, out_axis))
+    if node.op == "Gemm":
+        value = value / float(node.attrs.get("alpha", 1.0))
+    graph.set_const_input(node, 1, value.astype(current.dtype))
+
+
+def _bias_tensor(graph, node: gs.Node):
+    """(node, input index) holding the layer's bias constant, or None."""
+    if node.op in ("Conv", "Gemm"):
+        if len(node.inputs) > 2 and node.inputs[2].name and graph.const(node.inputs[2]) is not None:
+            return node, 2
+        return None
+    users = node.outputs[0].outputs
+    if len(users) == 1 and users[0].op == "Add":
+        add = users[0]
+        other = 1 if add.inputs[0] is node.outputs[0] else 0
+        value = graph.const(add.inputs[other])
+        if value is not None and value.ndim >= 1 and all(d == 1 for d in value.shape[:-1]):
+            return add, other
+    return None
+
+
+def _add_bias(graph, node: gs.Node, delta: np.ndarray) -> None:
+    found = _bias_tensor(graph, node)
+    if found is not None:
+        holder, index = found
+        old = graph.const(holder.inputs[index])
+        scale = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        new = (np.asarray(old, np.float64).reshape(-1) + delta / scale).reshape(old.shape)
+        graph.set_const_input(holder, index, new.astype(old.dtype))
+        return
+    if node.op in ("Conv", "Gemm"):
+        scale = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        while len(node.inputs) < 2:
+            node.inputs.append(gs.Variable.empty())
+        const = gs.Constant(graph.fresh_name(f"{node.name or node.op}_bias"), (delta / scale).astype(np.float32))
+        if len(node.inputs) > 2:
+            node.inputs[2] = const
+        else:
+            node.inputs.append(const)
+        return
+    # MatMul without a bias Add: add one behind it.
+    out = node.outputs[0]
+    raw = gs.Variable(graph.fresh_name(out.name), dtype=out.dtype)
+    node.outputs[0] = raw
+    const = gs.Constant(graph.fresh_name(f"{node.name or 'MatMul'}_bias"), delta)
+    graph.gs.nodes.append(gs.Node("Add", name=graph.fresh_name(node.name or "MatMul"), inputs=[raw, const],
+                                  outputs=[out]))
+
+
+def reestimate_batchnorm(pruned: onnx.ModelProto, original: onnx.ModelProto, kept: dict, calibration) -> int:
+    """Correct the named BatchNormalization layers' running stats for what pruning changed.
+
+    Their input is measured on the calibration data in both models; the running mean moves
+    by the change of the mean and the running variance scales with the change of the
+    variance. Where nothing changed (dead channels removed) the layer stays as it was, and
+    the statistics learnt in training are kept rather than replaced by calibration ones.
+    """
+    from onnx import numpy_helper
+
+    from .calibration import collect_channel_stats
+
+    nodes = [n for n in pruned.graph.node if n.op_type == "BatchNormalization" and n.name in kept]
+    if not nodes:
+        return 0
+    tensors = {n.input[0]: 1 for n in nodes}
+    after = collect_channel_stats(pruned, calibration, tensors)
+    before = collect_channel_stats(original, calibration, tensors)
+    inits = {i.name: i for i in pruned.graph.initializer}
+    done = 0
+    for node in nodes:
+        new, old = after[node.input[0]], before[node.input[0]]
+        positions = kept[node.name]  # the BN's own channels may have been pruned too
+        old_mean, old_var = (old.mean, old.variance) if positions is None else (old.mean[positions],
+                                                                               old.variance[positions])
+        mean_init, var_init = inits.get(node.input[3]), inits.get(node.input[4])
+        if mean_init is None or var_init is None or len(new.mean) != len(old_mean):
+            continue
+        mean, var = numpy_helper.to_array(mean_init), numpy_helper.to_array(var_init)
+        ratio = np.where(old_var > 0, new.variance / np.maximum(old_var, 1e-30), 1.0)
+        for index, value in ((3, mean + (new.mean - old_mean)), (4, var * ratio)):
+            name = f"{node.name}_recovered_{'mean' if index == 3 else 'var'}"
+            pruned.graph.initializer.append(numpy_helper.from_array(value.astype(mean.dtype), name))
+            node.input[index] = name
+        done += 1
+    return done
