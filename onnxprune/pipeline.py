@@ -1,6 +1,7 @@
 """The main job as a function: analyse, plan, apply, verify, measure."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,28 +67,31 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
               "value_info": len(original.graph.value_info) > 0}
     reference = None  # the model outputs are compared with, when it is not the analysed one
     layer_report = None
+    heads_mode = options.heads is not None or bool((options.plan or {}).get("heads"))
     if options.layers or options.drop_layers:
         # The unpruned model stays the reference for verification; copied only when needed.
         reference = _with_input_shapes(original, options.input_shapes, copy=bool(options.input_shapes) or not owned)
-        original, layer_report = _remove_layers(reference, options, copy=False)
-        owned = True
-
-    heads_mode = options.heads is not None or bool((options.plan or {}).get("heads"))
-    analysis = analyze_model(original, options.input_shapes, copy=not owned, heads=heads_mode)
-    working = analysis.graph.model
-    if options.plan is not None:
-        plan = plan_from_json(analysis, options.plan)
+        layer_free, layer_report = _remove_layers(reference, options, copy=False)
+        if _channels_requested(options):
+            original = layer_free.to_model()  # channels are planned (and rolled back) on this one
+            analysis, plan = _analyze_and_plan(original, options, copy=False, heads=heads_mode)
+        else:
+            # Whole blocks only: the channel plan would be empty, so the dependency analysis, and
+            # the export and re-import of the layer-free model it needs, are skipped; an analysis
+            # that was not run (no groups, no barriers) stands for it.
+            analysis, plan = Analysis(layer_free), Plan()
     else:
-        plan = make_plan(analysis, options.filters, criterion(options.importance, options.seed),
-                         round_to=options.round_to, global_rank=options.global_rank,
-                         exclude=options.exclude, heads=options.heads, neurons=options.neurons)
+        analysis, plan = _analyze_and_plan(original, options, copy=not owned, heads=heads_mode)
+    working = analysis.graph.model
     concrete, guessed = concrete_input_shapes(working, options.input_shapes)
     reference = reference or working
     checker = Checker(reference, concrete, options.seed if options.verify else None)
     pruned = _apply(analysis, plan, before["value_info"])
     rolled_back = []
-    failure = checker.failure(pruned)
-    if failure and plan.removed_by_atom():
+    # Without removed channels there is nothing to roll back, and verification below checks
+    # the model anyway: checking it here too would serialise the whole model once more.
+    failure = checker.failure(pruned) if plan.removed_by_atom() else None
+    if failure:
         analysis, plan, pruned, rolled_back = _roll_back(original, options, plan, checker, before["value_info"],
                                                          failure, heads_mode)
     prune_seconds = time.perf_counter() - started
@@ -145,6 +149,37 @@ def analyze_model(model: onnx.ModelProto, input_shapes: dict | None = None, copy
     return analyze(Graph(complete_shapes(working)), heads=heads)
 
 
+# Options that steer only the removal of whole blocks, or the run itself, not channel pruning.
+_NOT_CHANNEL_OPTIONS = frozenset({"layers", "drop_layers", "layer_importance", "input_shapes", "seed", "verify",
+                                  "latency_runs"})
+
+
+def _channels_requested(options: PruneOptions) -> bool:
+    """Whether any option about channels (filters, heads, neurons, a plan, ...) differs from its default.
+
+    Judged against the defaults rather than a list of ratios, so that an option added later
+    never has its channel pruning skipped.
+    """
+    defaults = PruneOptions()
+    for f in dataclasses.fields(PruneOptions):
+        value, default = getattr(options, f.name), getattr(defaults, f.name)
+        # `is` first: a value such as an array may not compare with ==
+        if f.name not in _NOT_CHANNEL_OPTIONS and value is not default and (default is None or value != default):
+            return True
+    return False
+
+
+def _analyze_and_plan(model: onnx.ModelProto, options: PruneOptions, copy: bool, heads: bool) -> tuple[Analysis, Plan]:
+    """Dependency analysis of `model`, then the channel plan: the given one or a new one."""
+    analysis = analyze_model(model, options.input_shapes, copy=copy, heads=heads)
+    if options.plan is not None:
+        return analysis, plan_from_json(analysis, options.plan)
+    plan = make_plan(analysis, options.filters, criterion(options.importance, options.seed),
+                     round_to=options.round_to, global_rank=options.global_rank,
+                     exclude=options.exclude, heads=options.heads, neurons=options.neurons)
+    return analysis, plan
+
+
 def _with_input_shapes(model: onnx.ModelProto, input_shapes: dict | None, copy: bool = True) -> onnx.ModelProto:
     """`model` (or a copy) with the given input dims fixed."""
     if copy:
@@ -155,11 +190,12 @@ def _with_input_shapes(model: onnx.ModelProto, input_shapes: dict | None, copy: 
     return model
 
 
-def _remove_layers(model: onnx.ModelProto, options: PruneOptions, copy: bool = True) -> tuple[onnx.ModelProto, dict]:
-    """Remove whole residual blocks (see blocks.py); returns the new model and a report.
+def _remove_layers(model: onnx.ModelProto, options: PruneOptions, copy: bool = True) -> tuple[Graph, dict]:
+    """Remove whole residual blocks (see blocks.py); returns the graph without them and a report.
 
     With copy=False only `model`'s value_info is filled in (shape inference); its nodes and
-    weights are untouched, since the edits happen in the graphsurgeon copy.
+    weights are untouched, since the edits happen in the graphsurgeon copy. The returned
+    graph's `.model` is still that (unpruned) model: export the graph for the pruned one.
     """
     from . import blocks as blk
 
@@ -186,7 +222,7 @@ def _remove_layers(model: onnx.ModelProto, options: PruneOptions, copy: bool = T
     blk.remove(graph, chosen)
     report = {"candidates": len(candidates), "criterion": "named" if options.drop_layers else criterion_name,
               "removed": [b.key for b in chosen], "scores": {b.key: round(scores[b.key], 6) for b in candidates}}
-    return graph.to_model(), report
+    return graph, report
 
 
 def _apply(analysis: Analysis, plan: Plan, keep_value_info: bool) -> onnx.ModelProto:
