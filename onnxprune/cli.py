@@ -51,11 +51,26 @@ def _ratio(ctx, param, value):
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the removed channel indices here.")
 @click.option("--apply-plan", "apply_plan_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Remove exactly the channels listed in a plan written by --plan.")
+@click.option("--calib", "calib", type=click.Path(exists=True, path_type=Path), metavar="PATH",
+              help="Calibration inputs: .npz/.npy keyed by input name, or a folder of them or of images.")
+@click.option("--calib-images", "image_spec", metavar="SPEC",
+              help="Preprocessing for an image folder, e.g. size=224x224,mean=.485/.456/.406,std=.229/.224/.225,layout=NCHW.")
+@click.option("--calib-samples", "calib_limit", type=click.IntRange(min=1), metavar="N",
+              help="Use at most N calibration samples.")
+@click.option("--recover", "recover", default="none", show_default=True, metavar="METHODS",
+              help="Training-free recovery with --calib: bias, lsq and/or bn (comma-separated), or none.")
+@click.option("--target-macs", "target_macs", default=None, type=float, metavar="R",
+              help="Keep this fraction of the MACs, with per-group ratios chosen by global ranking.")
+@click.option("--target-params", "target_params", default=None, type=float, metavar="R",
+              help="Keep this fraction of the parameters, with per-group ratios chosen by global ranking.")
+@click.option("--min-keep", "min_keep", default=0.25, show_default=True, type=float, metavar="R",
+              help="With a target: every group keeps at least this fraction of its channels.")
 @click.option("--dry-run", is_flag=True, help="Plan and report, but write no model.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime run, comparison and latency measurement.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for random inputs and the random criterion.")
 def prune_command(input_path, filters, neurons, heads, layers, drop_layers, layer_importance, output, importance, round_to, global_rank, exclude, input_shapes,
-                  report_path, plan_path, apply_plan_path, dry_run, no_verify, seed):
+                  report_path, plan_path, apply_plan_path, calib, image_spec, calib_limit, recover, target_macs,
+                  target_params, min_keep, dry_run, no_verify, seed):
     """Prune INPUT (an .onnx model) into a smaller model that computes the same minus the removed channels."""
     from .modelio import default_output_path, save_model
     from .pipeline import PruneOptions, prune
@@ -64,8 +79,9 @@ def prune_command(input_path, filters, neurons, heads, layers, drop_layers, laye
     from .shapes import parse_input_shapes
 
     if filters is None and neurons is None and heads is None and not layers and not drop_layers \
-            and apply_plan_path is None:
-        raise click.UsageError("give --filters R, --neurons R, --heads R and/or --layers N (or --apply-plan FILE)")
+            and apply_plan_path is None and target_macs is None and target_params is None:
+        raise click.UsageError("give --filters R, --neurons R, --heads R, --target-macs R and/or --layers N "
+                               "(or --apply-plan FILE)")
     ratio = filters if filters is not None else 0.0
     out_path = output or default_output_path(input_path)
     if not dry_run and out_path.resolve() == input_path.resolve():
@@ -76,6 +92,8 @@ def prune_command(input_path, filters, neurons, heads, layers, drop_layers, laye
         exclude=tuple(exclude), input_shapes=parse_input_shapes(input_shapes),
         plan=load_plan_file(apply_plan_path) if apply_plan_path else None,
         seed=seed, verify=not no_verify, latency_runs=0 if no_verify else 20,
+        calib=calib, image_spec=image_spec, calib_limit=calib_limit, recover=recover,
+        target_macs=target_macs, target_params=target_params, min_keep=min_keep,
     )
     result = prune(input_path, options)
     report = result.report

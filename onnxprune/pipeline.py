@@ -8,14 +8,14 @@ from pathlib import Path
 
 import onnx
 
-from . import metrics
+from . import metrics, recovery
 from .apply import apply_plan
 from .dependency import Analysis, analyze
-from .errors import OnnxPruneError
+from .errors import OnnxPruneError, first_line
 from .graph import Graph
 from .importance import criterion
 from .modelio import load_model
-from .plan import Plan, make_plan, plan_from_json, plan_from_removed
+from .plan import Plan, candidate_groups, make_plan, plan_from_json, plan_from_removed
 from .runtime import runtime_description
 from .shapes import complete_shapes, concrete_input_shapes, fix_input_shapes, infer_shapes, static_copy
 from .verify import Checker, Verification, session
@@ -38,6 +38,13 @@ class PruneOptions:
     seed: int = 0
     verify: bool = True  # run in onnxruntime, compare outputs, time it (the checker always runs)
     latency_runs: int = 20  # 0: do not measure latency
+    calib: object = None  # calibration inputs: a path (see calibration.py) or any iterable of feed dicts
+    image_spec: str | None = None  # preprocessing when `calib` is a folder of images
+    calib_limit: int | None = None  # use at most this many calibration samples
+    recover: str | tuple = "none"  # training-free recovery: "bias", "lsq", "bn", comma-separated
+    target_macs: float | None = None  # keep this fraction of the MACs (per-group ratios allocated)
+    target_params: float | None = None  # keep this fraction of the parameters
+    min_keep: float = 0.25  # with a target: every group keeps at least this fraction of its channels
 
 
 @dataclass
@@ -63,6 +70,12 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     owned = isinstance(model, (str, Path))  # loaded here: no one else holds it, no need to copy
     original = load_model(model) if owned else model
     _refuse_unsupported(original)
+    interface = _interface(original)  # before any --input-shape is fixed in place
+    calibration = _calibration(options, original)
+    recover = _Recover(recovery.parse_methods(options.recover) if isinstance(options.recover, str)
+                       else tuple(options.recover), calibration)
+    if recover.methods and calibration is None:
+        raise OnnxPruneError(f"--recover {','.join(recover.methods)}: needs calibration data (--calib)")
     before = {"params": metrics.count_params(original), "file_bytes": metrics.model_bytes(original),
               "value_info": len(original.graph.value_info) > 0}
     reference = None  # the model outputs are compared with, when it is not the analysed one
@@ -71,29 +84,30 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     if options.layers or options.drop_layers:
         # The unpruned model stays the reference for verification; copied only when needed.
         reference = _with_input_shapes(original, options.input_shapes, copy=bool(options.input_shapes) or not owned)
-        layer_free, layer_report = _remove_layers(reference, options, copy=False)
+        layer_free, layer_report = _remove_layers(reference, options, copy=False, calibration=calibration)
         if _channels_requested(options):
             original = layer_free.to_model()  # channels are planned (and rolled back) on this one
-            analysis, plan = _analyze_and_plan(original, options, copy=False, heads=heads_mode)
+            analysis, plan = _analyze_and_plan(original, options, copy=False, heads=heads_mode, recover=recover)
         else:
             # Whole blocks only: the channel plan would be empty, so the dependency analysis, and
             # the export and re-import of the layer-free model it needs, are skipped; an analysis
             # that was not run (no groups, no barriers) stands for it.
             analysis, plan = Analysis(layer_free), Plan()
     else:
-        analysis, plan = _analyze_and_plan(original, options, copy=not owned, heads=heads_mode)
+        analysis, plan = _analyze_and_plan(original, options, copy=not owned, heads=heads_mode, recover=recover)
     working = analysis.graph.model
     concrete, guessed = concrete_input_shapes(working, options.input_shapes)
     reference = reference or working
     checker = Checker(reference, concrete, options.seed if options.verify else None)
-    pruned = _apply(analysis, plan, before["value_info"])
+    pruned = _apply(analysis, plan, before["value_info"], recover)
     rolled_back = []
     # Without removed channels there is nothing to roll back, and verification below checks
     # the model anyway: checking it here too would serialise the whole model once more.
     failure = checker.failure(pruned) if plan.removed_by_atom() else None
     if failure:
         analysis, plan, pruned, rolled_back = _roll_back(original, options, plan, checker, before["value_info"],
-                                                         failure, heads_mode)
+                                                         failure, heads_mode, recover)
+    _restore_interface(pruned, interface, before["value_info"])
     prune_seconds = time.perf_counter() - started
 
     report = {
@@ -103,6 +117,7 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
         "ratio": options.filters,
         "heads_ratio": options.heads,
         "neurons_ratio": options.neurons,
+        "calibration": calibration.description if calibration is not None else None,
         "input_shapes": concrete,
         "notes": list(plan.notes),
     }
@@ -131,6 +146,9 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     }
     if layer_report is not None:
         report["layers"] = layer_report
+    if recover.result is not None:
+        report["recovery"] = recover.result.to_json()
+        report["notes"].extend(recover.result.notes)
     report["skipped"] = plan.skipped
     report["rolled_back"] = rolled_back
     report["barriers"] = analysis.barriers
@@ -151,7 +169,7 @@ def analyze_model(model: onnx.ModelProto, input_shapes: dict | None = None, copy
 
 # Options that steer only the removal of whole blocks, or the run itself, not channel pruning.
 _NOT_CHANNEL_OPTIONS = frozenset({"layers", "drop_layers", "layer_importance", "input_shapes", "seed", "verify",
-                                  "latency_runs"})
+                                  "latency_runs", "calib", "image_spec", "calib_limit", "recover"})
 
 
 def _channels_requested(options: PruneOptions) -> bool:
@@ -169,15 +187,105 @@ def _channels_requested(options: PruneOptions) -> bool:
     return False
 
 
-def _analyze_and_plan(model: onnx.ModelProto, options: PruneOptions, copy: bool, heads: bool) -> tuple[Analysis, Plan]:
+def _analyze_and_plan(model: onnx.ModelProto, options: PruneOptions, copy: bool, heads: bool,
+                      recover: "_Recover") -> tuple[Analysis, Plan]:
     """Dependency analysis of `model`, then the channel plan: the given one or a new one."""
     analysis = analyze_model(model, options.input_shapes, copy=copy, heads=heads)
     if options.plan is not None:
         return analysis, plan_from_json(analysis, options.plan)
-    plan = make_plan(analysis, options.filters, criterion(options.importance, options.seed),
-                     round_to=options.round_to, global_rank=options.global_rank,
-                     exclude=options.exclude, heads=options.heads, neurons=options.neurons)
+    crit, notes = _criterion(analysis, options, recover)
+    if options.target_macs is not None or options.target_params is not None:
+        plan = _target_plan(analysis, options, crit)
+    else:
+        plan = make_plan(analysis, options.filters, crit,
+                         round_to=options.round_to, global_rank=options.global_rank,
+                         exclude=options.exclude, heads=options.heads, neurons=options.neurons)
+    plan.notes[:0] = notes
     return analysis, plan
+
+
+def _target_plan(analysis: Analysis, options: PruneOptions, crit) -> Plan:
+    """Per-group ratios chosen to keep the asked fraction of MACs or params (see allocate.py)."""
+    from .allocate import make_target_plan
+
+    if options.target_macs is not None and options.target_params is not None:
+        raise OnnxPruneError("give --target-macs or --target-params, not both")
+    metric, target = ("macs", options.target_macs) if options.target_macs is not None else \
+        ("params", options.target_params)
+    concrete, _ = concrete_input_shapes(analysis.graph.model, options.input_shapes)
+    return make_target_plan(analysis, crit, metric, target, static_copy(analysis.graph.model, concrete),
+                            round_to=options.round_to, exclude=options.exclude, min_keep=options.min_keep)
+
+
+def _criterion(analysis: Analysis, options: PruneOptions, recover: "_Recover"):
+    """The criterion to score with, prepared on the calibration data when it needs some."""
+    from .calibration import MAGNITUDE_FALLBACK_NOTE
+
+    crit = criterion(options.importance, options.seed)
+    if not crit.needs_data:
+        return crit, []
+    if recover.calibration is None:
+        return criterion("l2", options.seed), [f"--importance {crit.name}: {MAGNITUDE_FALLBACK_NOTE} (l2)"]
+    crit.compensated = bool({"bias", "lsq"} & set(recover.methods))  # what removal will cost after recovery
+    groups, _ = candidate_groups(analysis, options.exclude)
+    crit.prepare(analysis, groups, recover.calibration)
+    recover.stats = crit.stats
+    return crit, []
+
+
+@dataclass
+class _Recover:
+    """Training-free recovery settings for one run, and what it did."""
+
+    methods: tuple[str, ...]
+    calibration: object = None
+    stats: dict | None = None  # activation statistics a criterion already collected
+    result: object = None
+
+
+def _calibration(options: PruneOptions, model: onnx.ModelProto):
+    """The calibration data as a re-iterable CalibrationData, or None without --calib."""
+    if options.calib is None:
+        return None
+    from .calibration import calibration_feeds, load_calibration
+
+    if isinstance(options.calib, (str, Path)):
+        return load_calibration(options.calib, model, image_spec=options.image_spec, limit=options.calib_limit)
+    return calibration_feeds(options.calib, model, limit=options.calib_limit)
+
+
+def _interface(model: onnx.ModelProto) -> dict:
+    """The declared types of the graph inputs and outputs, as the user's model has them."""
+    copy = {}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        kept = onnx.ValueInfoProto()
+        kept.CopyFrom(vi)
+        copy[vi.name] = kept
+    return copy
+
+
+def _restore_interface(pruned: onnx.ModelProto, interface: dict, keep_value_info: bool) -> None:
+    """Give the pruned model's inputs/outputs back the dims the user's model declared.
+
+    --input-shape fixes dynamic dims for the analysis only: a model that took any batch or
+    width still does. Pruning never changes interface dims (graph inputs and outputs keep
+    their channels), so the declared types carry over as they are.
+    """
+    changed = False
+    weights = {i.name for i in pruned.graph.initializer}  # IR < 4 lists them as inputs too
+    for vi in list(pruned.graph.input) + list(pruned.graph.output):
+        declared = None if vi.name in weights else interface.get(vi.name)
+        if declared is not None and declared.type != vi.type:
+            vi.type.CopyFrom(declared.type)
+            changed = True
+    if changed and keep_value_info:
+        del pruned.graph.value_info[:]
+        infer_shapes(pruned)
+    elif changed:
+        del pruned.graph.value_info[:]
+
+
+_INFLUENCE_SAMPLES = 16  # calibration samples for block influence: a ranking needs few
 
 
 def _with_input_shapes(model: onnx.ModelProto, input_shapes: dict | None, copy: bool = True) -> onnx.ModelProto:
@@ -190,7 +298,8 @@ def _with_input_shapes(model: onnx.ModelProto, input_shapes: dict | None, copy: 
     return model
 
 
-def _remove_layers(model: onnx.ModelProto, options: PruneOptions, copy: bool = True) -> tuple[Graph, dict]:
+def _remove_layers(model: onnx.ModelProto, options: PruneOptions, copy: bool = True,
+                   calibration=None) -> tuple[Graph, dict]:
     """Remove whole residual blocks (see blocks.py); returns the graph without them and a report.
 
     With copy=False only `model`'s value_info is filled in (shape inference); its nodes and
@@ -209,10 +318,15 @@ def _remove_layers(model: onnx.ModelProto, options: PruneOptions, copy: bool = T
     if count > len(candidates):
         raise OnnxPruneError(f"--layers {count}: the model has {len(candidates)} removable residual blocks")
     if options.layer_importance == "influence":
-        shapes, _ = concrete_input_shapes(working, options.input_shapes)
-        feeds = [metrics.random_inputs(working, shapes, options.seed + i) for i in range(4)]
+        if calibration is not None:
+            feeds = list(calibration.limited(_INFLUENCE_SAMPLES))
+            where = f"{sum(len(next(iter(f.values()))) for f in feeds)} calibration samples"
+        else:
+            shapes, _ = concrete_input_shapes(working, options.input_shapes)
+            feeds = [metrics.random_inputs(working, shapes, options.seed + i) for i in range(4)]
+            where = "4 random inputs (no --calib)"
         scores = blk.influence_scores(working, candidates, feeds, session)
-        criterion_name = "influence (1 - cos(x, block(x)) on 4 random inputs)"
+        criterion_name = f"influence (1 - cos(x, block(x)) on {where})"
     elif options.layer_importance == "magnitude":
         scores = blk.magnitude_scores(graph, candidates)
         criterion_name = "magnitude (norm of each branch's last layer)"
@@ -225,16 +339,29 @@ def _remove_layers(model: onnx.ModelProto, options: PruneOptions, copy: bool = T
     return graph, report
 
 
-def _apply(analysis: Analysis, plan: Plan, keep_value_info: bool) -> onnx.ModelProto:
+def _apply(analysis: Analysis, plan: Plan, keep_value_info: bool, recover: "_Recover | None" = None) -> onnx.ModelProto:
+    original = analysis.graph.model
+    result = None
+    if recover is not None and recover.methods and plan.removed_by_atom():
+        result = recovery.prepare(analysis, plan, recover.methods, recover.calibration, recover.stats)
     apply_plan(analysis, plan)
+    if result is not None:
+        recovery.finish(analysis, plan, result)
     pruned = analysis.graph.to_model()
+    if result is not None and result.bn_nodes:
+        try:
+            recovery.reestimate_batchnorm(pruned, original, result.bn_nodes, recover.calibration)
+        except Exception as exc:  # a model that does not run is the safety net's business
+            result.notes.append(f"BatchNorm re-estimation skipped: {first_line(exc)}")
+    if recover is not None:
+        recover.result = result
     if keep_value_info:  # keep the input's convention: shapes stored or not
         pruned = infer_shapes(pruned)
     return pruned
 
 
 def _roll_back(original, options, plan: Plan, checker: Checker, keep_value_info: bool, failure: str,
-               heads_mode: bool):
+               heads_mode: bool, recover: "_Recover | None" = None):
     """Find the groups whose removal makes the model fail, undo them, keep the others.
 
     Bisection over the planned groups, each try a fresh analysis of the original with a
@@ -247,7 +374,7 @@ def _roll_back(original, options, plan: Plan, checker: Checker, keep_value_info:
     def attempt(keys):
         analysis = analyze_model(original, options.input_shapes, heads=heads_mode)
         sub = plan_from_removed(analysis, {k: removed[k] for k in keys})
-        model = _apply(analysis, sub, keep_value_info)
+        model = _apply(analysis, sub, keep_value_info, recover)
         return analysis, sub, model, checker.failure(model)
 
     def search(keys, known_failure=None):

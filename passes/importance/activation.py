@@ -12,7 +12,8 @@ streaming pass over the calibration data. Per channel:
           output when the channel alone is removed (its variance instead of E[x^2] when the
           removed channels' mean is compensated in the bias, --recover bias).
 
-A group with no measurable site is scored by l2 magnitude, and a note says how many.
+A group with no measurable site is scored by l2 magnitude, and a note says how many. Ties
+(channels the data never activates) are broken by l2 magnitude.
 """
 from __future__ import annotations
 
@@ -68,11 +69,12 @@ class ActivationCriterion(Criterion):
                     block = block * weights[w_offset:w_offset + n * exp].reshape(n, exp)
                 total += self.combine(block)
                 used += 1
+        magnitude = criterion("l2").scores(analysis, group)
         if not used:
             self._fallbacks += 1
             self._note_fallback()
-            return criterion("l2").scores(analysis, group)
-        return self.finish(total, used)
+            return magnitude
+        return _break_ties(self.finish(total, used), magnitude)
 
     def combine(self, block: np.ndarray) -> np.ndarray:
         return block.sum(axis=1)
@@ -83,6 +85,17 @@ class ActivationCriterion(Criterion):
     def _note_fallback(self):
         self.notes[:] = [n for n in self.notes if not n.startswith("no activation measured")]
         self.notes.append(f"no activation measured for {self._fallbacks} group(s): scored by l2 magnitude")
+
+
+# Channels that calibration data never activates all score 0 (after ReLU, say); among
+# them, the ones with the smallest weights go first. The nudge is far below any real gap.
+_TIE_BREAK = 1e-6
+
+
+def _break_ties(scores: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
+    top = float(np.max(scores)) if scores.size and np.max(scores) > 0 else 1.0
+    biggest = float(np.max(magnitude)) if magnitude.size and np.max(magnitude) > 0 else 1.0
+    return scores + _TIE_BREAK * top * magnitude / biggest
 
 
 @register_criterion
