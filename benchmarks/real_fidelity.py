@@ -206,8 +206,7 @@ def minilm_section(path: Path) -> tuple[list[str], dict, dict]:
         f"{len(PARAPHRASES)} paraphrase pairs among them at a cosine of {paraphrase:.2f} and all other pairs at "
         f"{others:.2f}. Compared: every real token's output (padding excluded) and the mean-pooled sentence "
         "embedding, which equals the graph's own pooled output. MACs at batch 1, sequence 64, the tool's "
-        "default for dynamic dims: no input shape is passed, since the pruned model would keep it as a fixed "
-        "input shape. Without `heads`, `neurons` also narrows every head (the `neurons 32->24` groups: q/k "
+        "default for dynamic dims. Without `heads`, `neurons` also narrows every head (the `neurons 32->24` groups: q/k "
         "and v/output), which removes as many weights as 3 whole heads; hence the same size for the last two "
         "rows. The skipped groups are the 384-wide residual stream, which neither option targets.", "",
         "| configuration | params | MACs | verification | token cosine mean / min | "
@@ -282,9 +281,8 @@ def ocr_section(path: Path) -> tuple[list[str], dict, dict]:
         f"{len(crops)} crops: {page_crops} word groups from `skimage.data.page()` (printed English) and "
         f"{len(crops) - page_crops} from `skimage.data.text()` (handwritten formulas), grey to 3 channels, "
         f"resized to height {OCR_HEIGHT} keeping the aspect ratio, normalized (x/255-0.5)/0.5, zero-padded to "
-        f"width {OCR_WIDTH}. Pruned with input shape {input_name} [1,3,{OCR_HEIGHT},{OCR_WIDTH}], which the pruned "
-        "model keeps as its fixed input shape (the original's batch and width are dynamic), so every crop runs "
-        "alone. As on MiniLM, `neurons` without `heads` narrows every head (`neurons 15->12`). "
+        f"width {OCR_WIDTH}. Pruned with input shape {input_name} [1,3,{OCR_HEIGHT},{OCR_WIDTH}] for the analysis "
+        "(the pruned model keeps the original's dynamic batch and width); every crop runs alone. As on MiniLM, `neurons` without `heads` narrows every head (`neurons 15->12`). "
         f"Cosine and argmax agreement use the {steps} CTC steps only as far as the crop's text "
         "reaches (padding steps excluded); 'same reading' counts crops whose greedy CTC decoding is unchanged.", "",
         "| configuration | params | MACs | verification | crop cosine mean / min | argmax agreement mean / min "
@@ -373,9 +371,7 @@ def summary(minilm: dict, minilm_reports: dict, ocr: dict, ocr_reports: dict) ->
     if missed:
         lines += ["", (
             f"Only the first of the recognizer's two SVTR blocks is pruned: {', '.join(missed)} (the second block's "
-            "qkv) is skipped with 'input of unknown rank', and the second MLP is among the barriers for the same "
-            "reason. On this commit the cause is that shape completion (`complete_shapes`) stops after 4 rounds, "
-            "while this Paddle export's chain of Reshapes with run-time targets needs 6 before every shape is known.")]
+            "qkv) is skipped with 'input of unknown rank': shape completion did not reach it.")]
     return lines
 
 
