@@ -331,4 +331,26 @@ def reestimate_batchnorm(pruned: onnx.ModelProto, original: onnx.ModelProto, kep
             pruned.graph.initializer.append(numpy_helper.from_array(value.astype(mean.dtype), name))
             node.input[index] = name
         done += 1
+    _drop_unread_initializers(pruned)
     return done
+
+
+def _drop_unread_initializers(model: onnx.ModelProto) -> None:
+    """Running stats replaced above are read by no one now (onnxruntime would warn about them)."""
+    read = _names_read(model.graph) | {o.name for o in model.graph.output}
+    kept = [init for init in model.graph.initializer if init.name in read or
+            any(i.name == init.name for i in model.graph.input)]
+    if len(kept) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node reads, subgraphs (If/Loop bodies) included."""
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                names |= _names_read(sub)
+    return names
