@@ -439,20 +439,60 @@ def allocate_by_sensitivity(groups: list[Group], curves: dict[int, list[tuple[fl
     return {g.id: removed.get(g.id, 0) for g in groups}
 
 
+def allocate_uniform(groups: list[Group], cost_model: CostModel, metric: str, target: float, round_to: int = 1,
+                     *, min_keep: float = 0.0) -> dict[int, int]:
+    """{group.id: channels to remove}: the same ratio in every group, the largest that meets
+    the target (found by bisection; kept counts follow round_to and min_keep)."""
+    _check_request(metric, target, round_to, min_keep)
+    before = cost_model.before[metric]
+    if before <= 0:
+        raise OnnxPruneError(f"--target-{metric} {target:g}: the model has no {metric} to reduce")
+    goal = target * before
+    widths = {g.id: _Widths.of(g.channels, round_to, min_keep) for g in groups}
+
+    def removed_at(ratio: float) -> dict[int, int]:
+        out = {}
+        for g in groups:
+            keep = max(g.channels - math.floor(ratio * g.channels), widths[g.id].floor)
+            if round_to > 1:
+                keep = min(g.channels, math.ceil(keep / round_to) * round_to)
+            out[g.id] = g.channels - keep
+        return out
+
+    def cost_at(ratio: float) -> float:
+        removed = removed_at(ratio)
+        return cost_model.cost_of_counts({g.atom: g.channels - removed[g.id] for g in groups})[metric]
+
+    if cost_at(1.0) > goal:
+        raise OnnxPruneError(f"--target-{metric} {target:g}: unreachable, with every prunable group at its "
+                             f"minimum width the model keeps {cost_at(1.0) / before:.3f} of its {metric}")
+    low, high = 0.0, 1.0  # cost_at(high) always meets the goal
+    for _ in range(30):
+        mid = (low + high) / 2
+        if cost_at(mid) <= goal:
+            high = mid
+        else:
+            low = mid
+    return removed_at(high)
+
+
 def make_target_plan(analysis: Analysis, crit: Criterion, metric: str, target: float,
                      static_model: onnx.ModelProto, round_to: int = 1, exclude=(), curves=None, *,
-                     min_keep: float = 0.0) -> Plan:
+                     min_keep: float = 0.0, global_rank: bool = True) -> Plan:
     """A plan that brings `metric` ("macs" or "params") to `target` of the original.
 
     `static_model` is static_copy(model, concrete_shapes) of the analysed model. Within each
-    group the lowest-scored channels go; how many comes from allocate(), or from
-    allocate_by_sensitivity() when `curves` are given. A data-driven criterion must be
-    prepared first. plan.notes records the ratio reached.
+    group the lowest-scored channels go; how many comes from allocate_by_sensitivity() when
+    `curves` are given, else from allocate() (global ranking) or, with global_rank=False, from
+    allocate_uniform(). A data-driven criterion must be prepared first. plan.notes records
+    the ratio reached.
     """
     groups, skipped = candidate_groups(analysis, exclude)
     scores = {g.id: np.asarray(crit.scores(analysis, g), dtype=np.float64) for g in groups}
     cost_model = CostModel(analysis, static_model)
-    if curves is None:
+    if curves is None and not global_rank:
+        counts = allocate_uniform(groups, cost_model, metric, target, round_to, min_keep=min_keep)
+    elif curves is None:
         counts = allocate(analysis, groups, scores, cost_model, metric, target, round_to, min_keep=min_keep)
     else:
         counts = allocate_by_sensitivity(groups, curves, cost_model, metric, target, round_to, min_keep=min_keep)

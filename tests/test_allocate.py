@@ -368,3 +368,16 @@ def test_sensitivity_plan_meets_the_target_and_keeps_unmeasured_groups():
     assert 0.98 * 0.8 <= real <= 0.8
     with pytest.raises(OnnxPruneError, match="ratios must lie in"):
         allocate_by_sensitivity(c.groups, {measured[0].id: [(1.5, 1.0)]}, c.cost_model, "params", 0.8)
+
+
+@pytest.mark.parametrize("name", ["zoo_resnet50", "tiny_resnet"])
+def test_uniform_allocation_takes_one_ratio_everywhere(name):
+    c = case(name)
+    plan = make_target_plan(c.analysis, criterion("l2"), "macs", 0.5, static_copy(c.model, c.shapes),
+                            global_rank=False)
+    reached = c.pruned_cost(plan_json=plan.to_json())["macs"] / c.cost_model.before["macs"]
+    assert reached <= 0.5 and reached >= 0.45, reached
+    ratios = [len(d.removed) / d.group.channels for d in plan.decisions]
+    # floor(r * C) per group: every ratio sits within one channel of the common one
+    common = max(ratios)
+    assert all(common - r <= 1 / d.group.channels + 1e-9 for r, d in zip(ratios, plan.decisions))
