@@ -60,9 +60,9 @@ def _ratio(ctx, param, value):
 @click.option("--recover", "recover", default="none", show_default=True, metavar="METHODS",
               help="Training-free recovery with --calib: bias, lsq and/or bn (comma-separated), or none.")
 @click.option("--target-macs", "target_macs", default=None, type=float, metavar="R",
-              help="Keep this fraction of the MACs, with per-group ratios chosen by global ranking.")
+              help="Keep this fraction of the MACs: one ratio for every group, or per-group with --global/--sensitivity.")
 @click.option("--target-params", "target_params", default=None, type=float, metavar="R",
-              help="Keep this fraction of the parameters, with per-group ratios chosen by global ranking.")
+              help="Keep this fraction of the parameters (as --target-macs).")
 @click.option("--min-keep", "min_keep", default=0.25, show_default=True, type=float, metavar="R",
               help="With a target: every group keeps at least this fraction of its channels.")
 @click.option("--dry-run", is_flag=True, help="Plan and report, but write no model.")

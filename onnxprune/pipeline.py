@@ -214,7 +214,8 @@ def _target_plan(analysis: Analysis, options: PruneOptions, crit) -> Plan:
         ("params", options.target_params)
     concrete, _ = concrete_input_shapes(analysis.graph.model, options.input_shapes)
     return make_target_plan(analysis, crit, metric, target, static_copy(analysis.graph.model, concrete),
-                            round_to=options.round_to, exclude=options.exclude, min_keep=options.min_keep)
+                            round_to=options.round_to, exclude=options.exclude, min_keep=options.min_keep,
+                            global_rank=options.global_rank)
 
 
 def _criterion(analysis: Analysis, options: PruneOptions, recover: "_Recover"):
