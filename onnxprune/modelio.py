@@ -153,8 +153,42 @@ def payload_bytes(model: onnx.ModelProto) -> int:
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size in bytes (initializer payload alone when too large to serialize)."""
-    try:
-        return model.ByteSize()
-    except Exception:  # protobuf may refuse messages above 2 GiB
-        return payload_bytes(model)
+    """Serialized size in bytes, as ByteSize() gives it, but without serializing the weights.
+
+    protobuf's python ByteSize() serializes the whole message (over a second for a
+    BERT-base-sized model, and refused above 2 GiB). The weights' raw_data are bytes fields
+    whose encoded size is known from their length, so only the structure is serialized: the
+    model without initializers, and each initializer without its raw_data.
+    """
+    light = copy_without_initializers(model)
+    light_graph = light.graph.ByteSize()
+    graph = light_graph + sum(_field_bytes(_tensor_bytes(t)) for t in model.graph.initializer)
+    return light.ByteSize() - _field_bytes(light_graph) + _field_bytes(graph)
+
+
+def _varint_bytes(n: int) -> int:
+    size = 1
+    while n >= 0x80:
+        n >>= 7
+        size += 1
+    return size
+
+
+def _field_bytes(payload: int) -> int:
+    """A length-delimited field: a one-byte tag (field numbers below 16), the length, the payload.
+    Holds for GraphProto.initializer (5), ModelProto.graph (7) and TensorProto.raw_data (9)."""
+    return 1 + _varint_bytes(payload) + payload
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    if not tensor.HasField("raw_data"):
+        return tensor.ByteSize()
+    stub = onnx.TensorProto()
+    for field, value in tensor.ListFields():
+        if field.name == "raw_data":
+            continue
+        if isinstance(value, (str, bytes, int, float)):
+            setattr(stub, field.name, value)
+        else:
+            getattr(stub, field.name).extend(value)
+    return stub.ByteSize() + _field_bytes(len(tensor.raw_data))

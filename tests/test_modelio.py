@@ -46,3 +46,18 @@ def test_external_data_escaping_the_folder_is_refused(tmp_path):
     onnx.save(m, str(tmp_path / "evil.onnx"))
     with pytest.raises(OnnxPruneError, match="escapes"):
         load_model(tmp_path / "evil.onnx")
+
+
+def test_model_bytes_equals_protobufs_own_count():
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from onnxprune.modelio import model_bytes
+
+    model = onnx.load("fixtures/tiny_resnet.onnx")
+    # a tensor without raw_data, one with a doc string, and a 200 KB one (multi-byte length prefix)
+    model.graph.initializer.append(helper.make_tensor("listed", onnx.TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]))
+    big = numpy_helper.from_array(np.ones((50, 1000), np.float32), "big")
+    big.doc_string = "documented"
+    model.graph.initializer.append(big)
+    assert model_bytes(model) == model.ByteSize()
