@@ -28,7 +28,8 @@ from .layout import kept_positions
 from .plan import Plan
 
 METHODS = ("bias", "lsq", "bn")
-_RIDGE = 1e-6  # relative to the Gram's mean diagonal: keeps the solve stable for dead or duplicate channels
+_RIDGE = 1e-4  # relative to the Gram's mean diagonal: keeps the solve stable for dead or duplicate channels
+_LSQ_ROWS_PER_INPUT = 4  # fewer calibration rows than this per input and a refit fits the noise
 
 
 def parse_methods(text: str | None) -> tuple[str, ...]:
@@ -123,6 +124,13 @@ def prepare(analysis: Analysis, plan: Plan, methods, calibration, stats: dict | 
                                   "(MatMul/Gemm/1x1 conv with one input site); bias compensation for the rest")
         tensors = {e.sites[0][0].tensor: e.sites[0][0].axis for e in lsq_layers.values()}
         grams = collect_grams(graph.model, calibration, tensors) if tensors else {}
+        short = {k for k, e in lsq_layers.items()
+                 if grams[e.sites[0][0].tensor].count < _LSQ_ROWS_PER_INPUT * len(grams[e.sites[0][0].tensor].sum)}
+        if short:
+            recovery.notes.append(f"lsq refit skipped for {len(short)} layer(s) with fewer than "
+                                  f"{_LSQ_ROWS_PER_INPUT} calibration rows per input (it would fit the noise); "
+                                  "bias compensation instead: give more calibration data")
+        lsq_layers = {k: e for k, e in lsq_layers.items() if k not in short}
     for key, edit in by_layer.items():
         if key in lsq_layers:
             _fit_lsq(analysis, edit, removed, grams[edit.sites[0][0].tensor])

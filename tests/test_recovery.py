@@ -110,3 +110,14 @@ def test_batchnorm_after_a_pruned_layer_follows_its_input_shift():
     y = _run(pruned, feeds)
     np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0, atol=1e-4)
     np.testing.assert_allclose(y.var(axis=(0, 2, 3)), 1, atol=1e-3)
+
+
+def test_lsq_with_too_few_calibration_rows_falls_back_to_bias():
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((4, 6)).astype(np.float32)
+    model = text_model(LINEAR, {"W1": w1, "W2": (6, 3), "B2": (3,)})
+    feeds = _feeds((8, 4), batches=1)  # 8 rows for 6 inputs: a refit would fit the noise
+    lsq, rec = _prune(model, [5], ("lsq",), feeds)
+    bias, _ = _prune(model, [5], ("bias",), feeds)
+    assert any("lsq refit skipped" in n for n in rec.notes)
+    np.testing.assert_array_equal(_run(lsq, feeds), _run(bias, feeds))
