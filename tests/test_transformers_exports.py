@@ -70,3 +70,17 @@ def test_neurons_and_head_dims(tmp_path, name, dynamo):
     result = prune_planted(_export(name, dynamo, tmp_path), 0.25)
     kinds = [d.group.kind for d in result.plan.decisions if len(d.removed)]
     assert kinds.count("neurons") >= 2
+
+
+@pytest.mark.parametrize("name,dynamo", CASES, ids=[f"{n}-{'dynamo' if d else 'legacy'}" for n, d in CASES])
+def test_identity_layers(tmp_path, name, dynamo):
+    """A sublayer whose output projection is zero adds nothing: --layers 1 must find and drop it exactly."""
+    from test_layers import _same_function, plant_identity_blocks
+
+    from onnxprune import prune
+
+    planted, keys = plant_identity_blocks(_export(name, dynamo, tmp_path), 1)
+    result = prune(planted, layers=1, latency_runs=0)
+    assert result.report["layers"]["removed"] == keys
+    assert result.report["params"]["after"] < result.report["params"]["before"]
+    assert _same_function(planted, result.model) <= 1e-4
