@@ -1,4 +1,4 @@
-"""Command line: `onnxprune INPUT --filters R [...]`."""
+"""Command line: `onnxprune INPUT --filters R [...]` and `onnxprune sensitivity MODEL [...]`."""
 from __future__ import annotations
 
 import json
@@ -65,13 +65,18 @@ def _ratio(ctx, param, value):
               help="Keep this fraction of the parameters (as --target-macs).")
 @click.option("--min-keep", "min_keep", default=0.25, show_default=True, type=float, metavar="R",
               help="With a target: every group keeps at least this fraction of its channels.")
+@click.option("--sensitivity", "sensitivity_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.json",
+              help="With a target: per-group ratios from curves written by `onnxprune sensitivity --table FILE.json`.")
 @click.option("--dry-run", is_flag=True, help="Plan and report, but write no model.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime run, comparison and latency measurement.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for random inputs and the random criterion.")
 def prune_command(input_path, filters, neurons, heads, layers, drop_layers, layer_importance, output, importance, round_to, global_rank, exclude, input_shapes,
                   report_path, plan_path, apply_plan_path, calib, image_spec, calib_limit, recover, target_macs,
-                  target_params, min_keep, dry_run, no_verify, seed):
-    """Prune INPUT (an .onnx model) into a smaller model that computes the same minus the removed channels."""
+                  target_params, min_keep, sensitivity_path, dry_run, no_verify, seed):
+    """Prune INPUT (an .onnx model) into a smaller model that computes the same minus the removed channels.
+
+    See also `onnxprune sensitivity MODEL --help`: how much each group's pruning costs.
+    """
     from .modelio import default_output_path, save_model
     from .pipeline import PruneOptions, prune
     from .plan import load_plan_file
@@ -82,6 +87,15 @@ def prune_command(input_path, filters, neurons, heads, layers, drop_layers, laye
             and apply_plan_path is None and target_macs is None and target_params is None:
         raise click.UsageError("give --filters R, --neurons R, --heads R, --target-macs R and/or --layers N "
                                "(or --apply-plan FILE)")
+    sensitivity = None
+    if sensitivity_path is not None:
+        from .sensitivity import load_sensitivity
+
+        if target_macs is None and target_params is None:
+            raise click.UsageError("--sensitivity: give --target-macs R or --target-params R to allocate with it")
+        sensitivity = load_sensitivity(sensitivity_path)
+        if sensitivity.heads and heads is None:
+            heads = 0.0  # the curves name whole-head groups: analyse the model the same way
     ratio = filters if filters is not None else 0.0
     out_path = output or default_output_path(input_path)
     if not dry_run and out_path.resolve() == input_path.resolve():
@@ -93,7 +107,7 @@ def prune_command(input_path, filters, neurons, heads, layers, drop_layers, laye
         plan=load_plan_file(apply_plan_path) if apply_plan_path else None,
         seed=seed, verify=not no_verify, latency_runs=0 if no_verify else 20,
         calib=calib, image_spec=image_spec, calib_limit=calib_limit, recover=recover,
-        target_macs=target_macs, target_params=target_params, min_keep=min_keep,
+        target_macs=target_macs, target_params=target_params, min_keep=min_keep, sensitivity=sensitivity,
     )
     result = prune(input_path, options)
     report = result.report
@@ -112,6 +126,70 @@ def prune_command(input_path, filters, neurons, heads, layers, drop_layers, laye
     click.echo(f"wrote {out_path}" if not dry_run else "dry run: no model written")
 
 
+def _ratios(ctx, param, value):
+    try:
+        ratios = [float(r) for r in value.split(",") if r.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give comma-separated numbers, e.g. 0.25,0.5,0.75", ctx, param) from None
+    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+        raise click.BadParameter(f"{value}: each ratio must be in (0, 1)", ctx, param)
+    return tuple(ratios)
+
+
+_TABLE_LINES = 30  # groups printed; --table writes all of them
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--calib", "calib", type=click.Path(exists=True, path_type=Path), metavar="PATH",
+              help="Calibration inputs (as for pruning); random inputs without it.")
+@click.option("--calib-images", "image_spec", metavar="SPEC", help="Preprocessing for an image folder (as for pruning).")
+@click.option("--calib-samples", "calib_limit", type=click.IntRange(min=1), metavar="N",
+              help="Use at most N calibration samples  [default: 64].")
+@click.option("--labels", "labels", metavar="KEY",
+              help="Class ids for accuracy: a key of the --calib .npz file(s), or an .npy/.npz/.txt file.")
+@click.option("--ratios", "ratios", default="0.25,0.5,0.75", show_default=True, callback=_ratios,
+              help="Fractions of each group to remove, comma-separated.")
+@click.option("--importance", default="l2", show_default=True,
+              type=click.Choice(criteria_names(), case_sensitive=False), help="Which channels of a group go first.")
+@click.option("--heads", is_flag=True, help="Analyse attention heads as whole-head groups.")
+@click.option("--layers", is_flag=True, help="Remove each residual block instead of pruning channel groups.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...", help="Fix an input's dims (repeatable).")
+@click.option("--table", "table_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Write the table: .md, .csv, or .json (the file --sensitivity reads).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png",
+              help="Write a plot (needs matplotlib).")
+@click.option("--max-groups", "max_groups", type=click.IntRange(min=1), metavar="N",
+              help="Measure only the N groups holding the most MACs (or the first N blocks).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for random inputs and the random criterion.")
+def sensitivity_command(model_path, calib, image_spec, calib_limit, labels, ratios, importance, heads, layers,
+                        input_shapes, table_path, plot_path, max_groups, seed):
+    """Prune each group of MODEL alone at several ratios and measure how much the output changes."""
+    from .sensitivity import TABLE_SUFFIXES, analyze_sensitivity, load_labels, require_matplotlib
+    from .shapes import parse_input_shapes
+
+    # Bad output requests fail now, not after minutes of measuring.
+    if table_path is not None and table_path.suffix.lower() not in TABLE_SUFFIXES:
+        raise OnnxPruneError(f"--table {table_path}: give a file ending in {', '.join(TABLE_SUFFIXES)}")
+    if plot_path is not None:
+        if plot_path.suffix.lower() != ".png":
+            raise OnnxPruneError(f"--plot {plot_path}: the plot is a PNG, give a file ending in .png")
+        require_matplotlib()
+    if labels is not None and calib is None:
+        raise click.UsageError("--labels: needs --calib (the samples the labels belong to)")
+    result = analyze_sensitivity(
+        model_path, calibration=calib, ratios=ratios, importance=importance.lower(),
+        input_shapes=parse_input_shapes(input_shapes), heads=heads, layers=layers,
+        labels=load_labels(labels, calib) if labels is not None else None, seed=seed, max_groups=max_groups,
+        image_spec=image_spec, calib_limit=calib_limit)
+    click.echo(result.to_markdown(limit=_TABLE_LINES), nl=False)
+    click.echo(f"measured {len(result.rows)} trials in {result.seconds:.1f} s")
+    if table_path is not None:
+        click.echo(f"wrote {result.save_table(table_path)}")
+    if plot_path is not None:
+        click.echo(f"wrote {result.plot(plot_path)}")
+
+
 def _write_json(path: Path, data: dict) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     try:
@@ -124,9 +202,17 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def main(argv=None) -> int:
-    """Entry point: errors become one line on stderr and a non-zero exit, never a traceback."""
+    """Entry point: `onnxprune sensitivity ...` or the main job. Errors become one line on
+    stderr and a non-zero exit, never a traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sensitivity"]:  # a model file of that name can still be given as ./sensitivity
+        return _run(sensitivity_command, argv[1:], "onnxprune sensitivity")
+    return _run(prune_command, argv, "onnxprune")
+
+
+def _run(command: click.Command, argv: list[str], prog_name: str) -> int:
     try:
-        prune_command.main(args=argv, prog_name="onnxprune", standalone_mode=False)
+        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:

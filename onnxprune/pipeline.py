@@ -15,7 +15,7 @@ from .errors import OnnxPruneError, first_line
 from .graph import Graph
 from .importance import criterion
 from .modelio import load_model
-from .plan import Plan, candidate_groups, make_plan, plan_from_json, plan_from_removed
+from .plan import Plan, candidate_groups, group_key, make_plan, plan_from_json, plan_from_removed
 from .runtime import runtime_description
 from .shapes import complete_shapes, concrete_input_shapes, fix_input_shapes, infer_shapes, static_copy
 from .verify import Checker, Verification, session
@@ -45,6 +45,7 @@ class PruneOptions:
     target_macs: float | None = None  # keep this fraction of the MACs (per-group ratios allocated)
     target_params: float | None = None  # keep this fraction of the parameters
     min_keep: float = 0.25  # with a target: every group keeps at least this fraction of its channels
+    sensitivity: object = None  # with a target: curves from `onnxprune sensitivity` (a JSON path or SensitivityResult)
 
 
 @dataclass
@@ -213,9 +214,36 @@ def _target_plan(analysis: Analysis, options: PruneOptions, crit) -> Plan:
     metric, target = ("macs", options.target_macs) if options.target_macs is not None else \
         ("params", options.target_params)
     concrete, _ = concrete_input_shapes(analysis.graph.model, options.input_shapes)
-    return make_target_plan(analysis, crit, metric, target, static_copy(analysis.graph.model, concrete),
+    curves, note = _sensitivity_curves(analysis, options.sensitivity) if options.sensitivity is not None \
+        else (None, None)
+    plan = make_target_plan(analysis, crit, metric, target, static_copy(analysis.graph.model, concrete),
                             round_to=options.round_to, exclude=options.exclude, min_keep=options.min_keep,
-                            global_rank=options.global_rank)
+                            global_rank=options.global_rank, curves=curves)
+    if note:
+        plan.notes.insert(0, note)
+    return plan
+
+
+def _sensitivity_curves(analysis: Analysis, source) -> tuple[dict, str]:
+    """Measured damage curves keyed by group id (group keys are stable across analyses), and a note."""
+    from .sensitivity import SensitivityResult, load_sensitivity
+
+    result = source if isinstance(source, SensitivityResult) else load_sensitivity(source)
+    where = f"--sensitivity {source}" if isinstance(source, (str, Path)) else "sensitivity"
+    measured = result.curves()
+    if not measured:
+        raise OnnxPruneError(f"{where}: holds no channel-group curves (measured with --layers, or every trial failed)")
+    groups, _ = candidate_groups(analysis)
+    ids = {group_key(analysis, g): g.id for g in groups}
+    curves = {ids[key]: points for key, points in measured.items() if key in ids}
+    if not curves:
+        hint = " (it was measured with --heads: analyse with heads too, heads=0.0)" \
+            if result.heads and not analysis.heads else ""
+        raise OnnxPruneError(f"{where}: none of its groups is prunable in this model; measured on another "
+                             f"model?{hint}")
+    note = (f"per-group ratios from sensitivity curves ({result.data}): {len(curves)} of {len(groups)} groups "
+            "measured, the others keep all their channels")
+    return curves, note
 
 
 def _criterion(analysis: Analysis, options: PruneOptions, recover: "_Recover"):
