@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .dependency import Analysis, Group
-from .errors import OnnxPruneError
+from .errors import OnnxPruneError, first_line
 from .importance import Criterion
 
 
@@ -178,5 +178,5 @@ def load_plan_file(path) -> dict:
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise OnnxPruneError(f"--apply-plan {path}: cannot read ({exc})") from None
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are not text at all
+        raise OnnxPruneError(f"--apply-plan {path}: cannot read ({first_line(exc)})") from None

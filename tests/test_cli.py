@@ -116,3 +116,13 @@ def test_model_from_a_newer_onnx_is_refused_in_one_line(tmp_path):
     proc = run_cli(path, "--filters", "0.3")
     assert proc.returncode == 2 and "IR version 99" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_binary_plan_file_is_a_one_line_error(tmp_path, capsys):
+    from onnxprune.cli import main
+
+    bad = tmp_path / "plan.json"
+    bad.write_bytes(bytes(range(256)))
+    assert main(["fixtures/tiny_resnet.onnx", "--apply-plan", str(bad), "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnxprune: error: --apply-plan") and err.count("\n") == 1
