@@ -63,6 +63,8 @@ def _ratio(ctx, param, value):
               help="Keep this fraction of the MACs: one ratio for every group, or per-group with --global/--sensitivity.")
 @click.option("--target-params", "target_params", default=None, type=float, metavar="R",
               help="Keep this fraction of the parameters (as --target-macs).")
+@click.option("--target-latency", "target_latency", default=None, type=float, metavar="R",
+              help="Keep this fraction of the onnxruntime latency (searched over --target-macs, each step measured).")
 @click.option("--min-keep", "min_keep", default=0.25, show_default=True, type=float, metavar="R",
               help="With a target: every group keeps at least this fraction of its channels.")
 @click.option("--sensitivity", "sensitivity_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.json",
@@ -72,7 +74,7 @@ def _ratio(ctx, param, value):
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for random inputs and the random criterion.")
 def prune_command(input_path, filters, neurons, heads, layers, drop_layers, layer_importance, output, importance, round_to, global_rank, exclude, input_shapes,
                   report_path, plan_path, apply_plan_path, calib, image_spec, calib_limit, recover, target_macs,
-                  target_params, min_keep, sensitivity_path, dry_run, no_verify, seed):
+                  target_params, target_latency, min_keep, sensitivity_path, dry_run, no_verify, seed):
     """Prune INPUT (an .onnx model) into a smaller model that computes the same minus the removed channels.
 
     See also `onnxprune sensitivity MODEL --help`: how much each group's pruning costs.
@@ -84,15 +86,16 @@ def prune_command(input_path, filters, neurons, heads, layers, drop_layers, laye
     from .shapes import parse_input_shapes
 
     if filters is None and neurons is None and heads is None and not layers and not drop_layers \
-            and apply_plan_path is None and target_macs is None and target_params is None:
+            and apply_plan_path is None and target_macs is None and target_params is None and target_latency is None:
         raise click.UsageError("give --filters R, --neurons R, --heads R, --target-macs R and/or --layers N "
                                "(or --apply-plan FILE)")
     sensitivity = None
     if sensitivity_path is not None:
         from .sensitivity import load_sensitivity
 
-        if target_macs is None and target_params is None:
-            raise click.UsageError("--sensitivity: give --target-macs R or --target-params R to allocate with it")
+        if target_macs is None and target_params is None and target_latency is None:
+            raise click.UsageError("--sensitivity: give --target-macs, --target-params or --target-latency to "
+                                   "allocate with it")
         sensitivity = load_sensitivity(sensitivity_path)
         if sensitivity.heads and heads is None:
             heads = 0.0  # the curves name whole-head groups: analyse the model the same way
@@ -107,7 +110,8 @@ def prune_command(input_path, filters, neurons, heads, layers, drop_layers, laye
         plan=load_plan_file(apply_plan_path) if apply_plan_path else None,
         seed=seed, verify=not no_verify, latency_runs=0 if no_verify else 20,
         calib=calib, image_spec=image_spec, calib_limit=calib_limit, recover=recover,
-        target_macs=target_macs, target_params=target_params, min_keep=min_keep, sensitivity=sensitivity,
+        target_macs=target_macs, target_params=target_params, target_latency=target_latency, min_keep=min_keep,
+        sensitivity=sensitivity,
     )
     result = prune(input_path, options)
     report = result.report

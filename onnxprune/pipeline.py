@@ -45,6 +45,7 @@ class PruneOptions:
     target_macs: float | None = None  # keep this fraction of the MACs (per-group ratios allocated)
     target_params: float | None = None  # keep this fraction of the parameters
     min_keep: float = 0.25  # with a target: every group keeps at least this fraction of its channels
+    target_latency: float | None = None  # keep this fraction of the onnxruntime latency (searched, measured)
     sensitivity: object = None  # with a target: curves from `onnxprune sensitivity` (a JSON path or SensitivityResult)
 
 
@@ -62,11 +63,13 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
 
     Keyword arguments override fields of `options`, e.g. prune("m.onnx", filters=0.3).
     """
-    options = options or PruneOptions()
+    options = dataclasses.replace(options) if options is not None else PruneOptions()
     for key, value in kwargs.items():
         if not hasattr(options, key):
             raise TypeError(f"unknown option {key!r}")
         setattr(options, key, value)
+    if options.target_latency is not None:
+        return _prune_to_latency(model, options)
     started = time.perf_counter()
     owned = isinstance(model, (str, Path))  # loaded here: no one else holds it, no need to copy
     original = load_model(model) if owned else model
@@ -155,6 +158,59 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     report["barriers"] = analysis.barriers
     report["seconds"] = {"prune": round(prune_seconds, 3), "total": round(time.perf_counter() - started, 3)}
     return PruneResult(pruned, plan, analysis, verification, report)
+
+
+_LATENCY_STEPS = 6  # bisection steps over the MAC budget: each is a full prune plus a timing
+
+
+def _prune_to_latency(model, options: PruneOptions) -> PruneResult:
+    """--target-latency R: the largest MAC budget whose measured latency keeps at most R of the original.
+
+    Latency is not a sum over groups (kernels, memory, threads), so it is measured: a
+    bisection over --target-macs, each step a full prune timed in onnxruntime against the
+    original on the same inputs. The search starts at R (latency roughly follows MACs).
+    """
+    target = options.target_latency
+    if not 0.0 < target < 1.0:
+        raise OnnxPruneError(f"--target-latency {target}: must be in (0, 1)")
+    if options.target_macs is not None or options.target_params is not None:
+        raise OnnxPruneError("give one of --target-latency, --target-macs, --target-params")
+    if isinstance(model, (str, Path)):
+        model = load_model(model)
+    started = time.perf_counter()
+    steps, best = [], None
+    low, high, macs = 0.0, 1.0, target
+    for _ in range(_LATENCY_STEPS):
+        step_options = dataclasses.replace(options, target_latency=None, target_macs=macs, verify=True,
+                                           latency_runs=options.latency_runs or 20)
+        try:
+            result = prune(model, step_options)
+        except OnnxPruneError:  # below what --min-keep allows: aim higher
+            low = macs
+            macs = (low + high) / 2
+            continue
+        latency = result.report.get("latency_ms")
+        if latency is None:
+            raise OnnxPruneError(f"--target-latency: the pruned model did not run in onnxruntime "
+                                 f"({result.verification.ort})")
+        reached = latency["after"] / latency["before"]
+        steps.append({"target_macs": round(macs, 4), "latency_ratio": round(reached, 4)})
+        if reached <= target:
+            if best is None or macs > best[0]:
+                best = (macs, result, reached)
+            low = macs
+        else:
+            high = macs
+        macs = (low + high) / 2
+    if best is None:
+        tried = ", ".join(f"{s['target_macs']:.2f} MACs -> {s['latency_ratio']:.2f}" for s in steps) or "nothing ran"
+        raise OnnxPruneError(f"--target-latency {target}: not reached ({tried})")
+    _, result, reached = best
+    result.report["target_latency"] = {"target": target, "reached": round(reached, 4), "steps": steps}
+    result.report["notes"].append(f"target latency {target:.2f}: reached {reached:.3f} of the original "
+                                  f"(measured; {len(steps)} tries)")
+    result.report["seconds"]["total"] = round(time.perf_counter() - started, 3)
+    return result
 
 
 def analyze_model(model: onnx.ModelProto, input_shapes: dict | None = None, copy: bool = True,

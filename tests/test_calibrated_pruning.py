@@ -83,3 +83,33 @@ def test_cli_refuses_recovery_without_data(tmp_path, capsys):
     code = main([FIXTURE, "--filters", "0.3", "--recover", "lsq", "-o", str(tmp_path / "o.onnx")])
     assert code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+class _FakeResult:
+    def __init__(self, ratio):
+        self.report = {"latency_ms": {"before": 10.0, "after": 10.0 * ratio}, "notes": [], "seconds": {}}
+
+
+def test_latency_target_searches_the_largest_mac_budget_that_meets_it(monkeypatch):
+    from onnxprune import pipeline
+
+    tried = []
+
+    def fake_prune(model, options):  # latency falls with MACs, but not in proportion
+        tried.append(options.target_macs)
+        return _FakeResult(0.3 + 0.6 * options.target_macs)
+
+    monkeypatch.setattr(pipeline, "prune", fake_prune)
+    result = pipeline._prune_to_latency(onnx.load(FIXTURE), pipeline.PruneOptions(target_latency=0.7))
+    best = max(m for m in tried if 0.3 + 0.6 * m <= 0.7)
+    assert result.report["target_latency"]["reached"] == pytest.approx(0.3 + 0.6 * best, abs=1e-4)
+    assert 0.3 + 0.6 * best > 0.68  # bisection got close to the boundary (2/3 of the MACs)
+    assert len(result.report["target_latency"]["steps"]) == len(tried)
+
+
+def test_unreachable_latency_target_is_a_one_line_error(monkeypatch):
+    from onnxprune import pipeline
+
+    monkeypatch.setattr(pipeline, "prune", lambda model, options: _FakeResult(0.95))
+    with pytest.raises(OnnxPruneError, match="--target-latency 0.5: not reached"):
+        pipeline._prune_to_latency(onnx.load(FIXTURE), pipeline.PruneOptions(target_latency=0.5))
