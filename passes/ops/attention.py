@@ -271,8 +271,8 @@ class MicrosoftAttentionRule(OpRule):
         sizes = [int(s) for s in (ctx.attr("qkv_hidden_sizes") or [w_shape[1] // 3] * 3)]
         if sum(sizes) != w_shape[1] or any(s % num_heads for s in sizes) or sizes[0] != sizes[1]:
             raise Refuse(f"q/k/v hidden sizes {sizes} do not split into {num_heads} heads")
-        if ctx.input(4) is not None:
-            raise Refuse("past state is followed only in MultiHeadAttention")
+        if ctx.input(4) is not None or (len(node.outputs) > 1 and node.outputs[1].name):
+            raise Refuse("past/present state is followed only in MultiHeadAttention")
         _check_other_axes(ctx, 0, {2})
         incoming = ctx.input_layouts(0).get(2)
         if incoming is not None:
