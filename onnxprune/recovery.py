@@ -101,14 +101,15 @@ def prepare(analysis: Analysis, plan: Plan, methods, calibration, stats: dict | 
             continue
         for site in consumer_sites(analysis, decision.group):
             node, index, _ = site.weight.view or (site.weight.node, site.weight.input_index, site.weight.axis)
-            if _weight_axes(node, index) is None or graph.evaluate(node.inputs[index]) is None:
+            weight = graph.evaluate(node.inputs[index])
+            if _weight_axes(node, index) is None or weight is None or (node.op != "Conv" and weight.ndim != 2):
                 skipped.add(f"{node.op} {node.name!r}")
                 continue
             edit = by_layer.setdefault(id(node), LayerEdit(node))
             edit.sites.append((site, decision))
     if skipped:
-        recovery.notes.append(f"no compensation for {len(skipped)} layer(s) (grouped/transposed conv or "
-                              f"non-constant weights), e.g. {sorted(skipped)[0]}")
+        recovery.notes.append(f"no compensation for {len(skipped)} layer(s) (grouped/transposed conv, batched "
+                              f"or non-constant weights), e.g. {sorted(skipped)[0]}")
     recovery.layers = len(by_layer)
     if "bias" in methods or "lsq" in methods:
         tensors = {site.tensor: site.axis for e in by_layer.values() for site, _ in e.sites}
