@@ -87,3 +87,12 @@ def test_named_blocks_and_bad_names():
         prune(model, drop_layers=("nope",), latency_runs=0)
     with pytest.raises(OnnxPruneError, match="removable residual blocks"):
         prune(model, layers=5, latency_runs=0)
+
+
+def test_block_influence_is_measured_on_calibration_data_when_given():
+    model = text_model(PRE_LN, PRE_LN_WEIGHTS)
+    planted, keys = plant_identity_blocks(model, 1)
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 6, 16)).astype(np.float32)} for i in range(3)]
+    result = prune(planted, layers=1, layer_importance="influence", calib=feeds, latency_runs=0)
+    assert result.report["layers"]["removed"] == keys
+    assert "3 calibration samples" in result.report["layers"]["criterion"]
