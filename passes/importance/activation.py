@@ -98,32 +98,30 @@ def _break_ties(scores: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
     return scores + _TIE_BREAK * top * magnitude / biggest
 
 
+class _AveragedActivation(ActivationCriterion):
+    """A per-position activation statistic, averaged over a channel's positions and its sites."""
+
+    def combine(self, block):
+        return block.mean(axis=1)
+
+    def finish(self, total, used):
+        return total / used
+
+
 @register_criterion
-class MeanAbsActivation(ActivationCriterion):
+class MeanAbsActivation(_AveragedActivation):
     name = "act"
 
     def measure(self, stats):
         return stats.mean_abs
 
-    def combine(self, block):
-        return block.mean(axis=1)
-
-    def finish(self, total, used):
-        return total / used
-
 
 @register_criterion
-class APoZ(ActivationCriterion):
+class APoZ(_AveragedActivation):
     name = "apoz"
 
     def measure(self, stats):
         return 1.0 - stats.apoz
-
-    def combine(self, block):
-        return block.mean(axis=1)
-
-    def finish(self, total, used):
-        return total / used
 
 
 @register_criterion

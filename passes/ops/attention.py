@@ -194,6 +194,16 @@ class OnnxAttentionRule(OpRule):
         _rewrite_on_apply(ctx, heads, qk_size, {k: v for k, v in attrs.items() if k in node.attrs})
 
 
+def _microsoft_output(ctx, heads: Heads, out, qk_size: int, num_heads: int, bias_index: int) -> None:
+    """What the two com.microsoft ops share after their inputs: the per-head attention bias,
+    the [B, S, v_hidden] output, the contracted head_size and the num_heads/scale rewrite."""
+    _per_head_bias(ctx, bias_index, heads.q_heads, num_heads)
+    ctx.set_layout(ctx.node.outputs[0], 2, out)
+    if heads.qk_dim is not None:
+        ctx.consume(heads.qk_dim)
+    _rewrite_on_apply(ctx, heads, qk_size, {"num_heads": heads.q_heads} if heads.q_heads is not None else {})
+
+
 def _num_heads(ctx):
     heads = ctx.attr("num_heads")
     if not heads:
@@ -236,13 +246,8 @@ class MultiHeadAttentionRule(OpRule):
                 raise Refuse("bias is computed at run time")
             ctx.attach(3, 0, hidden[0] + hidden[1] + hidden[2], "bias")
         _check_other_axes(ctx, 4, set())
-        _per_head_bias(ctx, 5, heads.q_heads, num_heads)
         _caches(ctx, heads, past=(6, 7), present=(1, 2))
-        ctx.set_layout(node.outputs[0], 2, out)
-        if heads.qk_dim is not None:
-            ctx.consume(heads.qk_dim)
-        attrs = {"num_heads": heads.q_heads} if heads.q_heads is not None else {}
-        _rewrite_on_apply(ctx, heads, qk_size, attrs)
+        _microsoft_output(ctx, heads, out, qk_size, num_heads, bias_index=5)
 
 
 @register
@@ -285,11 +290,6 @@ class MicrosoftAttentionRule(OpRule):
         ctx.attach(1, 1, packed, "weight_out")
         ctx.attach(2, 0, packed, "bias")
         _check_other_axes(ctx, 3, set())
-        _per_head_bias(ctx, 5, heads.q_heads, num_heads)
-        ctx.set_layout(node.outputs[0], 2, out)
-        if heads.qk_dim is not None:
-            ctx.consume(heads.qk_dim)
-        attrs = {"num_heads": heads.q_heads} if heads.q_heads is not None else {}
-        _rewrite_on_apply(ctx, heads, qk_size, attrs)
+        _microsoft_output(ctx, heads, out, qk_size, num_heads, bias_index=5)
         if ctx.attr("qkv_hidden_sizes") is not None:
             ctx.on_apply(lambda ap: ap.set_attr(node, "qkv_hidden_sizes", [ap.new_size(h) for h in hidden]))
