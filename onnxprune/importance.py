@@ -48,6 +48,24 @@ def criterion(name: str, seed: int = 0) -> Criterion:
     return _CRITERIA[name](seed=seed)
 
 
+def prepared_criterion(name: str, seed: int, analysis: Analysis, groups: list[Group], calibration,
+                       compensated: bool = False) -> tuple[Criterion, list[str]]:
+    """Criterion `name`, prepared on `calibration` when it needs data; l2 and a note when there is none.
+
+    compensated: removal will be followed by mean compensation (recon scores the variance then).
+    """
+    from .calibration import MAGNITUDE_FALLBACK_NOTE
+
+    crit = criterion(name, seed)
+    if not crit.needs_data:
+        return crit, []
+    if calibration is None:
+        return criterion("l2", seed), [f"--importance {name}: {MAGNITUDE_FALLBACK_NOTE} (l2)"]
+    crit.compensated = compensated
+    crit.prepare(analysis, groups, calibration)
+    return crit, []
+
+
 def criteria_names() -> list[str]:
     from .rules import _load_builtin
 

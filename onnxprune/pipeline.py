@@ -13,7 +13,7 @@ from .apply import apply_plan
 from .dependency import Analysis, analyze
 from .errors import OnnxPruneError, first_line
 from .graph import Graph
-from .importance import criterion
+from .importance import criterion, prepared_criterion
 from .modelio import load_model
 from .plan import Plan, candidate_groups, group_key, make_plan, plan_from_json, plan_from_removed
 from .runtime import runtime_description
@@ -304,18 +304,14 @@ def _sensitivity_curves(analysis: Analysis, source) -> tuple[dict, str]:
 
 def _criterion(analysis: Analysis, options: PruneOptions, recover: "_Recover"):
     """The criterion to score with, prepared on the calibration data when it needs some."""
-    from .calibration import MAGNITUDE_FALLBACK_NOTE
-
-    crit = criterion(options.importance, options.seed)
-    if not crit.needs_data:
-        return crit, []
-    if recover.calibration is None:
-        return criterion("l2", options.seed), [f"--importance {crit.name}: {MAGNITUDE_FALLBACK_NOTE} (l2)"]
-    crit.compensated = bool({"bias", "lsq"} & set(recover.methods))  # what removal will cost after recovery
+    plain = criterion(options.importance, options.seed)
+    if not plain.needs_data:
+        return plain, []  # no need to find the candidate groups
     groups, _ = candidate_groups(analysis, options.exclude)
-    crit.prepare(analysis, groups, recover.calibration)
-    recover.stats = crit.stats
-    return crit, []
+    crit, notes = prepared_criterion(options.importance, options.seed, analysis, groups, recover.calibration,
+                                     compensated=bool({"bias", "lsq"} & set(recover.methods)))
+    recover.stats = getattr(crit, "stats", None)  # recovery reuses the activation statistics
+    return crit, notes
 
 
 @dataclass

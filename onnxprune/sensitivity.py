@@ -539,15 +539,10 @@ def _count(ratio: float, channels: int) -> int:
 
 def _prepared_criterion(name: str, seed: int, analysis, groups, data, notes: list[str]):
     """The criterion, prepared on the calibration data when it needs some (l2 when there is none)."""
-    from .calibration import MAGNITUDE_FALLBACK_NOTE
-    from .importance import criterion
+    from .importance import prepared_criterion
 
-    crit = criterion(name, seed)
-    if crit.needs_data and data is None:
-        notes.append(f"--importance {name}: {MAGNITUDE_FALLBACK_NOTE} (l2)")
-        return criterion("l2", seed)
-    if crit.needs_data:
-        crit.prepare(analysis, groups, data)
+    crit, fallback = prepared_criterion(name, seed, analysis, groups, data)
+    notes.extend(fallback)
     return crit
 
 
