@@ -175,6 +175,10 @@ def _cast(value: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
                          "convert without loss")
 
 
+# Names exporters give every unknown dim alike (Paddle writes "?"): they tie nothing together.
+_ANONYMOUS_DIMS = frozenset({"?", "-1", "unk", "None"})
+
+
 def _check_shape(value: np.ndarray, spec: InputSpec, source: str, symbols: dict) -> None:
     if spec.dims is None:
         return
@@ -185,7 +189,7 @@ def _check_shape(value: np.ndarray, spec: InputSpec, source: str, symbols: dict)
         if isinstance(want, int) and want != got:
             raise OnnxPruneError(f"{source}: input {spec.name!r} is {spec.describe()}, got shape "
                                  f"{list(value.shape)} ({got} on axis {axis})")
-        if isinstance(want, str):
+        if isinstance(want, str) and want not in _ANONYMOUS_DIMS:
             size, owner = symbols.setdefault(want, (got, spec.name))
             if size != got:
                 raise OnnxPruneError(f"{source}: inputs {owner!r} and {spec.name!r} disagree on dim {want!r} "
@@ -886,8 +890,16 @@ def _probe(model: onnx.ModelProto, names: list[str], elem_types: dict[str, int])
     declared = {out.name for out in model.graph.output}
     added = [_output_info(name, elem_types.get(name)) for name in names if name not in declared]
     # The outputs are added to the model itself only while the session is built: a copy would
-    # double the memory of a large model.
+    # double the memory of a large model. Input dims are left free for the same time, and stored
+    # shapes set aside: a model analysed at a fixed --input-shape still takes the calibration
+    # batches the user's model takes.
     model.graph.output.extend(added)
+    inputs = [_copy(vi) for vi in model.graph.input]
+    stored = [_copy(vi) for vi in model.graph.value_info]
+    for i, vi in enumerate(model.graph.input):
+        for j, dim in enumerate(vi.type.tensor_type.shape.dim):
+            dim.dim_param = f"calibration_{i}_{j}"
+    del model.graph.value_info[:]
     try:
         sess = session(model)
     except OnnxPruneError:
@@ -898,6 +910,9 @@ def _probe(model: onnx.ModelProto, names: list[str], elem_types: dict[str, int])
     finally:
         if added:
             del model.graph.output[len(model.graph.output) - len(added):]
+        for vi, kept in zip(model.graph.input, inputs):
+            vi.CopyFrom(kept)
+        model.graph.value_info.extend(stored)
 
     def run(feed: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
         try:
@@ -906,6 +921,12 @@ def _probe(model: onnx.ModelProto, names: list[str], elem_types: dict[str, int])
             raise OnnxPruneError(f"onnxruntime failed on calibration batch {batch} ({first_line(exc)})") from None
 
     return run
+
+
+def _copy(value_info: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    kept = onnx.ValueInfoProto()
+    kept.CopyFrom(value_info)
+    return kept
 
 
 def _output_info(name: str, elem_type: int | None) -> onnx.ValueInfoProto:

@@ -113,3 +113,18 @@ def test_unreachable_latency_target_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(pipeline, "prune", lambda model, options: _FakeResult(0.95))
     with pytest.raises(OnnxPruneError, match="--target-latency 0.5: not reached"):
         pipeline._prune_to_latency(onnx.load(FIXTURE), pipeline.PruneOptions(target_latency=0.5))
+
+
+def test_calibration_batches_need_not_match_the_analysis_input_shape():
+    # --input-shape fixes batch 1 for the analysis; the user's model takes any batch, so do its
+    # calibration batches. Paddle-style "?" dims are anonymous, not one shared size.
+    model = onnx.load(FIXTURE)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    for i in (0, 2, 3):
+        dims[i].Clear()
+        dims[i].dim_param = "?"
+    name = model.graph.input[0].name
+    feeds = [{name: np.random.default_rng(0).standard_normal((4, 3, 32, 24)).astype(np.float32)}]
+    result = prune(model, filters=0.3, importance="act", calib=feeds, recover="bias",
+                   input_shapes={name: [1, 3, 32, 32]}, latency_runs=0)
+    assert result.report["criterion"] == "act" and result.report["recovery"]["layers_compensated"] > 0
