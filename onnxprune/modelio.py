@@ -91,22 +91,23 @@ def copy_without_initializers(model: onnx.ModelProto, keep=lambda tensor: False)
     Copying a ModelProto whole would duplicate every weight; this copies the structure only.
     """
     light = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name == "graph":
-            continue
-        if isinstance(value, (str, bytes, int, float)):
-            setattr(light, field.name, value)
-        else:
-            getattr(light, field.name).extend(value)
-    for field, value in model.graph.ListFields():
-        if field.name == "initializer":
-            continue
-        if isinstance(value, (str, bytes, int, float)):
-            setattr(light.graph, field.name, value)
-        else:
-            getattr(light.graph, field.name).extend(value)
+    _copy_fields_except(model, light, "graph")
+    _copy_fields_except(model.graph, light.graph, "initializer")
     light.graph.initializer.extend(t for t in model.graph.initializer if keep(t))
     return light
+
+
+def _copy_fields_except(source, target, skipped: str) -> None:
+    """Copy every set field of a protobuf message but one (the big one: weights, raw bytes)."""
+    for field, value in source.ListFields():
+        if field.name == skipped:
+            continue
+        if isinstance(value, (str, bytes, int, float)):
+            setattr(target, field.name, value)
+        elif field.is_repeated:
+            getattr(target, field.name).extend(value)
+        else:  # a singular message, e.g. TensorProto.segment
+            getattr(target, field.name).CopyFrom(value)
 
 
 def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str,
@@ -184,11 +185,5 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     if not tensor.HasField("raw_data"):
         return tensor.ByteSize()
     stub = onnx.TensorProto()
-    for field, value in tensor.ListFields():
-        if field.name == "raw_data":
-            continue
-        if isinstance(value, (str, bytes, int, float)):
-            setattr(stub, field.name, value)
-        else:
-            getattr(stub, field.name).extend(value)
+    _copy_fields_except(tensor, stub, "raw_data")
     return stub.ByteSize() + _field_bytes(len(tensor.raw_data))

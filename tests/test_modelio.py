@@ -59,5 +59,6 @@ def test_model_bytes_equals_protobufs_own_count():
     model.graph.initializer.append(helper.make_tensor("listed", onnx.TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]))
     big = numpy_helper.from_array(np.ones((50, 1000), np.float32), "big")
     big.doc_string = "documented"
+    big.segment.begin, big.segment.end = 0, 50  # a singular message field
     model.graph.initializer.append(big)
     assert model_bytes(model) == model.ByteSize()
