@@ -773,6 +773,42 @@ class GramStats(_Accumulator):
         return self.gram / self.count - np.outer(self.mean, self.mean)
 
 
+class PairedStats:
+    """Per-channel sums of one tensor in two models run on the same batches (float64).
+
+    `a` is the reference (original model), `b` the candidate; `positions` picks the reference's
+    channels that the candidate kept. Gives the least-squares affine map b -> a per channel.
+    """
+
+    def __init__(self, axis: int, name: str = "tensor", positions: np.ndarray | None = None) -> None:
+        self.axis, self.name, self.positions = axis, name, positions
+        self.count = 0
+        self.sums = None  # rows: a, b, a*a, b*b, a*b
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        a = np.asarray(a)
+        if self.positions is not None:
+            a = np.take(a, self.positions, axis=self.axis)
+        if a.shape != np.shape(b):
+            raise OnnxPruneError(f"tensor {self.name!r}: shape {list(np.shape(b))} in the pruned model, "
+                                 f"{list(a.shape)} expected from the original")
+        for rows_a, rows_b in zip(_channel_rows(a, self.axis, self.name), _channel_rows(np.asarray(b), self.axis,
+                                                                                        self.name)):
+            part = np.stack([rows_a.sum(0), rows_b.sum(0), np.einsum("ij,ij->j", rows_a, rows_a),
+                             np.einsum("ij,ij->j", rows_b, rows_b), np.einsum("ij,ij->j", rows_a, rows_b)])
+            self.sums = part if self.sums is None else self.sums + part
+            self.count += rows_a.shape[0]
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(gain, offset) minimising E[(gain * b + offset - a)^2] per channel; gain 1 where b is constant."""
+        mean_a, mean_b, aa, bb, ab = self.sums / self.count
+        var_b = bb - mean_b ** 2
+        cov = ab - mean_a * mean_b
+        flat = var_b <= 1e-12 * np.maximum(aa, 1e-30)
+        gain = np.where(flat, 1.0, cov / np.where(flat, 1.0, var_b))
+        return gain, mean_a - gain * mean_b
+
+
 # ---------------------------------------------------------------------------------------------
 # Running the model
 
@@ -826,6 +862,34 @@ def _collect(model, feeds, tensors: dict[str, int], make: type[_Accumulator], bu
                 for name, values in zip(chunk, run(feed, batch)):
                     accumulators[name].add(values)
         del run  # one session at a time
+    return accumulators
+
+
+def collect_paired_stats(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds,
+                         tensors: dict[str, tuple[int, np.ndarray | None]],
+                         budget_bytes: int = DEFAULT_BUDGET_BYTES) -> dict[str, PairedStats]:
+    """PairedStats of tensors present under the same name in both models ({name: (channel axis,
+    reference positions the candidate kept or None)}), both run batch by batch on the same feeds."""
+    reference, candidate = _as_model(reference), _as_model(candidate)
+    data = calibration_feeds(feeds, reference)
+    _check_tensors(reference, {name: axis for name, (axis, _) in tensors.items()})
+    _check_tensors(candidate, {name: axis for name, (axis, _) in tensors.items()})
+    accumulators = {name: PairedStats(axis, name, positions) for name, (axis, positions) in tensors.items()}
+    names = list(tensors)
+    if not names:
+        return accumulators
+    elem_types, sizes = _tensor_sizes(reference, data.first(), names)
+    chunks = _chunks(names, {n: 2 * size for n, size in sizes.items()}, budget_bytes)
+    if len(chunks) > 1 and data.one_shot:
+        raise OnnxPruneError(f"{data.description}: {len(names)} tensors need {len(chunks)} passes to stay within "
+                             f"{budget_bytes} bytes, and a one-shot iterator allows one; pass a list or a function "
+                             "that returns a fresh iterator")
+    for chunk in chunks:
+        run_a, run_b = _probe(reference, chunk, elem_types), _probe(candidate, chunk, elem_types)
+        for batch, feed in enumerate(data, start=1):
+            for name, a, b in zip(chunk, run_a(feed, batch), run_b(feed, batch)):
+                accumulators[name].add(a, b)
+        del run_a, run_b
     return accumulators
 
 

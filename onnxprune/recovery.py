@@ -8,8 +8,9 @@
   calibration activations, it reproduces its original output from the kept channels:
   W' = argmin ||[X_k 1] W' - (X W + b)||^2, solved from the streamed Gram matrix of X.
   For MatMul/Gemm and 1x1 convolutions.
-- bn: BatchNormalization layers right after a layer that lost input channels get their
-  running mean/variance re-estimated on the pruned model.
+- bn: BatchNormalization layers right after a layer that lost input channels are corrected
+  per channel by the affine map that best reproduces their original input from the pruned
+  one (measured on both models, layer after layer).
 
 Compensations are computed from the original weights before the plan is applied
 (`prepare`), then written into the pruned graph (`finish`).
@@ -29,6 +30,7 @@ from .plan import Plan
 
 METHODS = ("bias", "lsq", "bn")
 _RIDGE = 1e-4  # relative to the Gram's mean diagonal: keeps the solve stable for dead or duplicate channels
+_BN_PASSES = 16  # BatchNorm correction: runs over the calibration data at most (one per layer up to this)
 _LSQ_ROWS_PER_INPUT = 4  # fewer calibration rows than this per input and a refit fits the noise
 
 
@@ -58,7 +60,8 @@ class LayerEdit:
 class Recovery:
     methods: tuple[str, ...]
     edits: dict[int, LayerEdit] = field(default_factory=dict)
-    bn_nodes: dict[str, np.ndarray | None] = field(default_factory=dict)  # name -> kept input positions
+    # BatchNormalization output tensor (node names may be empty) -> kept input positions
+    bn_nodes: dict[str, np.ndarray | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     layers: int = 0
 
@@ -141,7 +144,7 @@ def prepare(analysis: Analysis, plan: Plan, methods, calibration, stats: dict | 
         for edit in by_layer.values():
             users = edit.node.outputs[0].outputs
             if len(users) == 1 and users[0].op == "BatchNormalization":
-                recovery.bn_nodes[users[0].name] = None
+                recovery.bn_nodes[users[0].outputs[0].name] = None
     recovery.edits = by_layer
     return recovery
 
@@ -233,9 +236,9 @@ def finish(analysis: Analysis, plan: Plan, recovery: Recovery) -> None:
     for edit in recovery.edits.values():
         node = edit.node
         users = node.outputs[0].outputs
-        if len(users) == 1 and users[0].name in recovery.bn_nodes:
+        if len(users) == 1 and users[0].outputs[0].name in recovery.bn_nodes:
             layout = analysis.layouts.get(node.outputs[0].name, {}).get(1)
-            recovery.bn_nodes[users[0].name] = None if layout is None else kept_positions(layout, atoms, kept)
+            recovery.bn_nodes[users[0].outputs[0].name] = None if layout is None else kept_positions(layout, atoms, kept)
         out_layout = analysis.layouts.get(node.outputs[0].name, {}).get(_output_axis(node, graph))
         if edit.weight is not None:
             _write_weight(analysis, edit, out_layout, kept)
@@ -305,43 +308,66 @@ def _add_bias(graph, node: gs.Node, delta: np.ndarray) -> None:
                                   outputs=[out]))
 
 
-def reestimate_batchnorm(pruned: onnx.ModelProto, original: onnx.ModelProto, kept: dict, calibration) -> int:
-    """Correct the named BatchNormalization layers' running stats for what pruning changed.
+def reestimate_batchnorm(pruned: onnx.ModelProto, original: onnx.ModelProto, kept: dict, calibration,
+                         passes: int = _BN_PASSES) -> int:
+    """Correct BatchNormalization layers for what pruning changed in their input.
 
-    Their input is measured on the calibration data in both models; the running mean moves
-    by the change of the mean and the running variance scales with the change of the
-    variance. Where nothing changed (dead channels removed) the layer stays as it was, and
-    the statistics learnt in training are kept rather than replaced by calibration ones.
+    `kept` maps each layer's output tensor to the original input channels it kept (None: all).
+
+    Each layer's input is measured in both models on the same calibration batches, and per
+    channel the least-squares affine map from the pruned input to the original one is folded
+    into the layer's scale and bias, so its output is the best per-channel match of the
+    original's. (Matching the pruned input's own mean and variance, as recalibrating running
+    statistics does, scales up whatever is left of the channel, error included.) Where nothing
+    changed (dead channels removed) the map is the identity and the layer stays as it was.
+
+    Layers are corrected in graph order, in at most `passes` runs over the data: a layer's map
+    is measured after the layers before it were corrected. Measured all at once, every layer
+    would also correct for errors that the earlier corrections already removed.
     """
+    nodes = [n for n in pruned.graph.node if n.op_type == "BatchNormalization" and n.output[0] in kept]
+    inits = {i.name for i in pruned.graph.initializer}
+    nodes = [n for n in nodes if len(n.input) >= 5 and all(name in inits for name in n.input[1:5])]
+    step = max(1, -(-len(nodes) // max(1, passes)))
+    done = 0
+    for start in range(0, len(nodes), step):
+        done += _correct_batchnorms(pruned, original, nodes[start:start + step], kept, calibration)
+    _drop_unread_initializers(pruned)
+    return done
+
+
+def _correct_batchnorms(pruned, original, nodes, kept: dict, calibration) -> int:
     from onnx import numpy_helper
 
-    from .calibration import collect_channel_stats
+    from .calibration import collect_paired_stats
 
-    nodes = [n for n in pruned.graph.node if n.op_type == "BatchNormalization" and n.name in kept]
-    if not nodes:
-        return 0
-    tensors = {n.input[0]: 1 for n in nodes}
-    after = collect_channel_stats(pruned, calibration, tensors)
-    before = collect_channel_stats(original, calibration, tensors)
+    paired = collect_paired_stats(original, pruned, calibration, {n.input[0]: (1, kept[n.output[0]]) for n in nodes})
     inits = {i.name: i for i in pruned.graph.initializer}
     done = 0
     for node in nodes:
-        new, old = after[node.input[0]], before[node.input[0]]
-        positions = kept[node.name]  # the BN's own channels may have been pruned too
-        old_mean, old_var = (old.mean, old.variance) if positions is None else (old.mean[positions],
-                                                                               old.variance[positions])
-        mean_init, var_init = inits.get(node.input[3]), inits.get(node.input[4])
-        if mean_init is None or var_init is None or len(new.mean) != len(old_mean):
+        scale, bias, mean, var = (numpy_helper.to_array(inits[name]).astype(np.float64) for name in node.input[1:5])
+        gain, offset = paired[node.input[0]].affine()
+        if len(gain) != len(scale):
             continue
-        mean, var = numpy_helper.to_array(mean_init), numpy_helper.to_array(var_init)
-        ratio = np.where(old_var > 0, new.variance / np.maximum(old_var, 1e-30), 1.0)
-        for index, value in ((3, mean + (new.mean - old_mean)), (4, var * ratio)):
-            name = f"{node.name}_recovered_{'mean' if index == 3 else 'var'}"
-            pruned.graph.initializer.append(numpy_helper.from_array(value.astype(mean.dtype), name))
+        # BN(gain * x + offset) = (scale * gain)(x - mean) / s + bias + scale (offset + (gain - 1) mean) / s
+        spread = np.sqrt(var + _attr(node, "epsilon", 1e-5))
+        values = {1: scale * gain, 2: bias + scale * (offset + (gain - 1.0) * mean) / spread}
+        for index, value in values.items():
+            dtype = numpy_helper.to_array(inits[node.input[index]]).dtype
+            name = f"{node.output[0]}_recovered_{'scale' if index == 1 else 'bias'}"
+            while name in inits:
+                name += "_"
+            pruned.graph.initializer.append(numpy_helper.from_array(value.astype(dtype), name))
             node.input[index] = name
         done += 1
-    _drop_unread_initializers(pruned)
     return done
+
+
+def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
+    for attr in node.attribute:
+        if attr.name == name:
+            return attr.f
+    return default
 
 
 def _drop_unread_initializers(model: onnx.ModelProto) -> None:

@@ -94,7 +94,7 @@ g (float[4,3,6,6] x) => (float[4,5,6,6] y) {
 }"""
 
 
-def test_batchnorm_after_a_pruned_layer_follows_its_input_shift():
+def test_batchnorm_after_a_pruned_layer_becomes_the_best_affine_match_of_the_original():
     weights = {"W1": (8, 3, 1, 1), "W2": (5, 8, 3, 3), "gamma": np.ones(5, np.float32),
                "beta": np.zeros(5, np.float32), "mean": np.zeros(5, np.float32), "var": np.ones(5, np.float32)}
     model = text_model(CONV_BN, weights)
@@ -105,11 +105,61 @@ def test_batchnorm_after_a_pruned_layer_follows_its_input_shift():
         if init.name in ("mean", "var"):
             value = b.mean(axis=(0, 2, 3)) if init.name == "mean" else b.var(axis=(0, 2, 3))
             init.CopyFrom(numpy_helper.from_array(value.astype(np.float32), init.name))
+    want = _run(model, feeds)
     pruned, rec = _prune(model, [0, 1, 2, 3], ("bn",), feeds)
+    before = _run(pruned, feeds)
     assert recovery.reestimate_batchnorm(pruned, model, rec.bn_nodes, feeds) == 1
-    y = _run(pruned, feeds)
-    np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0, atol=1e-4)
-    np.testing.assert_allclose(y.var(axis=(0, 2, 3)), 1, atol=1e-3)
+    after = _run(pruned, feeds)
+    # Per channel, the corrected output is the least-squares fit of the original's output by
+    # an affine function of the uncorrected one: it cannot be worse than leaving it alone.
+    for c in range(5):
+        x, y = before[:, c].reshape(-1), want[:, c].reshape(-1)
+        coef, *_ = np.linalg.lstsq(np.c_[x, np.ones_like(x)], y, rcond=None)
+        np.testing.assert_allclose(after[:, c].reshape(-1), np.c_[x, np.ones_like(x)] @ coef, atol=1e-4)
+    assert np.square(after - want).mean() < np.square(before - want).mean()
+    np.testing.assert_allclose(after.mean(axis=(0, 2, 3)), want.mean(axis=(0, 2, 3)), atol=1e-4)
+
+
+TWO_BN = """
+g (float[4,3,6,6] x) => (float[4,5,6,6] y) {
+  a = Conv <kernel_shape=[1,1]> (x, W1)
+  r = Relu(a)
+  b = Conv <kernel_shape=[3,3], pads=[1,1,1,1]> (r, W2)
+  n = BatchNormalization (b, g1, b1, m1, v1)
+  s = Relu(n)
+  c = Conv <kernel_shape=[3,3], pads=[1,1,1,1]> (s, W3)
+  y = BatchNormalization (c, g2, b2, m2, v2)
+}"""
+
+
+def test_batchnorms_in_a_chain_are_corrected_one_after_the_other():
+    ones, zeros = (lambda n: np.ones(n, np.float32)), (lambda n: np.zeros(n, np.float32))
+    weights = {"W1": (8, 3, 1, 1), "W2": (8, 8, 3, 3), "W3": (5, 8, 3, 3), "g1": ones(8), "b1": zeros(8),
+               "m1": zeros(8), "v1": ones(8), "g2": ones(5), "b2": zeros(5), "m2": zeros(5), "v2": ones(5)}
+    model = text_model(TWO_BN, weights)
+    feeds = _feeds((4, 3, 6, 6))
+    want = _run(model, feeds)
+    analysis = analyze_model(model)
+    groups, _ = candidate_groups(analysis)
+    assert len(groups) == 2
+    plan = plan_from_removed(analysis, {group_key(analysis, g): [0, 2, 5] for g in groups})
+    rec = recovery.prepare(analysis, plan, ("bn",), feeds)
+    apply_plan(analysis, plan)
+    recovery.finish(analysis, plan, rec)
+    pruned = analysis.graph.to_model()
+    assert len(rec.bn_nodes) == 2
+    at_once, in_order, by_hand = (pruned.__class__() for _ in range(3))
+    for copy in (at_once, in_order, by_hand):
+        copy.CopyFrom(pruned)
+    assert recovery.reestimate_batchnorm(at_once, model, rec.bn_nodes, feeds, passes=1) == 2
+    assert recovery.reestimate_batchnorm(in_order, model, rec.bn_nodes, feeds) == 2
+    first, second = (n.output[0] for n in by_hand.graph.node if n.op_type == "BatchNormalization")
+    for name in (first, second):
+        recovery.reestimate_batchnorm(by_hand, model, {name: rec.bn_nodes[name]}, feeds)
+    np.testing.assert_allclose(_run(in_order, feeds), _run(by_hand, feeds), atol=1e-5)
+    # Measured at once, the second layer also corrects what the first one's correction fixed.
+    error = {k: np.square(_run(m, feeds) - want).mean() for k, m in (("at once", at_once), ("in order", in_order))}
+    assert error["in order"] < error["at once"], error
 
 
 def test_lsq_with_too_few_calibration_rows_falls_back_to_bias():
