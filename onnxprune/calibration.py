@@ -63,7 +63,9 @@ count, sum, sum of |x|, sum of x^2 and the number of exact zeros, in float64, ov
 except the channel axis. It does this batch by batch and keeps no activations. Graph inputs are
 read straight from the feeds, and initializers are fetched like any other tensor.
 ``collect_grams`` and ``collect_gram`` accumulate X^T X over a tensor's channel axis (the rows
-are all other positions) in the same way, for least-squares refits.
+are all other positions) in the same way, for least-squares refits; ``PatchGramStats`` does it
+for a kxk convolution's input patches (a sample of output positions per image), and
+``collect_into`` feeds any such accumulators.
 
 Memory stays bounded. The requested tensors are split into chunks whose extra outputs for one
 batch fit in ``budget_bytes`` (default 2 GiB). Sizes are estimated by shape inference at the
@@ -773,6 +775,62 @@ class GramStats(_Accumulator):
         return self.gram / self.count - np.outer(self.mean, self.mean)
 
 
+class PatchGramStats:
+    """X^T X of a convolution's input patches: rows are output positions, columns the
+    [channel, kernel tap] entries the kernel reads there (zero padding included).
+
+    At most `positions_per_sample` output positions per sample are taken, at random but
+    reproducibly, which bounds both the patch copy and the cost of the Gram (rows x cols^2).
+    """
+
+    def __init__(self, kernel, strides=None, pads=None, dilations=None, name: str = "tensor",
+                 positions_per_sample: int = 256, seed: int = 0) -> None:
+        rank = len(kernel)
+        self.kernel = tuple(int(k) for k in kernel)
+        self.strides = tuple(int(v) for v in (strides or [1] * rank))
+        self.pads = tuple(int(v) for v in (pads or [0] * (2 * rank)))
+        self.dilations = tuple(int(v) for v in (dilations or [1] * rank))
+        self.name, self.positions_per_sample = name, positions_per_sample
+        self.rng = np.random.default_rng(seed)
+        self.count = 0
+        self.gram = self.sum = None
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values)
+        rank = len(self.kernel)
+        if values.ndim != rank + 2:
+            raise OnnxPruneError(f"tensor {self.name!r}: shape {list(values.shape)} does not fit a "
+                                 f"{rank}-d convolution's input")
+        padded = np.pad(values, [(0, 0), (0, 0)] + [(self.pads[i], self.pads[i + rank]) for i in range(rank)])
+        out = [(padded.shape[2 + i] - self.dilations[i] * (self.kernel[i] - 1) - 1) // self.strides[i] + 1
+               for i in range(rank)]
+        if min(out) <= 0:
+            return
+        per_sample = math.prod(out)
+        taken = min(per_sample, self.positions_per_sample)
+        for n in range(values.shape[0]):
+            flat = (self.rng.choice(per_sample, taken, replace=False) if taken < per_sample
+                    else np.arange(per_sample))
+            where = np.unravel_index(flat, out)
+            taps = np.unravel_index(np.arange(math.prod(self.kernel)), self.kernel)
+            index = [where[i][:, None] * self.strides[i] + taps[i][None, :] * self.dilations[i] for i in range(rank)]
+            patches = padded[n][(slice(None), *index)]  # [channels, rows, taps]
+            rows = np.moveaxis(patches, 1, 0).reshape(taken, -1).astype(np.float64)
+            if self.gram is None:
+                self.gram = np.zeros((rows.shape[1], rows.shape[1]))
+                self.sum = np.zeros(rows.shape[1])
+            elif rows.shape[1] != len(self.sum):
+                raise OnnxPruneError(f"tensor {self.name!r}: {values.shape[1]} channels in one batch, "
+                                     f"{len(self.sum) // math.prod(self.kernel)} in an earlier one")
+            self.gram += rows.T @ rows
+            self.sum += rows.sum(axis=0)
+            self.count += taken
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / self.count
+
+
 class PairedStats:
     """Per-channel sums of one tensor in two models run on the same batches (float64).
 
@@ -836,15 +894,29 @@ def collect_gram(model: onnx.ModelProto | str | Path, feeds, tensor: str, axis: 
 
 
 def _collect(model, feeds, tensors: dict[str, int], make: type[_Accumulator], budget_bytes: int) -> dict:
+    accumulators = {name: make(axis, name) for name, axis in tensors.items()}
+    _check_tensors(_as_model(model), tensors)
+    collect_into(model, feeds, list(accumulators.items()), budget_bytes)
+    return accumulators
+
+
+def collect_into(model, feeds, accumulators: list[tuple[str, object]],
+                 budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+    """Give every (tensor name, accumulator) pair the tensor's values, batch by batch.
+
+    An accumulator is anything with `add(values)`; several may share a tensor.
+    """
     model = _as_model(model)
     data = calibration_feeds(feeds, model)
-    _check_tensors(model, tensors)
-    if not tensors:
-        return {}
-    accumulators = {name: make(axis, name) for name, axis in tensors.items()}
+    _check_tensors(model, {name: 0 for name, _ in accumulators})
+    if not accumulators:
+        return
+    by_tensor: dict[str, list] = {}
+    for name, accumulator in accumulators:
+        by_tensor.setdefault(name, []).append(accumulator)
     input_names = {spec.name for spec in data.inputs}
-    from_feeds = [name for name in tensors if name in input_names]
-    fetched = [name for name in tensors if name not in input_names]
+    from_feeds = [name for name in by_tensor if name in input_names]
+    fetched = [name for name in by_tensor if name not in input_names]
     first = data.first()
     elem_types, sizes = _tensor_sizes(model, first, fetched)
     chunks = _chunks(fetched, sizes, budget_bytes) or [[]]
@@ -857,12 +929,13 @@ def _collect(model, feeds, tensors: dict[str, int], make: type[_Accumulator], bu
         for batch, feed in enumerate(data, start=1):
             if number == 0:
                 for name in from_feeds:
-                    accumulators[name].add(feed[name])
+                    for accumulator in by_tensor[name]:
+                        accumulator.add(feed[name])
             if run is not None:
                 for name, values in zip(chunk, run(feed, batch)):
-                    accumulators[name].add(values)
+                    for accumulator in by_tensor[name]:
+                        accumulator.add(values)
         del run  # one session at a time
-    return accumulators
 
 
 def collect_paired_stats(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds,
@@ -999,6 +1072,7 @@ def _output_info(name: str, elem_type: int | None) -> onnx.ValueInfoProto:
     return onnx.helper.make_tensor_value_info(name, elem_type, None)
 
 
-__all__ = ["CalibrationData", "ChannelStats", "GramStats", "ImageSpec", "InputSpec", "calibration_feeds",
-           "collect_channel_stats", "collect_gram", "collect_grams", "load_calibration", "model_inputs",
+__all__ = ["CalibrationData", "ChannelStats", "GramStats", "ImageSpec", "InputSpec", "PairedStats", "PatchGramStats",
+           "calibration_feeds", "collect_channel_stats", "collect_gram", "collect_grams", "collect_into",
+           "collect_paired_stats", "load_calibration", "model_inputs",
            "MAGNITUDE_FALLBACK_NOTE"]

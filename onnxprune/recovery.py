@@ -7,7 +7,8 @@
 - lsq: the layer's remaining input weights are refitted by least squares so that, on the
   calibration activations, it reproduces its original output from the kept channels:
   W' = argmin ||[X_k 1] W' - (X W + b)||^2, solved from the streamed Gram matrix of X.
-  For MatMul/Gemm and 1x1 convolutions.
+  For MatMul/Gemm and ungrouped convolutions; for a kxk convolution X holds its input
+  patches (channels x kernel taps, zero padding included) at a sample of output positions.
 - bn: BatchNormalization layers right after a layer that lost input channels are corrected
   per channel by the affine map that best reproduces their original input from the pruned
   one (measured on both models, layer after layer).
@@ -52,7 +53,7 @@ class LayerEdit:
 
     node: gs.Node
     bias_delta: np.ndarray | None = None
-    weight: np.ndarray | None = None  # new [in_kept, out] matrix (lsq)
+    weight: np.ndarray | None = None  # new [in_kept, out, *kernel] weight (lsq)
     sites: list = field(default_factory=list)
 
 
@@ -90,7 +91,7 @@ def _output_axis(node: gs.Node, graph) -> int:
 
 def prepare(analysis: Analysis, plan: Plan, methods, calibration, stats: dict | None = None) -> Recovery:
     """Work out every layer's compensation from the original weights and calibration data."""
-    from .calibration import collect_channel_stats, collect_grams
+    from .calibration import collect_channel_stats, collect_into
 
     recovery = Recovery(tuple(methods))
     graph = analysis.graph
@@ -125,11 +126,12 @@ def prepare(analysis: Analysis, plan: Plan, methods, calibration, stats: dict | 
         lsq_layers = {k: e for k, e in by_layer.items() if _lsq_ready(e, graph)}
         if len(lsq_layers) < len(by_layer):
             recovery.notes.append(f"lsq refit for {len(lsq_layers)} of {len(by_layer)} layers "
-                                  "(MatMul/Gemm/1x1 conv with one input site); bias compensation for the rest")
-        tensors = {e.sites[0][0].tensor: e.sites[0][0].axis for e in lsq_layers.values()}
-        grams = collect_grams(graph.model, calibration, tensors) if tensors else {}
-        short = {k for k, e in lsq_layers.items()
-                 if grams[e.sites[0][0].tensor].count < _LSQ_ROWS_PER_INPUT * len(grams[e.sites[0][0].tensor].sum)}
+                                  "(MatMul/Gemm/ungrouped conv with one input site); bias compensation for the rest")
+        grams = _gram_accumulators(lsq_layers, graph)
+        if grams:
+            shared = {id(g): (e.sites[0][0].tensor, g) for e, g in ((lsq_layers[k], g) for k, g in grams.items())}
+            collect_into(graph.model, calibration, list(shared.values()))
+        short = {k for k in lsq_layers if grams[k].count < _LSQ_ROWS_PER_INPUT * len(grams[k].sum)}
         if short:
             recovery.notes.append(f"lsq refit skipped for {len(short)} layer(s) with fewer than "
                                   f"{_LSQ_ROWS_PER_INPUT} calibration rows per input (it would fit the noise); "
@@ -137,7 +139,7 @@ def prepare(analysis: Analysis, plan: Plan, methods, calibration, stats: dict | 
         lsq_layers = {k: e for k, e in lsq_layers.items() if k not in short}
     for key, edit in by_layer.items():
         if key in lsq_layers:
-            _fit_lsq(analysis, edit, removed, grams[edit.sites[0][0].tensor])
+            _fit_lsq(analysis, edit, removed, grams[key])
         elif "bias" in methods or "lsq" in methods:
             _bias_delta(analysis, edit, removed, stats)
     if "bn" in methods:
@@ -192,20 +194,50 @@ def _lsq_ready(edit: LayerEdit, graph) -> bool:
         return False
     if node.op == "Conv":
         kernel = graph.shape(node.inputs[1])
-        return kernel is not None and all(k == 1 for k in kernel[2:]) and not any(node.attrs.get("pads", []) or [])
+        return kernel is not None and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
     return True
+
+
+def _gram_accumulators(layers: dict, graph) -> dict:
+    """One Gram accumulator per layer to refit; layers reading the same tensor the same way share it."""
+    from .calibration import GramStats, PatchGramStats
+
+    made, shared = {}, {}
+    for key, edit in layers.items():
+        site = edit.sites[0][0]
+        node = edit.node
+        kernel = (graph.shape(node.inputs[1]) or ())[2:] if node.op == "Conv" else ()
+        if any(k != 1 for k in kernel) or any(node.attrs.get("pads", []) or []) or \
+                any(s != 1 for s in node.attrs.get("strides", []) or []):
+            geometry = (tuple(kernel), tuple(node.attrs.get("strides", []) or []),
+                        tuple(node.attrs.get("pads", []) or []), tuple(node.attrs.get("dilations", []) or []))
+            if (site.tensor, geometry) not in shared:
+                shared[(site.tensor, geometry)] = PatchGramStats(*geometry, name=site.tensor)
+        else:
+            geometry = site.axis
+            if (site.tensor, geometry) not in shared:
+                shared[(site.tensor, geometry)] = GramStats(site.axis, site.tensor)
+        made[key] = shared[(site.tensor, geometry)]
+    return made
 
 
 def _fit_lsq(analysis, edit: LayerEdit, removed, gram) -> None:
     """Refit the kept input weights and the bias so the layer's output is reproduced in the
     least-squares sense on the calibration activations (original model)."""
+    from .calibration import GramStats
+
     graph = analysis.graph
     site, _ = edit.sites[0]
     node, index, _ = site.weight.view or (site.weight.node, site.weight.input_index, site.weight.axis)
-    w = _matrix(graph, node, index)
-    w = w.reshape(w.shape[:2])  # [in, out]: 1x1 kernels
+    full = _matrix(graph, node, index)  # [in, out, *kernel taps]
+    if isinstance(gram, GramStats):
+        full = full.reshape(full.shape[:2] + (1,) * (full.ndim - 2))  # 1x1 kernel, no stride or pads
+    taps = int(np.prod(full.shape[2:], dtype=np.int64))
+    # Rows in the patch order: channel-major, then the kernel taps.
+    w = np.moveaxis(full, 1, -1).reshape(full.shape[0] * taps, full.shape[1])
     gone = np.concatenate([_removed_positions(analysis, site.layout, d.group, d.removed) for s, d in edit.sites])
-    keep = np.setdiff1d(np.arange(w.shape[0]), gone)
+    kept_channels = np.setdiff1d(np.arange(full.shape[0]), gone)
+    keep = (kept_channels[:, None] * taps + np.arange(taps)[None, :]).reshape(-1)
     n = gram.count
     mean = gram.sum / n
     second = gram.gram / n  # E[x x^T]
@@ -223,7 +255,7 @@ def _fit_lsq(analysis, edit: LayerEdit, removed, gram) -> None:
     ridge = _RIDGE * max(float(np.mean(np.diag(a))), 1e-12)
     prior = np.vstack([w[keep], np.zeros((1, w.shape[1]))])
     solution = np.linalg.solve(a + ridge * np.eye(k + 1), b + ridge * prior)
-    edit.weight = solution[:k]
+    edit.weight = np.moveaxis(solution[:k].reshape((len(kept_channels),) + full.shape[2:] + (w.shape[1],)), -1, 1)
     edit.bias_delta = solution[k]  # the fit's target excludes the old bias: this adds to it
 
 
@@ -258,7 +290,7 @@ def _write_weight(analysis, edit: LayerEdit, out_layout, kept) -> None:
     w = edit.weight if out_keep is None else edit.weight[:, out_keep]
     current = graph.const(node.inputs[1])
     in_axis, out_axis = _weight_axes(node, 1)
-    value = np.moveaxis(w.reshape(w.shape + (1,) * (current.ndim - 2)), (0, 1), (in_axis, out_axis))
+    value = np.moveaxis(w.reshape(w.shape[:2] + current.shape[2:]), (0, 1), (in_axis, out_axis))
     if node.op == "Gemm":
         value = value / float(node.attrs.get("alpha", 1.0))
     graph.set_const_input(node, 1, value.astype(current.dtype))

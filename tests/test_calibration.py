@@ -418,6 +418,46 @@ def test_gram_matches_numpy(conv):
     np.testing.assert_allclose(grams["x"].covariance, np.cov(x_rows, rowvar=False, bias=True), atol=1e-9)
 
 
+def test_patch_gram_matches_an_explicit_im2col():
+    x = np.random.default_rng(6).standard_normal((2, 3, 7, 6))
+    kernel, strides, pads, dilations = (3, 2), (2, 1), (1, 0, 1, 1), (1, 2)
+    padded = np.pad(x, [(0, 0), (0, 0), (1, 1), (0, 1)])
+    rows = []
+    for n in range(2):
+        for i in range(0, padded.shape[2] - 2 * 1 - 1 + 1, 2):
+            for j in range(0, padded.shape[3] - 1 * 2 - 1 + 1, 1):
+                rows.append(padded[n, :, i:i + 3:1, j:j + 3:2].reshape(-1))  # channel-major, then taps
+    rows = np.array(rows)
+    stats = cal.PatchGramStats(kernel, strides, pads, dilations, positions_per_sample=10_000)
+    stats.add(x[:1])
+    stats.add(x[1:])
+    assert stats.count == len(rows)
+    np.testing.assert_allclose(stats.gram, rows.T @ rows, rtol=1e-12)
+    np.testing.assert_allclose(stats.mean, rows.mean(0), rtol=1e-12)
+    sampled = cal.PatchGramStats(kernel, strides, pads, dilations, positions_per_sample=5)
+    sampled.add(x)
+    assert sampled.count == 10
+    # Each sampled row is one of the patches: the Gram is a sum of 10 of their outer products.
+    assert np.linalg.matrix_rank(sampled.gram) <= 10 and np.trace(sampled.gram) > 0
+
+
+def test_paired_stats_give_the_least_squares_affine_map_per_channel():
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((5, 4, 3, 3))
+    b = np.take(a, [0, 2, 3], axis=1) * np.array([2.0, -1.0, 0.5])[None, :, None, None] + 0.3
+    b = b + 0.1 * rng.standard_normal(b.shape)
+    b[:, 2] = 1.0  # constant: no information, gain 1 by convention
+    stats = cal.PairedStats(1, "t", np.array([0, 2, 3]))
+    stats.add(a[:2], b[:2])
+    stats.add(a[2:], b[2:])
+    gain, offset = stats.affine()
+    for c, source in enumerate([0, 2]):
+        want = np.polyfit(b[:, c].reshape(-1), a[:, source].reshape(-1), 1)
+        np.testing.assert_allclose([gain[c], offset[c]], want, rtol=1e-9)
+    assert gain[2] == 1.0 and offset[2] == pytest.approx(a[:, 3].mean() - 1.0)
+    one_line_error(lambda: stats.add(a, b[:, :2]), "tensor 't'", "shape")
+
+
 def test_stats_on_the_resnet_fixture_from_an_npz(tmp_path, resnet):
     x = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", input=x)

@@ -73,6 +73,28 @@ def test_lsq_refit_recovers_a_linearly_dependent_channel():
     np.testing.assert_allclose(_run(refit, feeds), want, atol=1e-3)
 
 
+CONV3X3 = """
+g (float[4,3,8,8] x) => (float[4,5,4,4] y) {
+  a = Conv <kernel_shape=[1,1]> (x, W1)
+  y = Conv <kernel_shape=[3,3], pads=[1,1,1,1], strides=[2,2]> (a, W2, B2)
+}"""
+
+
+def test_lsq_refits_a_strided_3x3_convolution_through_its_patches():
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((6, 3, 1, 1)).astype(np.float32)
+    w1[5] = w1[0] + 2 * w1[1]  # a5 = a0 + 2 a1 at every pixel, so in every patch too
+    model = text_model(CONV3X3, {"W1": w1, "W2": (5, 6, 3, 3), "B2": (5,)})
+    feeds = _feeds((4, 3, 8, 8), batches=8)  # 32 samples x 16 positions = 512 rows for 54 inputs
+    want = _run(model, feeds)
+    bias_only, _ = _prune(model, [5], ("bias",), feeds)
+    refit, rec = _prune(model, [5], ("lsq",), feeds)
+    assert not any("lsq refit" in n for n in rec.notes), rec.notes
+    assert np.abs(_run(bias_only, feeds) - want).max() > 0.1
+    # Exact up to the small ridge towards the original weights (relative 1e-4 of the Gram).
+    assert np.linalg.norm(_run(refit, feeds) - want) < 1e-3 * np.linalg.norm(want)
+
+
 def test_recovery_keeps_a_planted_dead_model_exact():
     rng = np.random.default_rng(0)
     w1, w2 = rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32)
