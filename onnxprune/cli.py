@@ -156,6 +156,9 @@ _TABLE_LINES = 30  # groups printed; --table writes all of them
               help="Fractions of each group to remove, comma-separated.")
 @click.option("--importance", default="l2", show_default=True,
               type=click.Choice(criteria_names(), case_sensitive=False), help="Which channels of a group go first.")
+@click.option("--recover", "recover", default="none", show_default=True, metavar="METHODS",
+              help="Training-free recovery in every trial (bias, lsq, bn, comma-separated; needs --calib), "
+                   "to measure what a group costs once compensated, as prune --recover will do it.")
 @click.option("--heads", is_flag=True, help="Analyse attention heads as whole-head groups.")
 @click.option("--layers", is_flag=True, help="Remove each residual block instead of pruning channel groups.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...", help="Fix an input's dims (repeatable).")
@@ -166,8 +169,8 @@ _TABLE_LINES = 30  # groups printed; --table writes all of them
 @click.option("--max-groups", "max_groups", type=click.IntRange(min=1), metavar="N",
               help="Measure only the N groups holding the most MACs (or the first N blocks).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for random inputs and the random criterion.")
-def sensitivity_command(model_path, calib, image_spec, calib_limit, labels, ratios, importance, heads, layers,
-                        input_shapes, table_path, plot_path, max_groups, seed):
+def sensitivity_command(model_path, calib, image_spec, calib_limit, labels, ratios, importance, recover, heads,
+                        layers, input_shapes, table_path, plot_path, max_groups, seed):
     """Prune each group of MODEL alone at several ratios and measure how much the output changes."""
     from .sensitivity import TABLE_SUFFIXES, analyze_sensitivity, load_labels, require_matplotlib
     from .shapes import parse_input_shapes
@@ -185,7 +188,7 @@ def sensitivity_command(model_path, calib, image_spec, calib_limit, labels, rati
         model_path, calibration=calib, ratios=ratios, importance=importance.lower(),
         input_shapes=parse_input_shapes(input_shapes), heads=heads, layers=layers,
         labels=load_labels(labels, calib) if labels is not None else None, seed=seed, max_groups=max_groups,
-        image_spec=image_spec, calib_limit=calib_limit)
+        image_spec=image_spec, calib_limit=calib_limit, recover=recover)
     click.echo(result.to_markdown(limit=_TABLE_LINES), nl=False)
     click.echo(f"measured {len(result.rows)} trials in {result.seconds:.1f} s")
     if table_path is not None:

@@ -270,8 +270,8 @@ def _target_plan(analysis: Analysis, options: PruneOptions, crit) -> Plan:
     metric, target = ("macs", options.target_macs) if options.target_macs is not None else \
         ("params", options.target_params)
     concrete, _ = concrete_input_shapes(analysis.graph.model, options.input_shapes)
-    curves, note = _sensitivity_curves(analysis, options.sensitivity) if options.sensitivity is not None \
-        else (None, None)
+    curves, note = _sensitivity_curves(analysis, options.sensitivity, options.recover) \
+        if options.sensitivity is not None else (None, None)
     plan = make_target_plan(analysis, crit, metric, target, static_copy(analysis.graph.model, concrete),
                             round_to=options.round_to, exclude=options.exclude, min_keep=options.min_keep,
                             global_rank=options.global_rank, curves=curves)
@@ -280,7 +280,7 @@ def _target_plan(analysis: Analysis, options: PruneOptions, crit) -> Plan:
     return plan
 
 
-def _sensitivity_curves(analysis: Analysis, source) -> tuple[dict, str]:
+def _sensitivity_curves(analysis: Analysis, source, recover=None) -> tuple[dict, str]:
     """Measured damage curves keyed by group id (group keys are stable across analyses), and a note."""
     from .sensitivity import SensitivityResult, load_sensitivity
 
@@ -299,6 +299,11 @@ def _sensitivity_curves(analysis: Analysis, source) -> tuple[dict, str]:
                              f"model?{hint}")
     note = (f"per-group ratios from sensitivity curves ({result.data}): {len(curves)} of {len(groups)} groups "
             "measured, the others keep all their channels")
+    methods = recovery.parse_methods(recover) if isinstance(recover, str) or recover is None else tuple(recover)
+    if tuple(result.recover) != methods:
+        measured_with = ",".join(result.recover) or "none"
+        note += (f"; the curves were measured with recovery {measured_with}, this run recovers with "
+                 f"{','.join(methods) or 'none'}: what a group costs may differ (measure with the same --recover)")
     return curves, note
 
 
@@ -310,7 +315,7 @@ def _criterion(analysis: Analysis, options: PruneOptions, recover: "_Recover"):
     groups, _ = candidate_groups(analysis, options.exclude)
     crit, notes = prepared_criterion(options.importance, options.seed, analysis, groups, recover.calibration,
                                      compensated=bool({"bias", "lsq"} & set(recover.methods)))
-    recover.stats = getattr(crit, "stats", None)  # recovery reuses the activation statistics
+    recover.stats = dict(getattr(crit, "stats", None) or {})  # recovery reuses the activation statistics
     return crit, notes
 
 
@@ -320,7 +325,10 @@ class _Recover:
 
     methods: tuple[str, ...]
     calibration: object = None
-    stats: dict | None = None  # activation statistics a criterion already collected
+    # Caches for every plan tried in this run (roll-back, latency search): activation statistics
+    # (a criterion's to start with) and Gram matrices, all measured on the original model.
+    stats: dict = field(default_factory=dict)
+    grams: dict = field(default_factory=dict)
     result: object = None
 
 
@@ -424,7 +432,8 @@ def _apply(analysis: Analysis, plan: Plan, keep_value_info: bool, recover: "_Rec
     original = analysis.graph.model
     result = None
     if recover is not None and recover.methods and plan.removed_by_atom():
-        result = recovery.prepare(analysis, plan, recover.methods, recover.calibration, recover.stats)
+        result = recovery.prepare(analysis, plan, recover.methods, recover.calibration, recover.stats,
+                                  recover.grams)
     apply_plan(analysis, plan)
     if result is not None:
         recovery.finish(analysis, plan, result)

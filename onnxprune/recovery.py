@@ -89,8 +89,13 @@ def _output_axis(node: gs.Node, graph) -> int:
     return 1
 
 
-def prepare(analysis: Analysis, plan: Plan, methods, calibration, stats: dict | None = None) -> Recovery:
-    """Work out every layer's compensation from the original weights and calibration data."""
+def prepare(analysis: Analysis, plan: Plan, methods, calibration, stats: dict | None = None,
+            grams: dict | None = None) -> Recovery:
+    """Work out every layer's compensation from the original weights and calibration data.
+
+    `stats` ({tensor: ChannelStats}) and `grams` (Gram accumulators by tensor and geometry)
+    are caches for repeated calls on the same model: what is missing is collected and added.
+    """
     from .calibration import collect_channel_stats, collect_into
 
     recovery = Recovery(tuple(methods))
@@ -117,8 +122,8 @@ def prepare(analysis: Analysis, plan: Plan, methods, calibration, stats: dict | 
     recovery.layers = len(by_layer)
     if "bias" in methods or "lsq" in methods:
         tensors = {site.tensor: site.axis for e in by_layer.values() for site, _ in e.sites}
-        missing = {t: a for t, a in tensors.items() if not stats or t not in stats}
-        stats = dict(stats or {})
+        stats = {} if stats is None else stats
+        missing = {t: a for t, a in tensors.items() if t not in stats}
         if missing:
             stats.update(collect_channel_stats(graph.model, calibration, missing))
     lsq_layers = {}
@@ -127,10 +132,9 @@ def prepare(analysis: Analysis, plan: Plan, methods, calibration, stats: dict | 
         if len(lsq_layers) < len(by_layer):
             recovery.notes.append(f"lsq refit for {len(lsq_layers)} of {len(by_layer)} layers "
                                   "(MatMul/Gemm/ungrouped conv with one input site); bias compensation for the rest")
-        grams = _gram_accumulators(lsq_layers, graph)
-        if grams:
-            shared = {id(g): (e.sites[0][0].tensor, g) for e, g in ((lsq_layers[k], g) for k, g in grams.items())}
-            collect_into(graph.model, calibration, list(shared.values()))
+        grams, fresh = _gram_accumulators(lsq_layers, graph, {} if grams is None else grams)
+        if fresh:
+            collect_into(graph.model, calibration, fresh)
         short = {k for k in lsq_layers if grams[k].count < _LSQ_ROWS_PER_INPUT * len(grams[k].sum)}
         if short:
             recovery.notes.append(f"lsq refit skipped for {len(short)} layer(s) with fewer than "
@@ -198,27 +202,36 @@ def _lsq_ready(edit: LayerEdit, graph) -> bool:
     return True
 
 
-def _gram_accumulators(layers: dict, graph) -> dict:
-    """One Gram accumulator per layer to refit; layers reading the same tensor the same way share it."""
+def _gram_accumulators(layers: dict, graph, shared: dict) -> tuple[dict, list]:
+    """One Gram accumulator per layer to refit, and the (tensor, accumulator) pairs still to fill.
+
+    Layers reading the same tensor the same way share one; `shared` (a cache) keeps them.
+    """
     from .calibration import GramStats, PatchGramStats
 
-    made, shared = {}, {}
+    made, fresh = {}, []
     for key, edit in layers.items():
         site = edit.sites[0][0]
-        node = edit.node
-        kernel = (graph.shape(node.inputs[1]) or ())[2:] if node.op == "Conv" else ()
-        if any(k != 1 for k in kernel) or any(node.attrs.get("pads", []) or []) or \
-                any(s != 1 for s in node.attrs.get("strides", []) or []):
-            geometry = (tuple(kernel), tuple(node.attrs.get("strides", []) or []),
-                        tuple(node.attrs.get("pads", []) or []), tuple(node.attrs.get("dilations", []) or []))
-            if (site.tensor, geometry) not in shared:
-                shared[(site.tensor, geometry)] = PatchGramStats(*geometry, name=site.tensor)
-        else:
-            geometry = site.axis
-            if (site.tensor, geometry) not in shared:
-                shared[(site.tensor, geometry)] = GramStats(site.axis, site.tensor)
-        made[key] = shared[(site.tensor, geometry)]
-    return made
+        geometry = _patch_geometry(edit.node, graph)  # None: a plain Gram over the channel axis
+        cache_key = (site.tensor, site.axis if geometry is None else geometry)
+        if cache_key not in shared:
+            shared[cache_key] = (GramStats(site.axis, site.tensor) if geometry is None
+                                 else PatchGramStats(*geometry, name=site.tensor))
+            fresh.append((site.tensor, shared[cache_key]))
+        made[key] = shared[cache_key]
+    return made, fresh
+
+
+def _patch_geometry(node: gs.Node, graph) -> tuple | None:
+    """(kernel, strides, pads, dilations) of a convolution that reads patches, None for 1x1 ones
+    (and MatMul/Gemm), which read one position per output."""
+    if node.op != "Conv":
+        return None
+    kernel = tuple((graph.shape(node.inputs[1]) or ())[2:])
+    strides, pads, dilations = (tuple(node.attrs.get(name, []) or []) for name in ("strides", "pads", "dilations"))
+    if all(k == 1 for k in kernel) and not any(pads) and all(v == 1 for v in strides):
+        return None
+    return kernel, strides, pads, dilations
 
 
 def _fit_lsq(analysis, edit: LayerEdit, removed, gram) -> None:

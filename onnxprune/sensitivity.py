@@ -78,6 +78,7 @@ class SensitivityResult:
     groups_total: int = 0  # candidates before --max-groups
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    recover: list[str] = field(default_factory=list)  # training-free recovery applied in every trial
 
     # -- reading the numbers ------------------------------------------------------------
     def damage(self, trial: Trial, metric: str = "rel_error") -> float:
@@ -140,7 +141,7 @@ class SensitivityResult:
             rows = [Trial(**_restore_inf(row)) for row in data["rows"]]
             fields = {k: data[k] for k in ("model", "data", "criterion", "ratios")}
             extra = {k: data[k] for k in ("macs", "baseline_accuracy", "heads", "layers", "groups_total",
-                                          "notes", "seconds") if k in data}
+                                          "notes", "seconds", "recover") if k in data}
         except (KeyError, TypeError) as exc:
             raise OnnxPruneError(f"{source}: malformed sensitivity file ({first_line(exc)})") from None
         return cls(rows=rows, **fields, **extra)
@@ -158,7 +159,8 @@ class SensitivityResult:
         """A header and one table row per group, most sensitive first, one column per ratio."""
         metric = self.default_metric()
         lines = [f"Sensitivity of {self.model}", "",
-                 f"- data: {self.data}", f"- channels chosen by: {self.criterion}",
+                 f"- data: {self.data}", f"- channels chosen by: {self.criterion}"
+                 + (f", then recovery: {','.join(self.recover)}" if self.recover else ""),
                  f"- cells: {_METRIC_TEXT[metric]}" + (" (rel. output error in brackets)"
                                                       if metric == "accuracy_drop" else "")]
         if self.baseline_accuracy is not None:
@@ -277,7 +279,8 @@ def load_sensitivity(path) -> SensitivityResult:
 def analyze_sensitivity(model, calibration=None, ratios=DEFAULT_RATIOS, importance: str = "l2",
                         input_shapes: dict | None = None, heads: bool = False, layers: bool = False,
                         labels=None, seed: int = 0, max_groups: int | None = None, *,
-                        image_spec: str | None = None, calib_limit: int | None = None) -> SensitivityResult:
+                        image_spec: str | None = None, calib_limit: int | None = None,
+                        recover=()) -> SensitivityResult:
     """Prune each group (or residual block) alone at each ratio and measure the output change.
 
     `model` is a path or a ModelProto (never modified). `calibration` takes what --calib does
@@ -285,6 +288,8 @@ def analyze_sensitivity(model, calibration=None, ratios=DEFAULT_RATIOS, importan
     most `calib_limit` samples are used (DEFAULT_SAMPLES when not given). Without it, random
     inputs stand in and the result says so. `labels` (1-D ints, one per calibration sample, in
     order) adds top-1 accuracy. `max_groups` measures only the groups holding the most MACs.
+    `recover` (as --recover: "bias", "lsq,bn", ...) applies training-free recovery in every
+    trial, so the curves say what a group costs once compensated; it needs calibration data.
     """
     from .metrics import random_inputs
     from .modelio import load_model
@@ -294,6 +299,7 @@ def analyze_sensitivity(model, calibration=None, ratios=DEFAULT_RATIOS, importan
     name = Path(model).name if isinstance(model, (str, Path)) else (model.graph.name or "model")
     original = load_model(model) if isinstance(model, (str, Path)) else model
     ratios = _check_ratios(ratios, layers)
+    methods = _recovery_methods(recover, layers, calibration)
     if max_groups is not None and max_groups < 1:
         raise OnnxPruneError(f"--max-groups {max_groups}: give a positive number")
     notes: list[str] = []
@@ -319,14 +325,26 @@ def analyze_sensitivity(model, calibration=None, ratios=DEFAULT_RATIOS, importan
         rows, total, macs, criterion_name = *_block_trials(**common), "whole residual blocks"
     else:
         rows, total, macs, criterion_name = _group_trials(
-            **common, ratios=ratios, heads=heads, importance=importance, seed=seed, data=data, notes=notes)
+            **common, ratios=ratios, heads=heads, importance=importance, seed=seed, data=data, notes=notes,
+            methods=methods)
     if max_groups is not None and max_groups < total:
         what = "residual blocks, in graph order" if layers else "groups, those with the most MACs"
         notes.append(f"measured {max_groups} of {total} {what}")
     return SensitivityResult(model=name, data=description, criterion=criterion_name, ratios=list(ratios),
                              rows=rows, macs=macs, baseline_accuracy=reference.accuracy, heads=heads,
                              layers=layers, groups_total=total, notes=notes,
-                             seconds=round(time.perf_counter() - started, 3))
+                             seconds=round(time.perf_counter() - started, 3), recover=list(methods))
+
+
+def _recovery_methods(recover, layers: bool, calibration) -> tuple[str, ...]:
+    from .recovery import parse_methods
+
+    methods = parse_methods(recover) if isinstance(recover, str) or recover is None else tuple(recover)
+    if methods and layers:
+        raise OnnxPruneError("--recover: applies to channel groups, not to --layers")
+    if methods and calibration is None:
+        raise OnnxPruneError(f"--recover {','.join(methods)}: needs calibration data (--calib)")
+    return methods
 
 
 def _check_ratios(ratios, layers: bool) -> tuple[float, ...]:
@@ -489,7 +507,7 @@ def _change(before, after) -> tuple[float, float] | None:
 
 # -- trials ----------------------------------------------------------------------------------
 def _group_trials(original, input_shapes, shapes, reference: _Reference, max_groups, ratios, heads,
-                  importance, seed, data, notes) -> tuple[list[Trial], int, int, str]:
+                  importance, seed, data, notes, methods=()) -> tuple[list[Trial], int, int, str]:
     """Every prunable group at every ratio; returns (rows, groups, original MACs, criterion)."""
     from .allocate import CostModel
     from .pipeline import _interface, analyze_model
@@ -499,7 +517,11 @@ def _group_trials(original, input_shapes, shapes, reference: _Reference, max_gro
     pristine = analyze_model(original, input_shapes, copy=True, heads=heads)
     shaped = pristine.graph.model  # shapes completed once; every trial analyses a fresh import of it
     groups, _ = candidate_groups(pristine)
-    crit = _prepared_criterion(importance, seed, pristine, groups, data, notes)
+    crit = _prepared_criterion(importance, seed, pristine, groups, data, notes, compensated=bool(methods))
+    caches = {"stats": dict(getattr(crit, "stats", None) or {}), "grams": {}}
+    if methods:
+        notes.append(f"every trial applies recovery {','.join(methods)} (prune's report names, per layer, what it "
+                     "could compensate)")
     cost_model = CostModel(pristine, static_copy(shaped, shapes))
     total_macs = cost_model.before["macs"]
     orders = {g.id: np.argsort(np.asarray(crit.scores(pristine, g), dtype=np.float64), kind="stable")
@@ -526,7 +548,8 @@ def _group_trials(original, input_shapes, shapes, reference: _Reference, max_gro
                 continue
             if count not in measured:
                 removed = np.sort(orders[group.id][:count])
-                measured[count] = _measure(lambda: _pruned_group(shaped, heads, key, removed, interface), reference)
+                measured[count] = _measure(lambda: _pruned_group(shaped, heads, key, removed, interface,
+                                                                 methods, data, caches), reference)
             rows.append(Trial(key, group.kind, group.channels, ratio, count, **measured[count],
                               macs_saved=saved(group, count)))
     return rows, len(groups), total_macs, crit.name
@@ -537,17 +560,20 @@ def _count(ratio: float, channels: int) -> int:
     return min(math.floor(ratio * channels), channels - 1)
 
 
-def _prepared_criterion(name: str, seed: int, analysis, groups, data, notes: list[str]):
+def _prepared_criterion(name: str, seed: int, analysis, groups, data, notes: list[str], compensated: bool = False):
     """The criterion, prepared on the calibration data when it needs some (l2 when there is none)."""
     from .importance import prepared_criterion
 
-    crit, fallback = prepared_criterion(name, seed, analysis, groups, data)
+    crit, fallback = prepared_criterion(name, seed, analysis, groups, data, compensated=compensated)
     notes.extend(fallback)
     return crit
 
 
-def _pruned_group(shaped: onnx.ModelProto, heads: bool, key: str, removed: np.ndarray, interface: dict):
-    """The model with only `removed` channels of group `key` gone (a fresh analysis; `shaped` stays)."""
+def _pruned_group(shaped: onnx.ModelProto, heads: bool, key: str, removed: np.ndarray, interface: dict,
+                  methods=(), data=None, caches: dict | None = None):
+    """The model with only `removed` channels of group `key` gone (a fresh analysis; `shaped` stays),
+    with `methods` of training-free recovery; `caches` keeps statistics between trials."""
+    from . import recovery
     from .apply import apply_plan
     from .dependency import analyze
     from .graph import Graph
@@ -555,8 +581,14 @@ def _pruned_group(shaped: onnx.ModelProto, heads: bool, key: str, removed: np.nd
     from .plan import plan_from_removed
 
     analysis = analyze(Graph(shaped), heads=heads)
-    apply_plan(analysis, plan_from_removed(analysis, {key: removed}))
+    plan = plan_from_removed(analysis, {key: removed})
+    result = recovery.prepare(analysis, plan, methods, data, caches["stats"], caches["grams"]) if methods else None
+    apply_plan(analysis, plan)
+    if result is not None:
+        recovery.finish(analysis, plan, result)
     pruned = analysis.graph.to_model()
+    if result is not None and result.bn_nodes:
+        recovery.reestimate_batchnorm(pruned, shaped, result.bn_nodes, data)
     _restore_interface(pruned, interface, keep_value_info=False)  # --input-shape was for analysis only
     return pruned
 
@@ -638,6 +670,8 @@ def _draw(result: SensitivityResult, path: Path, metric: str) -> Path:
 
 def _subtitle(result: SensitivityResult) -> str:
     how = "whole residual blocks removed" if result.layers else f"channels chosen by {result.criterion}"
+    if result.recover:
+        how += f", recovery {','.join(result.recover)}"
     return f"{result.data}; {how}"
 
 

@@ -121,6 +121,34 @@ def test_a_trial_is_the_really_pruned_model():
     assert trial.macs_saved == result.macs - count_macs(static_copy(pruned.model, shapes))
 
 
+def test_trials_with_recovery_are_prune_with_the_same_recovery():
+    model, feeds = _mlp(), _mlp_feeds(batches=8)  # 128 rows: a refit of 32 inputs needs 4 per input
+    plain = analyze_sensitivity(model, feeds, ratios=(0.5,), calib_limit=128)
+    result = analyze_sensitivity(model, feeds, ratios=(0.5,), recover="lsq", calib_limit=128)
+    (trial,), (plain_trial,) = result.rows, plain.rows
+    assert result.recover == ["lsq"] and "recovery: lsq" in result.to_markdown()
+    assert load_sensitivity_json(result).recover == ["lsq"]
+    pruned = prune(model, filters=0.5, recover="lsq", calib=feeds, latency_runs=0)
+    assert pruned.report["recovery"]["layers_compensated"] == 1 and not pruned.report["recovery"]["notes"]
+    errors = []
+    for feed in feeds:
+        before, after = run_model(model, feed)[0], run_model(pruned.model, feed)[0]
+        errors.append(np.linalg.norm(after - before) / np.linalg.norm(before))
+    assert trial.rel_error == pytest.approx(float(np.mean(errors)), rel=1e-4)
+    assert trial.rel_error < 0.8 * plain_trial.rel_error
+    for curves, mismatch in ((plain, True), (result, False)):
+        steered = prune(model, target_macs=0.7, sensitivity=curves, recover="lsq", calib=feeds, latency_runs=0)
+        assert any("measured with recovery" in n for n in steered.report["notes"]) == mismatch
+    with pytest.raises(OnnxPruneError, match="needs calibration data"):
+        analyze_sensitivity(model, ratios=(0.5,), recover="bias")
+    with pytest.raises(OnnxPruneError, match="--layers"):
+        analyze_sensitivity(FIXTURE, feeds, layers=True, recover="bias")
+
+
+def load_sensitivity_json(result):
+    return type(result).from_json(json.loads(json.dumps(result.to_json())))
+
+
 def test_labels_give_accuracy():
     model, feeds = _mlp(), _mlp_feeds()
     planted, truth = plant_dead_channels(model, 0.5, seed=3)
@@ -153,10 +181,10 @@ def test_failed_trials_are_reported_ranked_first_and_kept_out_of_curves(monkeypa
     real = sensitivity._pruned_group
     broken = "/layer2/layer2.1/conv1/Conv:in1@0+0"
 
-    def flaky(shaped, heads, key, removed, interface):
+    def flaky(shaped, heads, key, removed, interface, *args):
         if key == broken:
             raise RuntimeError("rule exploded")
-        return real(shaped, heads, key, removed, interface)
+        return real(shaped, heads, key, removed, interface, *args)
 
     monkeypatch.setattr(sensitivity, "_pruned_group", flaky)
     result = analyze_sensitivity(FIXTURE, ratios=(0.5,))
@@ -286,6 +314,8 @@ def test_cli_labels_from_the_calibration_file(tmp_path, capsys):
     (["sensitivity", "{model}", "--labels", "labels"], "--labels"),
     (["sensitivity", "{tmp}/missing.onnx"], "no such file"),
     (["sensitivity", "{model}", "--importance", "nope"], "--importance"),
+    (["sensitivity", "{model}", "--recover", "lsq"], "--recover lsq: needs calibration data"),
+    (["sensitivity", "{model}", "--recover", "magic"], "--recover"),
     (["{model}", "--filters", "0.3", "--sensitivity", "{model}"], "--sensitivity"),
     (["{model}", "--target-macs", "0.5", "--sensitivity", "{model}"], "--sensitivity"),
     (["{model}", "--target-macs", "0.5", "--sensitivity", "{tmp}/plan.json"], "not an onnxprune sensitivity file"),
