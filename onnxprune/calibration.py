@@ -257,6 +257,21 @@ class CalibrationData:
         """The same data capped at `limit` samples."""
         return CalibrationData(self.inputs, self._produce, self.description, limit, self.one_shot, self.notes)
 
+    def spread(self, samples: int) -> CalibrationData:
+        """About `samples` samples taken evenly from all of the data: every k-th batch, cut at
+        `samples`. For passes that need few samples, but of every kind (data is often ordered).
+        Counting the batches reads the data once; a one-shot source is only cut."""
+        if self.one_shot:
+            return self.limited(min(samples, self.limit or samples))
+        sizes = [self._samples(feed) for feed in self]
+        total = sum(sizes)
+        if total <= samples:
+            return self
+        step = -(-total // samples)  # batches of equal size: every step-th one gives about `samples`
+        produce, count = self._produce, len(sizes)
+        return CalibrationData(self.inputs, lambda: itertools.islice(produce(), 0, count, step), self.description,
+                               samples, notes=self.notes)
+
     def _samples(self, feed: dict[str, np.ndarray]) -> int:
         lead = feed[self.inputs[0].name] if self.inputs else None
         return lead.shape[0] if lead is not None and lead.ndim else 1

@@ -32,6 +32,7 @@ from .plan import Plan
 METHODS = ("bias", "lsq", "bn")
 _RIDGE = 1e-4  # relative to the Gram's mean diagonal: keeps the solve stable for dead or duplicate channels
 _BN_PASSES = 16  # BatchNorm correction: runs over the calibration data at most (one per layer up to this)
+_BN_SAMPLES = 32  # ... and the calibration samples each run takes
 _LSQ_ROWS_PER_INPUT = 4  # fewer calibration rows than this per input and a refit fits the noise
 
 
@@ -354,7 +355,7 @@ def _add_bias(graph, node: gs.Node, delta: np.ndarray) -> None:
 
 
 def reestimate_batchnorm(pruned: onnx.ModelProto, original: onnx.ModelProto, kept: dict, calibration,
-                         passes: int = _BN_PASSES) -> int:
+                         passes: int = _BN_PASSES, samples: int = _BN_SAMPLES) -> int:
     """Correct BatchNormalization layers for what pruning changed in their input.
 
     `kept` maps each layer's output tensor to the original input channels it kept (None: all).
@@ -368,9 +369,16 @@ def reestimate_batchnorm(pruned: onnx.ModelProto, original: onnx.ModelProto, kep
 
     Layers are corrected in graph order, in at most `passes` runs over the data: a layer's map
     is measured after the layers before it were corrected. Measured all at once, every layer
-    would also correct for errors that the earlier corrections already removed.
+    would also correct for errors that the earlier corrections already removed. The runs use
+    about `samples` calibration samples, spread over all of the data.
     """
+    from .calibration import calibration_feeds
+
     nodes = [n for n in pruned.graph.node if n.op_type == "BatchNormalization" and n.output[0] in kept]
+    if not nodes:
+        return 0
+    # Two numbers per channel need few samples; every pass runs both models over them.
+    calibration = calibration_feeds(calibration, original).spread(samples)
     inits = {i.name for i in pruned.graph.initializer}
     nodes = [n for n in nodes if len(n.input) >= 5 and all(name in inits for name in n.input[1:5])]
     step = max(1, -(-len(nodes) // max(1, passes)))

@@ -138,6 +138,17 @@ def test_limit_counts_samples_and_cuts_the_last_batch(tmp_path, mlp):
     assert [f["x"].shape[0] for f in feeds] == [4, 2]
 
 
+def test_spread_takes_batches_from_all_of_the_data(mlp):
+    batches = [{"x": np.full((1, 5, 4), i, np.float32)} for i in range(10)]
+    firsts = lambda data: [int(f["x"][0, 0, 0]) for f in data]  # noqa: E731
+    assert firsts(calibration_feeds(batches, mlp).spread(4)) == [0, 3, 6, 9]
+    assert firsts(calibration_feeds(batches, mlp, limit=6).spread(4)) == [0, 2, 4]
+    assert firsts(calibration_feeds(batches, mlp).spread(20)) == list(range(10))
+    (one,) = calibration_feeds([{"x": np.zeros((10, 5, 4), np.float32)}], mlp).spread(4)
+    assert one["x"].shape[0] == 4
+    assert len(list(calibration_feeds(iter(batches), mlp).spread(4))) == 4  # one-shot: only cut
+
+
 def test_fixed_batch_one_takes_stacked_or_per_entry_arrays(tmp_path, resnet):
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     np.savez(tmp_path / "stacked.npz", input=x)
