@@ -1036,7 +1036,10 @@ def _chunks(names: list[str], sizes: dict[str, int], budget_bytes: int) -> list[
 
 
 def _probe(model: onnx.ModelProto, names: list[str], elem_types: dict[str, int]):
-    """A function running the model on a feed and returning the values of `names`."""
+    """A function running the model on a feed and returning the values of `names`.
+
+    `model` is left equal to what it was, but its node messages are new objects: look nodes
+    up again rather than holding on to them across a collection."""
     from .verify import session
 
     declared = {out.name for out in model.graph.output}
@@ -1044,7 +1047,19 @@ def _probe(model: onnx.ModelProto, names: list[str], elem_types: dict[str, int])
     # The outputs are added to the model itself only while the session is built: a copy would
     # double the memory of a large model. Input dims are left free for the same time, and stored
     # shapes set aside: a model analysed at a fixed --input-shape still takes the calibration
-    # batches the user's model takes.
+    # batches the user's model takes. Nodes that the fetched tensors do not depend on are set
+    # aside too: onnxruntime would run them all (and the graph outputs become just `names`).
+    needed = _nodes_needed(model.graph, names)
+    all_nodes = outputs = None
+    if needed is not None:
+        all_nodes = [_copy(node) for node in model.graph.node]
+        outputs = [_copy(vi) for vi in model.graph.output]
+        kept = [all_nodes[i] for i in needed]
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        kept_outputs = [vi for vi in outputs if vi.name in set(names)]
+        del model.graph.output[:]
+        model.graph.output.extend(kept_outputs)
     model.graph.output.extend(added)
     inputs = [_copy(vi) for vi in model.graph.input]
     stored = [_copy(vi) for vi in model.graph.value_info]
@@ -1062,6 +1077,11 @@ def _probe(model: onnx.ModelProto, names: list[str], elem_types: dict[str, int])
     finally:
         if added:
             del model.graph.output[len(model.graph.output) - len(added):]
+        if all_nodes is not None:
+            del model.graph.node[:]
+            model.graph.node.extend(all_nodes)
+            del model.graph.output[:]
+            model.graph.output.extend(outputs)
         for vi, kept in zip(model.graph.input, inputs):
             vi.CopyFrom(kept)
         model.graph.value_info.extend(stored)
@@ -1075,10 +1095,31 @@ def _probe(model: onnx.ModelProto, names: list[str], elem_types: dict[str, int])
     return run
 
 
-def _copy(value_info: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
-    kept = onnx.ValueInfoProto()
-    kept.CopyFrom(value_info)
+def _copy(message):
+    kept = type(message)()
+    kept.CopyFrom(message)
     return kept
+
+
+def _nodes_needed(graph: onnx.GraphProto, names: list[str]) -> list[int] | None:
+    """Indices, in order, of the nodes that `names` depend on; None when that is all of them or
+    when a node holds subgraphs (their outer-scope reads are not listed as inputs)."""
+    producer = {}
+    for index, node in enumerate(graph.node):
+        if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attr in node.attribute):
+            return None
+        for out in node.output:
+            producer[out] = index
+    needed, stack = set(), [producer[n] for n in names if n in producer]
+    while stack:
+        index = stack.pop()
+        if index in needed:
+            continue
+        needed.add(index)
+        stack.extend(producer[i] for i in graph.node[index].input if i in producer)
+    if len(needed) == len(graph.node):
+        return None
+    return sorted(needed)
 
 
 def _output_info(name: str, elem_type: int | None) -> onnx.ValueInfoProto:

@@ -382,19 +382,25 @@ def reestimate_batchnorm(pruned: onnx.ModelProto, original: onnx.ModelProto, kep
     inits = {i.name for i in pruned.graph.initializer}
     nodes = [n for n in nodes if len(n.input) >= 5 and all(name in inits for name in n.input[1:5])]
     step = max(1, -(-len(nodes) // max(1, passes)))
+    outputs = [n.output[0] for n in nodes]  # node messages are replaced while a model is probed
     done = 0
-    for start in range(0, len(nodes), step):
-        done += _correct_batchnorms(pruned, original, nodes[start:start + step], kept, calibration)
+    for start in range(0, len(outputs), step):
+        done += _correct_batchnorms(pruned, original, outputs[start:start + step], kept, calibration)
     _drop_unread_initializers(pruned)
     return done
 
 
-def _correct_batchnorms(pruned, original, nodes, kept: dict, calibration) -> int:
+def _correct_batchnorms(pruned, original, outputs: list[str], kept: dict, calibration) -> int:
     from onnx import numpy_helper
 
     from .calibration import collect_paired_stats
 
-    paired = collect_paired_stats(original, pruned, calibration, {n.input[0]: (1, kept[n.output[0]]) for n in nodes})
+    def batchnorms():
+        return [n for n in pruned.graph.node if n.op_type == "BatchNormalization" and n.output[0] in set(outputs)]
+
+    paired = collect_paired_stats(original, pruned, calibration,
+                                  {n.input[0]: (1, kept[n.output[0]]) for n in batchnorms()})
+    nodes = batchnorms()  # looked up again: probing replaced the node messages by equal copies
     inits = {i.name: i for i in pruned.graph.initializer}
     done = 0
     for node in nodes:

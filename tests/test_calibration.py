@@ -414,6 +414,20 @@ def test_one_shot_iterator_works_for_one_pass_and_refuses_several(mlp):
                    "one-shot", "2 passes")
 
 
+def test_probing_runs_only_what_the_tensors_need_and_leaves_the_model_equal(mlp, monkeypatch):
+    assert cal._nodes_needed(mlp.graph, ["a"]) == [0, 1]
+    assert cal._nodes_needed(mlp.graph, ["y"]) is None  # everything: nothing to set aside
+    before = mlp.SerializeToString()
+    seen = []
+    import onnxprune.verify as verify
+    session = verify.session
+    monkeypatch.setattr(verify, "session", lambda model, *a: seen.append([n.op_type for n in model.graph.node])
+                        or session(model, *a))
+    stats = collect_channel_stats(mlp, mlp_batches(), {"a": 2})
+    assert seen == [["MatMul", "Add"]] and mlp.SerializeToString() == before
+    assert_stats(stats["a"], mlp_reference(mlp, mlp_batches())["a"])
+
+
 def test_gram_matches_numpy(conv):
     x = np.random.default_rng(4).standard_normal((4, 3, 6, 6)).astype(np.float32)
     batches = [{"x": x[:3]}, {"x": x[3:]}]
