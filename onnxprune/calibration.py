@@ -1117,7 +1117,7 @@ def _nodes_needed(graph: onnx.GraphProto, names: list[str]) -> list[int] | None:
             continue
         needed.add(index)
         stack.extend(producer[i] for i in graph.node[index].input if i in producer)
-    if len(needed) == len(graph.node):
+    if not needed or len(needed) == len(graph.node):  # only inputs/initializers, or everything
         return None
     return sorted(needed)
 
