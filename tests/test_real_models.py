@@ -56,6 +56,21 @@ def test_planted_dead_channels_in_real_graphs(name):
     prune_planted(_model(name), 0.3)
 
 
+@pytest.mark.parametrize("name", CNN_MODELS + ("paraphrase_minilm_l3_v2_bert.onnx",))
+def test_recovery_keeps_planted_dead_real_graphs_exact(name):
+    """Training-free recovery (bias compensation, lsq refits incl. kxk convolutions, BatchNorm
+    correction) on calibration data must leave a planted-dead removal exact."""
+    from onnxprune.metrics import random_inputs
+    from onnxprune.shapes import concrete_input_shapes
+
+    model = _model(name)
+    shapes, _ = concrete_input_shapes(model, None)
+    calib = [random_inputs(model, shapes, seed) for seed in range(8)]
+    result = prune_planted(model, 0.3, recover="lsq,bn", calib=calib)
+    assert result.report["recovery"]["layers_compensated"] > 0
+    assert not result.report["rolled_back"]
+
+
 def test_minilm_whole_heads_planted_exactly():
     """BERT (legacy torch export, 12 heads x 32): dead heads planted in every layer go exactly."""
     result = prune_planted(_model("paraphrase_minilm_l3_v2_bert.onnx"), 0.25, heads=True)
