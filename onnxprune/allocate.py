@@ -217,7 +217,7 @@ class CostModel:
         """
         found = {}
         for att in self.analysis.attachments:
-            node, index, axis = att.view or (att.node, att.input_index, att.axis)
+            node, index, axis = att.layer_input
             if node.outputs:
                 found.setdefault((node.outputs[0].name, index, axis), self.layouts.index(att.layout))
         return found

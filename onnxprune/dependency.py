@@ -35,6 +35,12 @@ class Attachment:
     def tensor(self) -> gs.Tensor:
         return self.node.inputs[self.input_index]
 
+    @property
+    def layer_input(self) -> tuple:
+        """(layer, input index, axis) where this constant's values are used: `view` when the
+        stored constant reaches the layer through casts, transposes or (de)quantization."""
+        return self.view or (self.node, self.input_index, self.axis)
+
     def describe(self) -> dict:
         return {"node": self.node.name, "op": self.node.op, "tensor": self.tensor.name,
                 "axis": self.axis, "role": self.role}
@@ -333,7 +339,7 @@ class Analysis:
         for leaf, grp in by_leaf.items():
             grp.fixed_reasons = list(atoms.fixed.get(leaf, []))
             grp.origins = origins.get(leaf, [])
-            producers = {(m.view[0] if m.view else m.node).op for m in grp.members if m.role == "weight_out"}
+            producers = {m.layer_input[0].op for m in grp.members if m.role == "weight_out"}
             if leaf in head_leaves:
                 grp.kind = "heads"
             elif producers and producers <= {"Gemm", "MatMul", "Attention"}:

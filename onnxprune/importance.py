@@ -116,7 +116,7 @@ def consumer_sites(analysis: Analysis, group: Group) -> list[Site]:
     for att in group.members:
         if att.role != "weight_in":
             continue
-        node, index, _ = att.view or (att.node, att.input_index, att.axis)
+        node, index, _ = att.layer_input
         for i, tensor in enumerate(node.inputs):
             if i == index or not tensor.name or analysis.graph.is_const(tensor):
                 continue
@@ -128,7 +128,7 @@ def consumer_sites(analysis: Analysis, group: Group) -> list[Site]:
 
 def weight_per_position(analysis: Analysis, att: Attachment, kind: str) -> np.ndarray | None:
     """Sum of |w| ("l1") or w^2 ("l2sq") of a member's weight per position of its axis."""
-    node, index, axis = att.view or (att.node, att.input_index, att.axis)
+    node, index, axis = att.layer_input
     cache = analysis.__dict__.setdefault("_value_cache", {})
     key = (node.inputs[index].name, axis, kind)
     if key not in cache:

@@ -110,7 +110,7 @@ def prepare(analysis: Analysis, plan: Plan, methods, calibration, stats: dict | 
         if not len(decision.removed):
             continue
         for site in consumer_sites(analysis, decision.group):
-            node, index, _ = site.weight.view or (site.weight.node, site.weight.input_index, site.weight.axis)
+            node, index, _ = site.weight.layer_input
             weight = graph.evaluate(node.inputs[index])
             if _weight_axes(node, index) is None or weight is None or (node.op != "Conv" and weight.ndim != 2):
                 skipped.add(f"{node.op} {node.name!r}")
@@ -176,7 +176,7 @@ def _bias_delta(analysis, edit: LayerEdit, removed, stats) -> None:
     graph = analysis.graph
     delta = None
     for site, decision in edit.sites:
-        node, index, _ = site.weight.view or (site.weight.node, site.weight.input_index, site.weight.axis)
+        node, index, _ = site.weight.layer_input
         w = _matrix(graph, node, index)
         w = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # kernel taps all see the mean
         weight_pos = _removed_positions(analysis, site.weight.layout, decision.group, decision.removed)
@@ -189,7 +189,7 @@ def _bias_delta(analysis, edit: LayerEdit, removed, stats) -> None:
 
 
 def _lsq_ready(edit: LayerEdit, graph) -> bool:
-    if len({id(s.weight.view[0] if s.weight.view else s.weight.node) for s, _ in edit.sites}) != 1:
+    if len({id(s.weight.layer_input[0]) for s, _ in edit.sites}) != 1:
         return False
     tensors = {s.tensor for s, _ in edit.sites}
     if len(tensors) != 1:
@@ -242,7 +242,7 @@ def _fit_lsq(analysis, edit: LayerEdit, removed, gram) -> None:
 
     graph = analysis.graph
     site, _ = edit.sites[0]
-    node, index, _ = site.weight.view or (site.weight.node, site.weight.input_index, site.weight.axis)
+    node, index, _ = site.weight.layer_input
     full = _matrix(graph, node, index)  # [in, out, *kernel taps]
     if isinstance(gram, GramStats):
         full = full.reshape(full.shape[:2] + (1,) * (full.ndim - 2))  # 1x1 kernel, no stride or pads
