@@ -101,8 +101,7 @@ def prepare(analysis: Analysis, plan: Plan, methods, calibration, stats: dict | 
 
     recovery = Recovery(tuple(methods))
     graph = analysis.graph
-    removed = plan.removed_by_atom()
-    if not removed or not methods:
+    if not methods or not plan.removed_by_atom():
         return recovery
     by_layer: dict[int, LayerEdit] = {}
     skipped = set()
@@ -121,32 +120,34 @@ def prepare(analysis: Analysis, plan: Plan, methods, calibration, stats: dict | 
         recovery.notes.append(f"no compensation for {len(skipped)} layer(s) (grouped/transposed conv, batched "
                               f"or non-constant weights), e.g. {sorted(skipped)[0]}")
     recovery.layers = len(by_layer)
-    if "bias" in methods or "lsq" in methods:
-        tensors = {site.tensor: site.axis for e in by_layer.values() for site, _ in e.sites}
-        stats = {} if stats is None else stats
-        missing = {t: a for t, a in tensors.items() if t not in stats}
-        if missing:
-            stats.update(collect_channel_stats(graph.model, calibration, missing))
-    lsq_layers = {}
+    lsq_layers, layer_grams = {}, {}
     if "lsq" in methods:
         lsq_layers = {k: e for k, e in by_layer.items() if _lsq_ready(e, graph)}
         if len(lsq_layers) < len(by_layer):
             recovery.notes.append(f"lsq refit for {len(lsq_layers)} of {len(by_layer)} layers "
                                   "(MatMul/Gemm/ungrouped conv with one input site); bias compensation for the rest")
-        grams, fresh = _gram_accumulators(lsq_layers, graph, {} if grams is None else grams)
+        layer_grams, fresh = _gram_accumulators(lsq_layers, graph, {} if grams is None else grams)
         if fresh:
             collect_into(graph.model, calibration, fresh)
-        short = {k for k in lsq_layers if grams[k].count < _LSQ_ROWS_PER_INPUT * len(grams[k].sum)}
+        short = {k for k in lsq_layers if layer_grams[k].count < _LSQ_ROWS_PER_INPUT * len(layer_grams[k].sum)}
         if short:
             recovery.notes.append(f"lsq refit skipped for {len(short)} layer(s) with fewer than "
                                   f"{_LSQ_ROWS_PER_INPUT} calibration rows per input (it would fit the noise); "
                                   "bias compensation instead: give more calibration data")
         lsq_layers = {k: e for k, e in lsq_layers.items() if k not in short}
-    for key, edit in by_layer.items():
-        if key in lsq_layers:
-            _fit_lsq(analysis, edit, removed, grams[key])
-        elif "bias" in methods or "lsq" in methods:
-            _bias_delta(analysis, edit, removed, stats)
+    # Every other layer gets bias compensation, from channel means (only theirs are measured).
+    bias_layers = {k: e for k, e in by_layer.items() if k not in lsq_layers} \
+        if "bias" in methods or "lsq" in methods else {}
+    if bias_layers:
+        tensors = {site.tensor: site.axis for e in bias_layers.values() for site, _ in e.sites}
+        stats = {} if stats is None else stats
+        missing = {t: a for t, a in tensors.items() if t not in stats}
+        if missing:
+            stats.update(collect_channel_stats(graph.model, calibration, missing))
+    for key, edit in lsq_layers.items():
+        _fit_lsq(analysis, edit, layer_grams[key])
+    for edit in bias_layers.values():
+        _bias_delta(analysis, edit, stats)
     if "bn" in methods:
         for edit in by_layer.values():
             users = edit.node.outputs[0].outputs
@@ -172,7 +173,7 @@ def _removed_positions(analysis, layout, group, removed_channels) -> np.ndarray:
     return np.concatenate([i.reshape(-1) for i in idx]) if idx else np.zeros(0, dtype=np.int64)
 
 
-def _bias_delta(analysis, edit: LayerEdit, removed, stats) -> None:
+def _bias_delta(analysis, edit: LayerEdit, stats) -> None:
     graph = analysis.graph
     delta = None
     for site, decision in edit.sites:
@@ -235,7 +236,7 @@ def _patch_geometry(node: gs.Node, graph) -> tuple | None:
     return kernel, strides, pads, dilations
 
 
-def _fit_lsq(analysis, edit: LayerEdit, removed, gram) -> None:
+def _fit_lsq(analysis, edit: LayerEdit, gram) -> None:
     """Refit the kept input weights and the bias so the layer's output is reproduced in the
     least-squares sense on the calibration activations (original model)."""
     from .calibration import GramStats
