@@ -909,8 +909,9 @@ def collect_gram(model: onnx.ModelProto | str | Path, feeds, tensor: str, axis: 
 
 
 def _collect(model, feeds, tensors: dict[str, int], make: type[_Accumulator], budget_bytes: int) -> dict:
+    model = _as_model(model)
+    _check_tensors(model, tensors)
     accumulators = {name: make(axis, name) for name, axis in tensors.items()}
-    _check_tensors(_as_model(model), tensors)
     collect_into(model, feeds, list(accumulators.items()), budget_bytes)
     return accumulators
 
@@ -932,14 +933,8 @@ def collect_into(model, feeds, accumulators: list[tuple[str, object]],
     input_names = {spec.name for spec in data.inputs}
     from_feeds = [name for name in by_tensor if name in input_names]
     fetched = [name for name in by_tensor if name not in input_names]
-    first = data.first()
-    elem_types, sizes = _tensor_sizes(model, first, fetched)
-    chunks = _chunks(fetched, sizes, budget_bytes) or [[]]
-    if len(chunks) > 1 and data.one_shot:
-        raise OnnxPruneError(f"{data.description}: {len(fetched)} tensors need {len(chunks)} passes to stay within "
-                             f"{budget_bytes} bytes, and a one-shot iterator allows one; pass a list or a function "
-                             "that returns a fresh iterator")
-    for number, chunk in enumerate(chunks):
+    elem_types, chunks = _passes(model, data, fetched, budget_bytes)
+    for number, chunk in enumerate(chunks or [[]]):
         run = _probe(model, chunk, elem_types) if chunk else None
         for batch, feed in enumerate(data, start=1):
             if number == 0:
@@ -966,12 +961,7 @@ def collect_paired_stats(reference: onnx.ModelProto, candidate: onnx.ModelProto,
     names = list(tensors)
     if not names:
         return accumulators
-    elem_types, sizes = _tensor_sizes(reference, data.first(), names)
-    chunks = _chunks(names, {n: 2 * size for n, size in sizes.items()}, budget_bytes)
-    if len(chunks) > 1 and data.one_shot:
-        raise OnnxPruneError(f"{data.description}: {len(names)} tensors need {len(chunks)} passes to stay within "
-                             f"{budget_bytes} bytes, and a one-shot iterator allows one; pass a list or a function "
-                             "that returns a fresh iterator")
+    elem_types, chunks = _passes(reference, data, names, budget_bytes, models=2)
     for chunk in chunks:
         run_a, run_b = _probe(reference, chunk, elem_types), _probe(candidate, chunk, elem_types)
         for batch, feed in enumerate(data, start=1):
@@ -979,6 +969,19 @@ def collect_paired_stats(reference: onnx.ModelProto, candidate: onnx.ModelProto,
                 accumulators[name].add(a, b)
         del run_a, run_b
     return accumulators
+
+
+def _passes(model: onnx.ModelProto, data: CalibrationData, names: list[str], budget_bytes: int,
+            models: int = 1) -> tuple[dict, list[list[str]]]:
+    """Element types of `names`, and the chunks of them fetched per pass over the data, so that
+    one batch's extra outputs (from `models` models at once) stay within the budget."""
+    elem_types, sizes = _tensor_sizes(model, data.first(), names)
+    chunks = _chunks(names, {name: models * size for name, size in sizes.items()}, budget_bytes)
+    if len(chunks) > 1 and data.one_shot:
+        raise OnnxPruneError(f"{data.description}: {len(names)} tensors need {len(chunks)} passes to stay within "
+                             f"{budget_bytes} bytes, and a one-shot iterator allows one; pass a list or a function "
+                             "that returns a fresh iterator")
+    return elem_types, chunks
 
 
 def _check_tensors(model: onnx.ModelProto, tensors: dict[str, int]) -> None:
