@@ -76,8 +76,7 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     _refuse_unsupported(original)
     interface = _interface(original)  # before any --input-shape is fixed in place
     calibration = _calibration(options, original)
-    recover = _Recover(recovery.parse_methods(options.recover) if isinstance(options.recover, str)
-                       else tuple(options.recover), calibration)
+    recover = _Recover(recovery.parse_methods(options.recover), calibration)
     if recover.methods and calibration is None:
         raise OnnxPruneError(f"--recover {','.join(recover.methods)}: needs calibration data (--calib)")
     before = {"params": metrics.count_params(original), "file_bytes": metrics.model_bytes(original),
@@ -252,7 +251,7 @@ def _analyze_and_plan(model: onnx.ModelProto, options: PruneOptions, copy: bool,
         return analysis, plan_from_json(analysis, options.plan)
     crit, notes = _criterion(analysis, options, recover)
     if options.target_macs is not None or options.target_params is not None:
-        plan = _target_plan(analysis, options, crit)
+        plan = _target_plan(analysis, options, crit, recover.methods)
     else:
         plan = make_plan(analysis, options.filters, crit,
                          round_to=options.round_to, global_rank=options.global_rank,
@@ -261,7 +260,7 @@ def _analyze_and_plan(model: onnx.ModelProto, options: PruneOptions, copy: bool,
     return analysis, plan
 
 
-def _target_plan(analysis: Analysis, options: PruneOptions, crit) -> Plan:
+def _target_plan(analysis: Analysis, options: PruneOptions, crit, methods: tuple[str, ...]) -> Plan:
     """Per-group ratios chosen to keep the asked fraction of MACs or params (see allocate.py)."""
     from .allocate import make_target_plan
 
@@ -270,7 +269,7 @@ def _target_plan(analysis: Analysis, options: PruneOptions, crit) -> Plan:
     metric, target = ("macs", options.target_macs) if options.target_macs is not None else \
         ("params", options.target_params)
     concrete, _ = concrete_input_shapes(analysis.graph.model, options.input_shapes)
-    curves, note = _sensitivity_curves(analysis, options.sensitivity, options.recover) \
+    curves, note = _sensitivity_curves(analysis, options.sensitivity, methods) \
         if options.sensitivity is not None else (None, None)
     plan = make_target_plan(analysis, crit, metric, target, static_copy(analysis.graph.model, concrete),
                             round_to=options.round_to, exclude=options.exclude, min_keep=options.min_keep,
@@ -280,7 +279,7 @@ def _target_plan(analysis: Analysis, options: PruneOptions, crit) -> Plan:
     return plan
 
 
-def _sensitivity_curves(analysis: Analysis, source, recover=None) -> tuple[dict, str]:
+def _sensitivity_curves(analysis: Analysis, source, methods: tuple[str, ...] = ()) -> tuple[dict, str]:
     """Measured damage curves keyed by group id (group keys are stable across analyses), and a note."""
     from .sensitivity import SensitivityResult, load_sensitivity
 
@@ -299,7 +298,6 @@ def _sensitivity_curves(analysis: Analysis, source, recover=None) -> tuple[dict,
                              f"model?{hint}")
     note = (f"per-group ratios from sensitivity curves ({result.data}): {len(curves)} of {len(groups)} groups "
             "measured, the others keep all their channels")
-    methods = recovery.parse_methods(recover) if isinstance(recover, str) or recover is None else tuple(recover)
     if tuple(result.recover) != methods:
         measured_with = ",".join(result.recover) or "none"
         note += (f"; the curves were measured with recovery {measured_with}, this run recovers with "

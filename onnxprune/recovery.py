@@ -36,12 +36,15 @@ _BN_SAMPLES = 32  # ... and the calibration samples each run takes
 _LSQ_ROWS_PER_INPUT = 4  # fewer calibration rows than this per input and a refit fits the noise
 
 
-def parse_methods(text: str | None) -> tuple[str, ...]:
+def parse_methods(methods) -> tuple[str, ...]:
+    """--recover as given: "bias,lsq", "none", None, or a sequence of method names."""
     from .errors import OnnxPruneError
 
-    if not text or text == "none":
+    if not methods or methods == "none":
         return ()
-    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    if isinstance(methods, str):
+        methods = methods.split(",")
+    methods = tuple(m.strip() for m in methods if m.strip())
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise OnnxPruneError(f"--recover {unknown[0]!r}: choose from {', '.join(METHODS)} (comma-separated) or none")

@@ -339,7 +339,7 @@ def analyze_sensitivity(model, calibration=None, ratios=DEFAULT_RATIOS, importan
 def _recovery_methods(recover, layers: bool, calibration) -> tuple[str, ...]:
     from .recovery import parse_methods
 
-    methods = parse_methods(recover) if isinstance(recover, str) or recover is None else tuple(recover)
+    methods = parse_methods(recover)
     if methods and layers:
         raise OnnxPruneError("--recover: applies to channel groups, not to --layers")
     if methods and calibration is None:
