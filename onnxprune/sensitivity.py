@@ -510,7 +510,7 @@ def _group_trials(original, input_shapes, shapes, reference: _Reference, max_gro
                   importance, seed, data, notes, methods=()) -> tuple[list[Trial], int, int, str]:
     """Every prunable group at every ratio; returns (rows, groups, original MACs, criterion)."""
     from .allocate import CostModel
-    from .pipeline import _interface, analyze_model
+    from .pipeline import _interface, _Recover, analyze_model
     from .plan import candidate_groups, group_key
     from .shapes import static_copy
 
@@ -518,7 +518,8 @@ def _group_trials(original, input_shapes, shapes, reference: _Reference, max_gro
     shaped = pristine.graph.model  # shapes completed once; every trial analyses a fresh import of it
     groups, _ = candidate_groups(pristine)
     crit = _prepared_criterion(importance, seed, pristine, groups, data, notes, compensated=bool(methods))
-    caches = {"stats": dict(getattr(crit, "stats", None) or {}), "grams": {}}
+    # One recovery setting for all trials: its statistics and Grams are measured once and reused.
+    recover = _Recover(methods, data, stats=dict(getattr(crit, "stats", None) or {})) if methods else None
     if methods:
         notes.append(f"every trial applies recovery {','.join(methods)} (prune's report names, per layer, what it "
                      "could compensate)")
@@ -549,7 +550,7 @@ def _group_trials(original, input_shapes, shapes, reference: _Reference, max_gro
             if count not in measured:
                 removed = np.sort(orders[group.id][:count])
                 measured[count] = _measure(lambda: _pruned_group(shaped, heads, key, removed, interface,
-                                                                 methods, data, caches), reference)
+                                                                 recover), reference)
             rows.append(Trial(key, group.kind, group.channels, ratio, count, **measured[count],
                               macs_saved=saved(group, count)))
     return rows, len(groups), total_macs, crit.name
@@ -570,25 +571,16 @@ def _prepared_criterion(name: str, seed: int, analysis, groups, data, notes: lis
 
 
 def _pruned_group(shaped: onnx.ModelProto, heads: bool, key: str, removed: np.ndarray, interface: dict,
-                  methods=(), data=None, caches: dict | None = None):
+                  recover=None):
     """The model with only `removed` channels of group `key` gone (a fresh analysis; `shaped` stays),
-    with `methods` of training-free recovery; `caches` keeps statistics between trials."""
-    from . import recovery
-    from .apply import apply_plan
+    recovered as prune would with the same `recover` (pipeline._Recover) settings."""
     from .dependency import analyze
     from .graph import Graph
-    from .pipeline import _restore_interface
+    from .pipeline import _apply, _restore_interface
     from .plan import plan_from_removed
 
     analysis = analyze(Graph(shaped), heads=heads)
-    plan = plan_from_removed(analysis, {key: removed})
-    result = recovery.prepare(analysis, plan, methods, data, caches["stats"], caches["grams"]) if methods else None
-    apply_plan(analysis, plan)
-    if result is not None:
-        recovery.finish(analysis, plan, result)
-    pruned = analysis.graph.to_model()
-    if result is not None and result.bn_nodes:
-        recovery.reestimate_batchnorm(pruned, shaped, result.bn_nodes, data)
+    pruned = _apply(analysis, plan_from_removed(analysis, {key: removed}), False, recover)
     _restore_interface(pruned, interface, keep_value_info=False)  # --input-shape was for analysis only
     return pruned
 
