@@ -34,10 +34,16 @@ def export_fixture(torch_fixture_dir):
     return get
 
 
-def run_model(model, feeds):
+def run_model(model, feeds, optimized=True):
+    """Outputs from onnxruntime. optimized=False runs the graph as written (no fusions): QDQ
+    graphs then compute in float, not in onnxruntime's int8 kernels, whose u8s8 path saturates
+    on CPUs without VNNI (AVX2), differently for different channel counts."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return sess.run(None, feeds)
 
 

@@ -54,12 +54,13 @@ def plant_dead_channels(model: onnx.ModelProto, ratio: float, seed: int = 0, hea
 
 
 def prune_planted(model: onnx.ModelProto, ratio: float, seed: int = 0, tolerance: float = 1e-4,
-                  atol: float = 1e-6, heads: bool = False, **options):
+                  atol: float = 1e-6, heads: bool = False, optimized: bool = True, **options):
     """Plant dead channels, prune exactly that amount, and check the function is unchanged.
 
     Outputs must agree to `tolerance` relative to their largest magnitude; `atol` only
     matters for outputs that are themselves near zero (a sigmoid map far below 0.5 has a
     largest value around 1e-6, where float32 summation order alone moves it by 1e-7).
+    `optimized=False` compares the graphs as written, without onnxruntime's fusions (see run_model).
     """
     from onnxprune import prune
     from onnxprune.metrics import random_inputs
@@ -79,6 +80,7 @@ def prune_planted(model: onnx.ModelProto, ratio: float, seed: int = 0, tolerance
     shapes, _ = concrete_input_shapes(planted, options.get("input_shapes"))
     for feed_seed in (seed + 1, seed + 2):
         feeds = random_inputs(planted, shapes, feed_seed)
-        diff = max_rel_diff(run_model(planted, feeds), run_model(result.model, feeds), atol=atol / tolerance)
+        diff = max_rel_diff(run_model(planted, feeds, optimized), run_model(result.model, feeds, optimized),
+                            atol=atol / tolerance)
         assert diff <= tolerance, f"pruned model differs from the planted original: rel {diff:.3g}"
     return result

@@ -139,7 +139,9 @@ def test_planted_in_qdq_graphs_quantized_by_onnxruntime(export_fixture, tmp_path
                                  per_channel=per_channel, weight_type=quantization.QuantType.QInt8,
                                  activation_type=quantization.QuantType.QUInt8)
     qdq = onnx.load(str(dst))
-    result = prune_planted(qdq, 0.3)
+    # Compared as written: onnxruntime's fused int8 kernels saturate on AVX2 CPUs (see run_model),
+    # which is a property of the runtime on this machine, not of the pruned graph.
+    result = prune_planted(qdq, 0.3, optimized=False)
     assert len(result.plan.decisions) >= MIN_GROUPS[arch]
     int8_weights = [i for i in result.model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1]
     assert int8_weights, "weights must stay quantized"
