@@ -86,6 +86,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxPruneError, first_line
+from .files import regular_file
 from .modelio import load_model
 from .shapes import fix_input_shapes, graph_inputs, infer_shapes, skeleton
 
@@ -138,8 +139,9 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def conform(feed, inputs: list[InputSpec], source: str) -> dict[str, np.ndarray]:
-    """`feed` checked against the model's inputs and cast to their types, or a one-line error."""
+def conform(feed, inputs: list[InputSpec], source: str, allow_nonfinite: bool = False) -> dict[str, np.ndarray]:
+    """`feed` checked against the model's inputs and cast to their types, or a one-line error.
+    NaN/inf values are refused unless allowed: statistics and refits built on them are NaN."""
     if not isinstance(feed, Mapping):
         raise OnnxPruneError(f"{source}: expected a dict of input name -> array, got {type(feed).__name__}")
     conformed, symbols = {}, {}
@@ -148,8 +150,20 @@ def conform(feed, inputs: list[InputSpec], source: str) -> dict[str, np.ndarray]
             raise OnnxPruneError(f"{source}: no array for input {spec.name!r} (found: {_names(feed)})")
         value = _cast(np.asarray(feed[spec.name]), spec, source)
         _check_shape(value, spec, source, symbols)
+        if not allow_nonfinite:
+            _check_finite(value, spec, source)
         conformed[spec.name] = np.ascontiguousarray(value)
     return conformed
+
+
+def _check_finite(value: np.ndarray, spec: InputSpec, source: str) -> None:
+    if value.dtype.kind not in "fc" or np.isfinite(value).all():
+        return
+    where = np.argwhere(~np.isfinite(value))[0]
+    sample = f"sample {int(where[0])} of the batch" if value.ndim and spec.fixed_batch != 1 else "the sample"
+    raise OnnxPruneError(f"{source}: input {spec.name!r} holds NaN/inf ({sample}, at index "
+                         f"{[int(i) for i in where]}); calibration data must be finite (allow it with "
+                         "--allow-nonfinite)")
 
 
 def _names(keys) -> str:
@@ -210,7 +224,8 @@ class CalibrationData:
     """
 
     def __init__(self, inputs: list[InputSpec], produce: Callable[[], Iterable[tuple[str, Mapping]]],
-                 description: str, limit: int | None = None, one_shot: bool = False, notes=()):
+                 description: str, limit: int | None = None, one_shot: bool = False, notes=(),
+                 allow_nonfinite: bool = False):
         if limit is not None and limit < 1:
             raise OnnxPruneError(f"calibration limit {limit}: give a positive number of samples")
         self.inputs = inputs
@@ -218,6 +233,7 @@ class CalibrationData:
         self.limit = limit
         self.one_shot = one_shot
         self.notes = list(notes)
+        self.allow_nonfinite = allow_nonfinite
         self._produce = produce
         self._used = False
         self._resume = None  # a one-shot source's iterator after first() peeked at it
@@ -233,7 +249,7 @@ class CalibrationData:
         self._used = True
         yielded = 0
         for source, feed in self._produce():
-            feed = conform(feed, self.inputs, source)
+            feed = conform(feed, self.inputs, source, self.allow_nonfinite)
             if self.limit is not None:
                 feed = self._cut(feed, self.limit - yielded)
             yield feed
@@ -255,7 +271,8 @@ class CalibrationData:
 
     def limited(self, limit: int | None) -> CalibrationData:
         """The same data capped at `limit` samples."""
-        return CalibrationData(self.inputs, self._produce, self.description, limit, self.one_shot, self.notes)
+        return CalibrationData(self.inputs, self._produce, self.description, limit, self.one_shot, self.notes,
+                               self.allow_nonfinite)
 
     def spread(self, samples: int) -> CalibrationData:
         """About `samples` samples taken evenly from all of the data: every k-th batch, cut at
@@ -270,7 +287,7 @@ class CalibrationData:
         step = -(-total // samples)  # batches of equal size: every step-th one gives about `samples`
         produce, count = self._produce, len(sizes)
         return CalibrationData(self.inputs, lambda: itertools.islice(produce(), 0, count, step), self.description,
-                               samples, notes=self.notes)
+                               samples, notes=self.notes, allow_nonfinite=self.allow_nonfinite)
 
     def _samples(self, feed: dict[str, np.ndarray]) -> int:
         lead = feed[self.inputs[0].name] if self.inputs else None
@@ -286,7 +303,8 @@ class CalibrationData:
         return {name: value[:wanted] for name, value in feed.items()}
 
 
-def calibration_feeds(feeds, model: onnx.ModelProto | str | Path, limit: int | None = None) -> CalibrationData:
+def calibration_feeds(feeds, model: onnx.ModelProto | str | Path, limit: int | None = None,
+                      allow_nonfinite: bool = False) -> CalibrationData:
     """Calibration data from Python: an iterable of {input name: array} dicts, or a function
     returning a fresh one each time. A single dict counts as one batch."""
     if isinstance(feeds, CalibrationData):
@@ -295,11 +313,13 @@ def calibration_feeds(feeds, model: onnx.ModelProto | str | Path, limit: int | N
     if isinstance(feeds, Mapping):
         feeds = [feeds]
     if callable(feeds):
-        return CalibrationData(inputs, lambda: _numbered(feeds()), "calibration feeds", limit)
+        return CalibrationData(inputs, lambda: _numbered(feeds()), "calibration feeds", limit,
+                               allow_nonfinite=allow_nonfinite)
     if not isinstance(feeds, Iterable):
         raise OnnxPruneError(f"calibration feeds: expected an iterable of dicts, got {type(feeds).__name__}")
     one_shot = iter(feeds) is feeds
-    return CalibrationData(inputs, lambda: _numbered(feeds), "calibration feeds", limit, one_shot=one_shot)
+    return CalibrationData(inputs, lambda: _numbered(feeds), "calibration feeds", limit, one_shot=one_shot,
+                           allow_nonfinite=allow_nonfinite)
 
 
 def _numbered(feeds: Iterable) -> Iterator[tuple[str, Mapping]]:
@@ -316,7 +336,8 @@ def _as_model(model) -> onnx.ModelProto:
 
 
 def load_calibration(path, model: onnx.ModelProto | str | Path, image_spec: ImageSpec | str | None = None,
-                     limit: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> CalibrationData:
+                     limit: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                     allow_nonfinite: bool = False) -> CalibrationData:
     """Calibration data from an .npz/.npy file or a folder of them or of images (see the module doc)."""
     model = _as_model(model)
     if batch_size < 1:
@@ -328,12 +349,19 @@ def load_calibration(path, model: onnx.ModelProto | str | Path, image_spec: Imag
     if path.is_dir():
         arrays, images = _folder_files(path)
         if images:
-            return _image_data(inputs, images, path, image_spec, limit, batch_size)
+            return _image_data(inputs, images, path, image_spec, limit, batch_size, allow_nonfinite)
+        if image_spec is not None:
+            raise OnnxPruneError(f"{path}: holds array files, and image preprocessing (--calib-images) applies "
+                                 "to image files only; drop it")
         files, description = arrays, f"{path} ({len(arrays)} array files)"
     elif path.suffix.lower() in ARRAY_SUFFIXES:
-        files, description = [path], str(path)
+        if image_spec is not None:
+            raise OnnxPruneError(f"{path}: holds arrays, and image preprocessing (--calib-images) applies "
+                                 "to image files only; drop it")
+        files, description = [regular_file(path, "calibration data")], str(path)
     elif path.suffix.lower() in IMAGE_SUFFIXES:
-        return _image_data(inputs, [path], path, image_spec, limit, batch_size)
+        return _image_data(inputs, [regular_file(path, "calibration image")], path, image_spec, limit, batch_size,
+                           allow_nonfinite)
     else:
         raise OnnxPruneError(f"{path}: expected an .npz or .npy file, or a folder of them or of images")
 
@@ -341,7 +369,7 @@ def load_calibration(path, model: onnx.ModelProto | str | Path, image_spec: Imag
         for file in files:
             yield from _array_file_batches(file, inputs, batch_size)
 
-    return CalibrationData(inputs, produce, description, limit)
+    return CalibrationData(inputs, produce, description, limit, allow_nonfinite=allow_nonfinite)
 
 
 def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -358,8 +386,8 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
 
 def _array_file_batches(file: Path, inputs: list[InputSpec], batch_size: int) -> Iterator[tuple[str, dict]]:
     arrays = _read_arrays(file, inputs)
-    for number, feed in enumerate(_split_batches(arrays, inputs, batch_size, file), start=1):
-        yield f"{file} (batch {number})", feed
+    for number, (first, feed) in enumerate(_split_batches(arrays, inputs, batch_size, file), start=1):
+        yield f"{file} (batch {number}, from sample {first})", feed
 
 
 def _read_arrays(file: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
@@ -382,8 +410,9 @@ def _read_arrays(file: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
         raise OnnxPruneError(f"{file}: not a readable {file.suffix.lower()} file ({first_line(exc)})") from None
 
 
-def _split_batches(arrays: dict, inputs: list[InputSpec], batch_size: int, file: Path) -> Iterator[dict]:
-    """Cut a file's arrays into feeds: samples stacked on axis 0, or one feed per entry."""
+def _split_batches(arrays: dict, inputs: list[InputSpec], batch_size: int, file: Path) -> Iterator[tuple[int, dict]]:
+    """Cut a file's arrays into feeds (with the index of each one's first sample): samples
+    stacked on axis 0, or one feed per entry."""
     per_entry = {spec.name: _holds_entries(arrays[spec.name], spec, file) for spec in inputs}
     lengths = {name: arrays[name].shape[0] for name in per_entry}
     if len(set(lengths.values())) > 1:
@@ -392,8 +421,8 @@ def _split_batches(arrays: dict, inputs: list[InputSpec], batch_size: int, file:
     step = 1 if any(per_entry.values()) else _stacked_step(arrays, inputs, batch_size, file)
     length = next(iter(lengths.values()), 0)
     for start in range(0, length, step):
-        yield {name: arrays[name][start] if entries else arrays[name][start:start + step]
-               for name, entries in per_entry.items()}
+        yield start, {name: arrays[name][start] if entries else arrays[name][start:start + step]
+                      for name, entries in per_entry.items()}
 
 
 def _holds_entries(array: np.ndarray, spec: InputSpec, file: Path) -> bool:
@@ -552,7 +581,7 @@ _SPEC_PARSERS = {"size": _size, "resize": _positive, "mean": _floats, "std": _st
 
 
 def _image_data(inputs: list[InputSpec], images: list[Path], where: Path, image_spec, limit,
-                batch_size: int) -> CalibrationData:
+                batch_size: int, allow_nonfinite: bool = False) -> CalibrationData:
     if len(inputs) != 1:
         raise OnnxPruneError(f"{where}: image calibration needs a model with one input; this one has "
                              f"{_names(s.name for s in inputs)}")
@@ -577,7 +606,7 @@ def _image_data(inputs: list[InputSpec], images: list[Path], where: Path, image_
             yield source, {name: np.stack([_image_array(path, spec) for path in group])}
 
     description = f"{where} ({len(images)} images, {spec})"
-    return CalibrationData(inputs, produce, description, limit, notes=notes)
+    return CalibrationData(inputs, produce, description, limit, notes=notes, allow_nonfinite=allow_nonfinite)
 
 
 def _image_array(path: Path, spec: ImageSpec) -> np.ndarray:

@@ -13,6 +13,10 @@ import itertools
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
+
+# graphsurgeon logs to stdout; onnxprune reports what matters itself, in one line on stderr.
+G_LOGGER.severity = G_LOGGER.CRITICAL + 10
 
 _GENERATE_MIN_ELEMENTS = 32  # below this a ConstantOfShape node costs more bytes than the data
 _EVALUABLE = {"DequantizeLinear": None, "Mul": np.multiply, "Div": np.divide, "Add": np.add,

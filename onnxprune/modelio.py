@@ -1,15 +1,15 @@
-"""Loading and saving models: external data, atomic writes, never touching the input."""
+"""Loading and saving models: external data, atomic writes (files.py), never touching the input."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import OnnxPruneError, first_line
+from .files import RunFiles, available_memory, mib, regular_file, write_files
 
 # protobuf refuses to serialise a single message above 2 GiB; stay well clear of it.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
@@ -21,68 +21,135 @@ def default_output_path(input_path: str | os.PathLike) -> Path:
     return p.with_name(stem + ".pruned.onnx")
 
 
+@dataclass
+class ModelFile:
+    """A model read from disk, with every file it was read from (the .onnx and its external data)."""
+
+    path: Path
+    model: onnx.ModelProto
+    files: list[Path] = field(default_factory=list)
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    p = Path(path)
-    if not p.exists():
-        raise OnnxPruneError(f"{p}: no such file")
-    if p.is_dir():
-        raise OnnxPruneError(f"{p}: is a directory, expected an .onnx file")
-    if not os.access(p, os.R_OK):
-        raise OnnxPruneError(f"{p}: not readable")
+    return read_model(path).model
+
+
+def read_model(path: str | os.PathLike) -> ModelFile:
+    """Load a model with its external data, refusing in one line what cannot be loaded safely:
+    anything but a regular file, more data than memory or protobuf can take, external data
+    that is missing, short, or outside the model's folder."""
+    p = regular_file(path)
+    size = p.stat().st_size
+    if size >= PROTOBUF_LIMIT:
+        raise OnnxPruneError(f"{p}: {mib(size)} in one protobuf file, above the 2 GiB protobuf can read; "
+                             "models this large keep their weights in external data")
+    _check_memory(p, size)
     try:
         model = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise OnnxPruneError(f"{p}: not an ONNX model ({first_line(exc)})") from None
     if not model.graph.node:
         raise OnnxPruneError(f"{p}: not an ONNX model (no graph nodes)")
-    _check_external_locations(model, p.parent)
-    try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError) as exc:
-        raise OnnxPruneError(f"{p}: cannot read its external data ({first_line(exc)})") from None
-    return model
+    external = _external_files(model, p.parent)
+    if external:
+        _check_memory(p, size + sum(f.stat().st_size for f in external))
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+        except Exception as exc:  # onnx raises several types for unreadable external data
+            raise OnnxPruneError(f"{p}: cannot read its external data ({first_line(exc)})") from None
+    return ModelFile(p, model, [p, *external])
 
 
-def _check_external_locations(model: onnx.ModelProto, base: Path) -> None:
-    base = base.resolve()
+PROTOBUF_LIMIT = 2**31
+
+
+def _check_memory(path: Path, size: int) -> None:
+    # Parsing holds the bytes and the parsed message at once: about twice the file.
+    available = available_memory()
+    if available is not None and 2 * size > available:
+        raise OnnxPruneError(f"{path}: {mib(size)} to load, and this machine has {mib(available)} of memory "
+                             "available (about twice the model is needed)")
+
+
+def _external_files(model: onnx.ModelProto, base: Path) -> list[Path]:
+    """The external data files the model's tensors point to, each checked: inside the model's
+    folder, a regular file, long enough for every tensor read from it."""
+    base_resolved = base.resolve()
+    needed: dict[Path, tuple[int, str]] = {}
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in tensor.external_data}
         loc = info.get("location", "")
-        target = (base / loc).resolve()
-        if os.path.isabs(loc) or base not in target.parents:
+        target = (base_resolved / loc).resolve()
+        if not loc:
+            raise OnnxPruneError(f"initializer {tensor.name!r}: stored as external data without a location")
+        if os.path.isabs(loc) or base_resolved not in target.parents:
             raise OnnxPruneError(
                 f"initializer {tensor.name!r}: external data location {loc!r} escapes the model's folder"
             )
+        try:
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        except ValueError:
+            raise OnnxPruneError(f"initializer {tensor.name!r}: external data offset/length are not "
+                                 "numbers") from None
+        file = base / loc
+        if file not in needed or end > needed[file][0]:
+            needed[file] = (end, tensor.name)
+    for file, (end, name) in needed.items():
+        regular_file(file, f"external data of initializer {name!r}:")
+        if end > file.stat().st_size:
+            raise OnnxPruneError(f"external data of initializer {name!r}: {file} holds {file.stat().st_size} "
+                                 f"bytes, the model reads up to byte {end}")
+    return list(needed)
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path=None) -> Path:
-    """Write `model` to `path` atomically; external data is used above ~2 GB."""
+def output_files(out: str | os.PathLike, model: onnx.ModelProto) -> list[Path]:
+    """The files save_model writes for `model` at `out` (with external data when it is large)."""
+    out = Path(out)
+    if payload_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        return [out, out.with_name(out.name + ".data")]
+    return [out]
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path=None, protect=()) -> Path:
+    """Write `model` to `path` atomically; external data is used above ~2 GB.
+
+    Refuses to write over the model at `input_path` or any of its external data files, and
+    over any of the (role, path) pairs in `protect` (RunFiles.reads).
+    """
     out = Path(path)
-    if input_path is not None and out.resolve() == Path(input_path).resolve():
-        raise OnnxPruneError(f"{out}: refusing to overwrite the input model; choose another -o")
-    if out.is_dir():
-        raise OnnxPruneError(f"{out}: is a directory")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.exists():
-        raise OnnxPruneError(f"{parent}: output folder does not exist")
-    large = payload_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    staging = Path(tempfile.mkdtemp(prefix=".onnxprune-", dir=parent))
-    try:
-        staged = staging / out.name
-        if large:
-            data_name = out.name + ".data"
-            write_with_external_data(model, staged, data_name)
-            os.replace(staging / data_name, parent / data_name)
-        else:
-            onnx.save_model(model, str(staged))
-        os.replace(staged, out)
-    except OSError as exc:
-        raise OnnxPruneError(f"{out}: cannot write ({first_line(exc)})") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    targets = output_files(out, model)
+    if input_path is not None or protect:
+        files = RunFiles(reads=list(protect))
+        for f in _files_of(input_path) if input_path is not None else ():
+            files.read("input model", f)
+        for target in targets:
+            files.write("output", target)
+        try:
+            files.check()
+        except OnnxPruneError as exc:
+            raise OnnxPruneError(f"{exc} (refusing to overwrite the input model)") from None
+    if len(targets) == 1:
+        write_files(targets, lambda staged: onnx.save_model(model, str(staged[0])), needed_bytes=model_bytes(model))
+        return out
+    data = targets[1]
+
+    def write(staged: list[Path]) -> None:  # the data first, so that the model never points at a missing file
+        write_with_external_data(model, staged[1], data.name)
+
+    write_files([data, out], write, needed_bytes=payload_bytes(model))
     return out
+
+
+def _files_of(input_path) -> list[Path]:
+    """The input model's file and its external data files (read without loading the data)."""
+    p = Path(input_path)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:  # not a model: only the path itself can be protected
+        return [p]
+    return [p, *_external_files(model, p.parent)]
 
 
 def copy_without_initializers(model: onnx.ModelProto, keep=lambda tensor: False) -> onnx.ModelProto:

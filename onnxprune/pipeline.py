@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +17,12 @@ from .errors import OnnxPruneError, first_line
 from .graph import Graph
 from .importance import criterion, prepared_criterion
 from .modelio import load_model
-from .plan import Plan, candidate_groups, group_key, make_plan, plan_from_json, plan_from_removed
+from .plan import Plan, candidate_groups, group_key, make_plan, plan_entries, plan_from_json, plan_from_removed
 from .runtime import runtime_description
 from .shapes import complete_shapes, concrete_input_shapes, fix_input_shapes, infer_shapes, static_copy
+from .validate import input_model
 from .verify import Checker, Verification, session
+from .explain import nothing_removed_reason
 
 
 @dataclass
@@ -41,6 +45,7 @@ class PruneOptions:
     calib: object = None  # calibration inputs: a path (see calibration.py) or any iterable of feed dicts
     image_spec: str | None = None  # preprocessing when `calib` is a folder of images
     calib_limit: int | None = None  # use at most this many calibration samples
+    allow_nonfinite: bool = False  # accept calibration data holding NaN/inf (refused by default)
     recover: str | tuple = "none"  # training-free recovery: "bias", "lsq", "bn", comma-separated
     target_macs: float | None = None  # keep this fraction of the MACs (per-group ratios allocated)
     target_params: float | None = None  # keep this fraction of the parameters
@@ -71,9 +76,8 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     if options.target_latency is not None:
         return _prune_to_latency(model, options)
     started = time.perf_counter()
-    owned = isinstance(model, (str, Path))  # loaded here: no one else holds it, no need to copy
-    original = load_model(model) if owned else model
-    _refuse_unsupported(original)
+    _check_options(options)
+    original, owned, input_notes = input_model(model)
     interface = _interface(original)  # before any --input-shape is fixed in place
     calibration = _calibration(options, original)
     recover = _Recover(recovery.parse_methods(options.recover), calibration)
@@ -101,7 +105,7 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
     working = analysis.graph.model
     concrete, guessed = concrete_input_shapes(working, options.input_shapes)
     reference = reference or working
-    checker = Checker(reference, concrete, options.seed if options.verify else None)
+    checker = Checker(reference, concrete, options.seed if options.verify else None, guessed=bool(guessed))
     pruned = _apply(analysis, plan, before["value_info"], recover)
     rolled_back = []
     # Without removed channels there is nothing to roll back, and verification below checks
@@ -122,7 +126,7 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
         "neurons_ratio": options.neurons,
         "calibration": calibration.description if calibration is not None else None,
         "input_shapes": concrete,
-        "notes": list(plan.notes),
+        "notes": input_notes + list(plan.notes),
     }
     if guessed:
         report["notes"].append(
@@ -147,6 +151,8 @@ def prune(model: onnx.ModelProto | str | Path, options: PruneOptions | None = No
         "groups_skipped": len(plan.skipped),
         "channels_removed": int(sum(len(d.removed) for d in plan.decisions)),
     }
+    if not report["summary"]["channels_removed"] and not (layer_report or {}).get("removed"):
+        report["summary"]["nothing_removed"] = nothing_removed_reason(options, plan, analysis)
     if layer_report is not None:
         report["layers"] = layer_report
     if recover.result is not None:
@@ -225,7 +231,8 @@ def analyze_model(model: onnx.ModelProto, input_shapes: dict | None = None, copy
 
 # Options that steer only the removal of whole blocks, or the run itself, not channel pruning.
 _NOT_CHANNEL_OPTIONS = frozenset({"layers", "drop_layers", "layer_importance", "input_shapes", "seed", "verify",
-                                  "latency_runs", "calib", "image_spec", "calib_limit", "recover"})
+                                  "latency_runs", "calib", "image_spec", "calib_limit", "recover",
+                                  "allow_nonfinite"})
 
 
 def _channels_requested(options: PruneOptions) -> bool:
@@ -337,8 +344,9 @@ def _calibration(options: PruneOptions, model: onnx.ModelProto):
     from .calibration import calibration_feeds, load_calibration
 
     if isinstance(options.calib, (str, Path)):
-        return load_calibration(options.calib, model, image_spec=options.image_spec, limit=options.calib_limit)
-    return calibration_feeds(options.calib, model, limit=options.calib_limit)
+        return load_calibration(options.calib, model, image_spec=options.image_spec, limit=options.calib_limit,
+                                allow_nonfinite=options.allow_nonfinite)
+    return calibration_feeds(options.calib, model, limit=options.calib_limit, allow_nonfinite=options.allow_nonfinite)
 
 
 def _interface(model: onnx.ModelProto) -> dict:
@@ -506,6 +514,19 @@ def _group_json(decision) -> dict:
     }
 
 
-def _refuse_unsupported(model: onnx.ModelProto) -> None:
-    if model.ir_version > 11:
-        raise OnnxPruneError(f"IR version {model.ir_version} is newer than this onnx package supports")
+def _check_options(options: PruneOptions) -> None:
+    """Values no stage could make sense of, refused before any work."""
+    layers = options.layers
+    if isinstance(layers, bool) or not isinstance(layers, numbers.Real) or not math.isfinite(layers) or layers < 0 \
+            or (layers >= 1 and layers != int(layers)):
+        raise OnnxPruneError(f"--layers {layers}: give a count (1, 2, ...) or a fraction in (0, 1)")
+    if isinstance(options.seed, bool) or not isinstance(options.seed, numbers.Integral) or not 0 <= options.seed < 2**32:
+        raise OnnxPruneError(f"--seed {options.seed}: give an integer in [0, 2^32)")
+    if options.plan is not None:
+        plan_entries(options.plan)  # a malformed plan is refused before anything reads it
+        given = [flag for flag, value in (("--filters", options.filters or None), ("--neurons", options.neurons),
+                                          ("--heads", options.heads or None), ("--target-macs", options.target_macs),
+                                          ("--target-params", options.target_params),
+                                          ("--target-latency", options.target_latency)) if value is not None]
+        if given:
+            raise OnnxPruneError(f"--apply-plan: the plan says which channels go; drop {', '.join(given)}")

@@ -10,6 +10,7 @@ import numpy as np
 
 from .dependency import Analysis, Group
 from .errors import OnnxPruneError, first_line
+from .files import regular_file
 from .importance import Criterion
 
 
@@ -144,15 +145,40 @@ def _global_counts(groups, scores, ratio):
 
 
 def plan_from_json(analysis: Analysis, data: dict) -> Plan:
-    if data.get("format") != "onnxprune-plan/1":
-        raise OnnxPruneError("--apply-plan: not an onnxprune plan file")
-    removed, channels = {}, {}
-    for entry in data.get("groups", []):
-        removed[entry["key"]] = entry["removed"]
-        channels[entry["key"]] = entry["channels"]
+    removed, channels = plan_entries(data)
     plan = plan_from_removed(analysis, removed, channels)
     plan.criterion = data.get("criterion", "") + " (from plan)"
     return plan
+
+
+def plan_entries(data) -> tuple[dict, dict]:
+    """{key: removed indices} and {key: channel count} of a plan file's contents, or a one-line
+    error naming the first entry that is not what --plan writes."""
+    if not isinstance(data, dict) or data.get("format") != "onnxprune-plan/1":
+        raise OnnxPruneError("--apply-plan: not an onnxprune plan file (a JSON object with "
+                             "\"format\": \"onnxprune-plan/1\", as --plan writes)")
+    groups = data.get("groups", [])
+    if not isinstance(groups, list):
+        raise OnnxPruneError("--apply-plan: \"groups\" must be a list")
+    removed, channels = {}, {}
+    for number, entry in enumerate(groups, start=1):
+        where = f"--apply-plan: group entry {number}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+            raise OnnxPruneError(f"{where}: expected an object with a \"key\" string")
+        where = f"--apply-plan: group {entry['key']!r}"
+        count, indices = entry.get("channels"), entry.get("removed")
+        if not _is_int(count) or count < 1:
+            raise OnnxPruneError(f"{where}: \"channels\" must be a positive integer, got {count!r}")
+        if not isinstance(indices, list) or not all(_is_int(i) for i in indices):
+            raise OnnxPruneError(f"{where}: \"removed\" must be a list of integer channel indices")
+        if entry["key"] in removed:
+            raise OnnxPruneError(f"{where}: listed twice")
+        removed[entry["key"]], channels[entry["key"]] = indices, count
+    return removed, channels
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def plan_from_removed(analysis: Analysis, removed: dict, channels: dict | None = None) -> Plan:
@@ -175,6 +201,7 @@ def plan_from_removed(analysis: Analysis, removed: dict, channels: dict | None =
 
 
 def load_plan_file(path) -> dict:
+    regular_file(path, "--apply-plan")
     try:
         with open(path) as f:
             return json.load(f)

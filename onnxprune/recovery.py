@@ -283,6 +283,12 @@ def finish(analysis: Analysis, plan: Plan, recovery: Recovery) -> None:
     atoms = analysis.atoms
     kept = {atom: np.setdiff1d(np.arange(atoms.size(atom)), rem) for atom, rem in plan.removed_by_atom().items()}
     graph = analysis.graph
+    nonfinite = [edit for edit in recovery.edits.values() if not _finite(edit.weight, edit.bias_delta)]
+    if nonfinite:  # NaN/inf in the data the fit came from: the layer keeps its plain slice
+        recovery.notes.append(f"recovery left out for {len(nonfinite)} layer(s) whose fit is not finite (NaN/inf in "
+                              f"the calibration statistics), e.g. {nonfinite[0].node.op} {nonfinite[0].node.name!r}")
+        for edit in nonfinite:
+            edit.weight = edit.bias_delta = None
     for edit in recovery.edits.values():
         node = edit.node
         users = node.outputs[0].outputs
@@ -298,6 +304,10 @@ def finish(analysis: Analysis, plan: Plan, recovery: Recovery) -> None:
         if out_layout is not None:
             delta = delta[kept_positions(out_layout, atoms, kept)]
         _add_bias(graph, node, delta.astype(np.float32))
+
+
+def _finite(*arrays) -> bool:
+    return all(a is None or np.isfinite(a).all() for a in arrays)
 
 
 def _write_weight(analysis, edit: LayerEdit, out_layout, kept) -> None:
@@ -410,7 +420,7 @@ def _correct_batchnorms(pruned, original, outputs: list[str], kept: dict, calibr
     for node in nodes:
         scale, bias, mean, var = (numpy_helper.to_array(inits[name]).astype(np.float64) for name in node.input[1:5])
         gain, offset = paired[node.input[0]].affine()
-        if len(gain) != len(scale):
+        if len(gain) != len(scale) or not _finite(gain, offset):
             continue
         # BN(gain * x + offset) = (scale * gain)(x - mean) / s + bias + scale (offset + (gain - 1) mean) / s
         spread = np.sqrt(var + _attr(node, "epsilon", 1e-5))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from .explain import short_reason
+
 
 def _fmt_count(n):
     for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -12,7 +14,7 @@ def _fmt_count(n):
 
 
 def _fmt_bytes(n):
-    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
@@ -40,22 +42,20 @@ def summary_table(report: dict) -> str:
     s = report.get("summary", {})
     lines.append(f"groups: {s.get('groups_pruned', 0)} pruned of {s.get('groups_prunable', 0)} prunable, "
                  f"{s.get('groups_skipped', 0)} skipped; {s.get('channels_removed', 0)} channels removed")
-    reasons = Counter(_short(item["reason"]) for item in report.get("skipped", []))
+    if s.get("nothing_removed"):
+        lines.append(f"nothing removed: {s['nothing_removed']}")
+    reasons = Counter(short_reason(item["reason"]) for item in report.get("skipped", []))
     for reason, count in reasons.most_common(5):
         lines.append(f"  skipped x{count}: {reason}")
     v = report.get("verification", {})
     if v:
         check = f"checker {v.get('checker')}, onnxruntime {v.get('onnxruntime')}"
         if v.get("max_abs_diff") is not None:
-            check += f", max |diff| {v['max_abs_diff']:.3g} (relative {v['max_rel_diff']:.3g})"
+            check += f", max |diff| {v['max_abs_diff']:.3g}"
+            if v.get("max_abs_output") is not None:
+                check += f" on outputs up to {v['max_abs_output']:.3g} in size"
+            check += f" (relative {v['max_rel_diff']:.3g})"
         lines.append(check)
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
-
-
-def _short(reason: str) -> str:
-    # "Op 'name': why" -> "Op: why", so the same cause on many nodes counts once.
-    head, sep, tail = reason.partition(": ")
-    op = head.split(" ")[0]
-    return f"{op}: {tail}" if sep else reason

@@ -23,8 +23,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxPruneError, first_line
+from .files import regular_file, write_file, write_text
 
 FORMAT = "onnxprune-sensitivity/1"
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
@@ -207,7 +206,7 @@ class SensitivityResult:
             text = self.to_csv()
         else:
             text = self.to_markdown()
-        _write_atomic(path, text.encode())
+        write_text(path, text, "--table")
         return path
 
     def plot(self, path, metric: str | None = None) -> Path:
@@ -254,19 +253,9 @@ def _restore_inf(row: dict) -> dict:
     return {k: float(v) if v in ("inf", "nan") else v for k, v in row.items()}
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".onnxprune-", suffix=path.suffix, dir=parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OnnxPruneError(f"{path}: cannot write ({exc.strerror or exc})") from None
-
-
 def load_sensitivity(path) -> SensitivityResult:
     """A sensitivity JSON written by `onnxprune sensitivity --table FILE.json`."""
+    regular_file(path, "--sensitivity")
     try:
         with open(path) as f:
             data = json.load(f)
@@ -280,7 +269,7 @@ def analyze_sensitivity(model, calibration=None, ratios=DEFAULT_RATIOS, importan
                         input_shapes: dict | None = None, heads: bool = False, layers: bool = False,
                         labels=None, seed: int = 0, max_groups: int | None = None, *,
                         image_spec: str | None = None, calib_limit: int | None = None,
-                        recover=()) -> SensitivityResult:
+                        recover=(), allow_nonfinite: bool = False) -> SensitivityResult:
     """Prune each group (or residual block) alone at each ratio and measure the output change.
 
     `model` is a path or a ModelProto (never modified). `calibration` takes what --calib does
@@ -290,21 +279,26 @@ def analyze_sensitivity(model, calibration=None, ratios=DEFAULT_RATIOS, importan
     order) adds top-1 accuracy. `max_groups` measures only the groups holding the most MACs.
     `recover` (as --recover: "bias", "lsq,bn", ...) applies training-free recovery in every
     trial, so the curves say what a group costs once compensated; it needs calibration data.
+    Calibration data holding NaN/inf is refused unless `allow_nonfinite`.
     """
     from .metrics import random_inputs
-    from .modelio import load_model
+    from .modelio import ModelFile
     from .shapes import concrete_input_shapes
+    from .validate import input_model
 
     started = time.perf_counter()
-    name = Path(model).name if isinstance(model, (str, Path)) else (model.graph.name or "model")
-    original = load_model(model) if isinstance(model, (str, Path)) else model
+    if isinstance(model, ModelFile):
+        name = model.path.name
+    else:
+        name = Path(model).name if isinstance(model, (str, Path)) else (model.graph.name or "model")
+    original, _, input_notes = input_model(model)  # never modified: trials work on copies
     ratios = _check_ratios(ratios, layers)
     methods = _recovery_methods(recover, layers, calibration)
     if max_groups is not None and max_groups < 1:
         raise OnnxPruneError(f"--max-groups {max_groups}: give a positive number")
-    notes: list[str] = []
+    notes: list[str] = list(input_notes)
     shapes, guessed = concrete_input_shapes(original, input_shapes)
-    data = _calibration(original, calibration, image_spec, calib_limit)
+    data = _calibration(original, calibration, image_spec, calib_limit, allow_nonfinite)
     if data is not None:
         feeds = list(data)
         samples = sum(_samples(feed) for feed in feeds)
@@ -359,18 +353,19 @@ def _check_ratios(ratios, layers: bool) -> tuple[float, ...]:
     return values
 
 
-def _calibration(model: onnx.ModelProto, calibration, image_spec, limit):
+def _calibration(model: onnx.ModelProto, calibration, image_spec, limit, allow_nonfinite: bool = False):
     """CalibrationData capped at `limit` (DEFAULT_SAMPLES unless given), or None."""
     if calibration is None:
         return None
     from .calibration import CalibrationData, calibration_feeds, load_calibration
 
     if isinstance(calibration, (str, Path)):
-        data = load_calibration(calibration, model, image_spec=image_spec, limit=limit)
+        data = load_calibration(calibration, model, image_spec=image_spec, limit=limit,
+                                allow_nonfinite=allow_nonfinite)
     elif isinstance(calibration, CalibrationData):
         data = calibration if limit is None else calibration.limited(limit)
     else:
-        data = calibration_feeds(calibration, model, limit=limit)
+        data = calibration_feeds(calibration, model, limit=limit, allow_nonfinite=allow_nonfinite)
     return data if data.limit is not None else data.limited(DEFAULT_SAMPLES)
 
 
@@ -399,8 +394,8 @@ def load_labels(spec: str, calib=None) -> np.ndarray:
     """Class ids for accuracy: an .npy/.npz/.txt file, or the key `spec` of the --calib .npz file(s)
     (a folder's files are read in name order, as calibration reads them)."""
     path = Path(spec)
-    if path.is_file():
-        return _labels_from_file(path)
+    if path.exists():
+        return _labels_from_file(regular_file(path, "--labels"))
     if calib is None:
         raise OnnxPruneError(f"--labels {spec}: no such file, and no --calib .npz to take the key from")
     calib = Path(calib)
@@ -656,7 +651,8 @@ def _draw(result: SensitivityResult, path: Path, metric: str) -> Path:
     figure.suptitle(f"Sensitivity of {result.model}", fontweight="bold")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    _write_atomic(path, buffer.getvalue())
+    data = buffer.getvalue()
+    write_file(path, lambda staged: staged.write_bytes(data), "--plot", needed_bytes=len(data))
     return path
 
 

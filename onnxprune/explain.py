@@ -1,0 +1,54 @@
+"""Why a run removed nothing, in one line for the table: a run that exits 0 with an unchanged
+model must never leave the user guessing."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+# Ops of onnxruntime's QOperator format: integer kernels with quantization built in. They have
+# no pruning rule, so every channel that reaches them keeps its size.
+QOPERATOR_OPS = frozenset({"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm",
+                           "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool",
+                           "DynamicQuantizeMatMul", "QAttention"})
+
+
+def nothing_removed_reason(options, plan, analysis) -> str:
+    """Why `plan` removes no channel (and no block was removed either)."""
+    if options.plan is not None:
+        return "the plan given with --apply-plan removes nothing"
+    if options.heads and not any(g.kind == "heads" for g in analysis.groups):
+        return ("--heads: no attention heads found (a Reshape of a projection into heads x head_dim feeding "
+                "the score MatMul, or a fused attention op)")
+    qop = sorted({node.op for node in analysis.graph.gs.nodes} & QOPERATOR_OPS)
+    if not plan.decisions:
+        if qop:
+            return (f"the model is quantized in QOperator format ({', '.join(qop)}), which has no pruning rule: "
+                    "prune the float model, then quantize it")
+        if not plan.skipped:
+            return "the model has no channel groups (no Conv, Gemm or MatMul with constant weights)"
+        reasons = Counter(short_reason(s["reason"]) for s in plan.skipped)
+        reason, count = reasons.most_common(1)[0]
+        return f"no group can be pruned; {count} of {len(plan.skipped)} skipped for: {reason}"
+    ratios = {"filters": options.filters, "neurons": options.neurons if options.neurons is not None
+              else options.filters, "heads": options.heads if options.heads is not None else options.filters}
+    if options.target_macs is not None or options.target_params is not None:
+        return "the target is met without removing channels"
+    if not any(ratios.get(d.group.kind, options.filters) for d in plan.decisions):
+        return "every ratio that applies to the model's groups is 0"
+    largest = max(plan.decisions, key=lambda d: d.group.channels)
+    ratio = ratios.get(largest.group.kind, options.filters)
+    would_remove = math.floor(ratio * largest.group.channels)
+    if would_remove and options.round_to > 1:
+        return (f"--round-to {options.round_to}: rounding the kept channels up to a multiple of {options.round_to} "
+                f"keeps every channel (largest group: {largest.group.channels})")
+    if not would_remove:
+        return (f"a ratio of {ratio:g} removes floor({ratio:g} x {largest.group.channels}) = 0 channels even from "
+                f"the largest group")
+    return "every group keeps all its channels"
+
+
+def short_reason(reason: str) -> str:
+    """"Op 'name': why" -> "Op: why", so one cause on many nodes counts once."""
+    head, sep, tail = reason.partition(": ")
+    op = head.split(" ")[0]
+    return f"{op}: {tail}" if sep else reason
