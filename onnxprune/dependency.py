@@ -42,8 +42,9 @@ class Attachment:
         return self.view or (self.node, self.input_index, self.axis)
 
     def describe(self) -> dict:
-        return {"node": self.node.name, "op": self.node.op, "tensor": self.tensor.name,
-                "axis": self.axis, "role": self.role}
+        # A node whose outputs nothing reads is dropped on export, its inputs cleared with it.
+        tensor = self.tensor.name if self.input_index < len(self.node.inputs) else None
+        return {"node": self.node.name, "op": self.node.op, "tensor": tensor, "axis": self.axis, "role": self.role}
 
 
 @dataclass
@@ -254,6 +255,11 @@ class Analysis:
                 continue
             except LayoutError as exc:
                 ctx._reject(str(exc))
+                continue
+            except (ValueError, IndexError, KeyError, TypeError, ArithmeticError) as exc:
+                # A node the rule could not read (an attribute out of range, a malformed
+                # constant): a barrier with the reason, rather than the whole run failing.
+                ctx._reject(f"its op rule cannot read this node ({type(exc).__name__}: {exc})")
                 continue
             ctx._commit()
             self._check_consumed(node, ctx)

@@ -88,7 +88,10 @@ class Graph:
             return None
         key = tensor.name
         if key not in self._const_cache:
-            self._const_cache[key] = self._evaluate(tensor)
+            try:
+                self._const_cache[key] = self._evaluate(tensor)
+            except (ValueError, IndexError, TypeError, KeyError, ArithmeticError):  # a malformed constant
+                self._const_cache[key] = None
         return self._const_cache[key]
 
     def _evaluate(self, tensor: gs.Tensor) -> np.ndarray | None:
@@ -116,11 +119,14 @@ class Graph:
         args = [self.evaluate(t, depth + 1) if t.name else None for t in node.inputs]
         if args[0] is None or (node.op != "DequantizeLinear" and any(a is None for a in args)):
             return None
-        if node.op == "DequantizeLinear":
-            return _dequantize(node, args)
-        if node.op in ("Mul", "Div", "Add", "Sub"):
-            return _EVALUABLE[node.op](args[0].astype(np.float32), args[1].astype(np.float32))
-        return _fold(node, args, self.opset(""))
+        try:
+            if node.op == "DequantizeLinear":
+                return _dequantize(node, args)
+            if node.op in ("Mul", "Div", "Add", "Sub"):
+                return _EVALUABLE[node.op](args[0].astype(np.float32), args[1].astype(np.float32))
+            return _fold(node, args, self.opset(""))
+        except (ValueError, IndexError, TypeError, KeyError, ArithmeticError):  # attributes or shapes that do not fit
+            return None
 
     def is_const(self, tensor: gs.Tensor | None, depth: int = 0) -> bool:
         if tensor is None or depth > 32:

@@ -16,7 +16,7 @@ from .dependency import Analysis, analyze
 from .errors import OnnxPruneError, first_line
 from .graph import Graph
 from .importance import criterion, prepared_criterion
-from .modelio import load_model
+from .modelio import ModelFile, load_model
 from .plan import Plan, candidate_groups, group_key, make_plan, plan_entries, plan_from_json, plan_from_removed
 from .runtime import runtime_description
 from .shapes import complete_shapes, concrete_input_shapes, fix_input_shapes, infer_shapes, static_copy
@@ -182,6 +182,8 @@ def _prune_to_latency(model, options: PruneOptions) -> PruneResult:
         raise OnnxPruneError("give one of --target-latency, --target-macs, --target-params")
     if isinstance(model, (str, Path)):
         model = load_model(model)
+    elif isinstance(model, ModelFile):  # every step prunes a copy of it
+        model = model.model
     started = time.perf_counter()
     steps, best = [], None
     low, high, macs = 0.0, 1.0, target

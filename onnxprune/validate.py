@@ -94,12 +94,27 @@ UNSORTED_NOTE = ("the input's nodes were not in topological order (the ONNX stan
                  "they were sorted")
 
 
+def _check_text(graph: onnx.GraphProto) -> None:
+    """Names must be text: protobuf hands back bytes for a string that is not valid UTF-8,
+    which only a damaged file holds."""
+    for index, node in enumerate(graph.node):
+        fields = [node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute)]
+        if not all(isinstance(f, str) for f in fields):
+            raise OnnxPruneError(f"node #{index}: a name in it is not valid UTF-8 text (a damaged file?)")
+    for kind, items in (("graph input", graph.input), ("graph output", graph.output),
+                        ("initializer", graph.initializer)):
+        for item in items:
+            if not isinstance(item.name, str):
+                raise OnnxPruneError(f"a {kind} name is not valid UTF-8 text (a damaged file?)")
+
+
 def check_graph(model: onnx.ModelProto) -> list[int] | None:
     """Refuse a structurally broken main graph in one line. Returns None when the nodes are in
     order, else the order to put them in (see sort_nodes). Subgraphs are only checked for what
     they read from the main graph.
     """
     graph = model.graph
+    _check_text(graph)
     producer: dict[str, str] = {}
     for tensor in graph.initializer:
         check_tensor_data(tensor, "initializer")

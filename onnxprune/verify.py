@@ -110,18 +110,14 @@ class Checker:
         self.last_session = self.last_outputs = None
         self._last_model = None
         self._verdict: tuple = (None, "not run")  # (model, checker verdict) of the last model checked
-        data = serialized(working)  # serialised once, for the checker and the session
-        input_check = check(working, data)
-        if not input_check.startswith(("passed", "skipped")):
-            raise OnnxPruneError(f"the input model fails the onnx checker ({input_check[len('failed: '):]}); "
-                                 "onnxprune writes only models that pass it")
+        self._reference = working
         if seed is None:
             return
         if not has_runtime():
             self.notes.append("no onnxruntime installed: checked with the onnx checker only")
             return
         try:
-            self.session = session(working, data=data)
+            self.session = session(working)
             self.feeds = metrics.random_inputs(working, shapes, seed)
             self.outputs = self.session.run(None, self.feeds)
         except Exception as exc:  # custom ops, unsupported opsets: nothing to compare against
@@ -159,6 +155,7 @@ class Checker:
         result = check(model, data)
         self._verdict = (model, result)
         if not result.startswith(("passed", "skipped")):
+            self._refuse_failing_input()
             return f"onnx checker {result}"
         if self.session is None:
             return None
@@ -175,9 +172,19 @@ class Checker:
         self._last_model, self.last_session, self.last_outputs = model, sess, outputs
         return None
 
+    def _refuse_failing_input(self) -> None:
+        """A candidate failed the checker: if the input fails it too, the input is at fault.
+        Checked only then, so that a run that goes well never pays for it."""
+        verdict = check(self._reference)
+        if not verdict.startswith(("passed", "skipped")):
+            raise OnnxPruneError(f"the input model fails the onnx checker ({verdict[len('failed: '):]}); "
+                                 "onnxprune writes only models that pass it")
+
     def verification(self, model: onnx.ModelProto) -> Verification:
         failure = None if self._last_model is model else self.failure(model)
         result = Verification(checker=self._verdict[1] if self._verdict[0] is model else check(model))
+        if not result.checker.startswith(("passed", "skipped")):
+            self._refuse_failing_input()
         if self.session is None:
             return result
         if failure is not None:

@@ -555,7 +555,8 @@ def test_staging_of_a_live_run_is_left_alone(tmp_path):
 
 # -- random malformed graphs ------------------------------------------------------------------
 
-FUZZ_CASES = 160
+FUZZ_CASES = 240
+FUZZ_REQUESTS = (["--filters", "0.5"], ["--heads", "0.5", "--neurons", "0.5"], ["--layers", "1", "--filters", "0.3"])
 
 
 def test_fuzzed_graphs_are_refused_or_pruned_into_valid_models(tmp_path):
@@ -571,8 +572,9 @@ def test_fuzzed_graphs_are_refused_or_pruned_into_valid_models(tmp_path):
         what, data = mutated(model, case)
         path, out = tmp_path / f"case{case}.onnx", tmp_path / f"case{case}.pruned.onnx"
         path.write_bytes(data)
-        code, stdout, err = run(path, "--filters", "0.5", "-o", out)
-        where = f"case {case} ({label}, {what})"
+        request = FUZZ_REQUESTS[case % len(FUZZ_REQUESTS)]
+        code, stdout, err = run(path, *request, "-o", out)
+        where = f"case {case} ({label}, {what}, {' '.join(request)})"
         assert code in (0, 2), f"{where}: exit {code}: {err}"
         assert "Traceback" not in err and "[W]" not in stdout and "[C]" not in stdout, where
         assert path.read_bytes() == data, f"{where}: the input was changed"

@@ -18,5 +18,7 @@ class TransposeRule(OpRule):
             if rank is None:
                 raise Refuse("input of unknown rank")
             perm = list(reversed(range(rank)))
+        if sorted(perm) != list(range(len(perm))):
+            raise Refuse(f"perm {perm} is not a permutation")
         for axis, layout in layouts.items():
             ctx.set_layout(node.outputs[0], perm.index(axis), layout)
