@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .errors import OnnxPruneError
-from .graph import Graph
+from .core.errors import OptionError
+from .core.graph import Graph
 
 
 @dataclass
@@ -150,7 +150,7 @@ def choose(blocks: list[Block], scores: dict[str, float], count: int, names=()) 
     if names:
         missing = [n for n in names if n not in by_key]
         if missing:
-            raise OnnxPruneError(f"--drop-layer {missing[0]!r}: not a removable residual block "
+            raise OptionError("drop_layers", missing[0], "not a removable residual block "
                                  f"(candidates: {', '.join(list(by_key)[:8])}{', ...' if len(by_key) > 8 else ''})")
         ordered = [by_key[n] for n in names]
     else:

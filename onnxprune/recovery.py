@@ -24,10 +24,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .dependency import Analysis
-from .importance import consumer_sites
-from .layout import kept_positions
-from .plan import Plan
+from .core.criteria import consumer_sites
+from .core.dependency import Analysis
+from .core.errors import OptionError
+from .core.layout import kept_positions
+from .core.plan import Plan
+from .core.progress import progress
 
 METHODS = ("bias", "lsq", "bn")
 _RIDGE = 1e-4  # relative to the Gram's mean diagonal: keeps the solve stable for dead or duplicate channels
@@ -38,7 +40,6 @@ _LSQ_ROWS_PER_INPUT = 4  # fewer calibration rows than this per input and a refi
 
 def parse_methods(methods) -> tuple[str, ...]:
     """--recover as given: "bias,lsq", "none", None, or a sequence of method names."""
-    from .errors import OnnxPruneError
 
     if not methods or methods == "none":
         return ()
@@ -47,7 +48,7 @@ def parse_methods(methods) -> tuple[str, ...]:
     methods = tuple(m.strip() for m in methods if m.strip())
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise OnnxPruneError(f"--recover {unknown[0]!r}: choose from {', '.join(METHODS)} (comma-separated) or none")
+        raise OptionError("recover", unknown[0], f"choose from {', '.join(METHODS)} (comma-separated) or none")
     return methods
 
 
@@ -398,7 +399,7 @@ def reestimate_batchnorm(pruned: onnx.ModelProto, original: onnx.ModelProto, kep
     step = max(1, -(-len(nodes) // max(1, passes)))
     outputs = [n.output[0] for n in nodes]  # node messages are replaced while a model is probed
     done = 0
-    for start in range(0, len(outputs), step):
+    for start in progress(range(0, len(outputs), step), "BatchNorm correction", unit="pass"):
         done += _correct_batchnorms(pruned, original, outputs[start:start + step], kept, calibration)
     _drop_unread_initializers(pruned)
     return done

@@ -35,7 +35,10 @@ def summary_table(report: dict) -> str:
             rows.append((label, fmt(b), fmt(a), _change(b, a)))
     if "latency_ms" in report:
         b, a = report["latency_ms"]["before"], report["latency_ms"]["after"]
-        rows.append(("ORT latency", f"{b:.3f} ms", f"{a:.3f} ms", _change(b, a)))
+        # Timed at dims the tool had to guess (a detector at 64x64, say), latency can mislead.
+        guessed = (report.get("latency_measured") or {}).get("guessed_dims")
+        label = "ORT latency (at guessed dims)" if guessed else "ORT latency"
+        rows.append((label, f"{b:.3f} ms", f"{a:.3f} ms", _change(b, a)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(r))
              for r in rows]

@@ -14,8 +14,8 @@ import math
 import numpy as np
 import onnx
 
-from onnxprune.pipeline import analyze_model
-from onnxprune.plan import candidate_groups, group_key
+from onnxprune.core.dependency import analyze_model
+from onnxprune.core.plan import candidate_groups, group_key
 
 NEUTRAL = {"bn_var": 1.0, "divisor": 1.0}
 
@@ -63,8 +63,8 @@ def prune_planted(model: onnx.ModelProto, ratio: float, seed: int = 0, tolerance
     `optimized=False` compares the graphs as written, without onnxruntime's fusions (see run_model).
     """
     from onnxprune import prune
-    from onnxprune.metrics import random_inputs
-    from onnxprune.shapes import concrete_input_shapes
+    from onnxprune.core.metrics import random_inputs
+    from onnxprune.core.shapes import concrete_input_shapes
 
     from conftest import max_rel_diff, run_model
 

@@ -4,9 +4,9 @@ import pytest
 from onnx import numpy_helper
 from textmodel import text_model
 
-from onnxprune.importance import criterion
-from onnxprune.pipeline import analyze_model
-from onnxprune.plan import candidate_groups
+from onnxprune.core.criteria import criterion
+from onnxprune.core.dependency import analyze_model
+from onnxprune.core.plan import candidate_groups
 
 MLP = """
 g (float[2,4] x) => (float[2,3] y) {

@@ -11,14 +11,15 @@ from ops.test_attention_rules import ATTENTION, WEIGHTS as ATTENTION_WEIGHTS
 from real_models import fetch, fetch_zoo
 from textmodel import text_model
 
-from onnxprune.allocate import CostModel, _DamageCurve, allocate, allocate_by_sensitivity, make_target_plan
-from onnxprune.apply import apply_plan
-from onnxprune.errors import OnnxPruneError
-from onnxprune.importance import criterion
-from onnxprune.metrics import count_macs, count_params
-from onnxprune.pipeline import analyze_model
-from onnxprune.plan import candidate_groups, group_key, plan_from_json, plan_from_removed
-from onnxprune.shapes import concrete_input_shapes, static_copy
+from onnxprune.allocation.target import _DamageCurve, allocate, allocate_by_sensitivity, make_target_plan
+from onnxprune.core.cost import CostModel
+from onnxprune.core.apply import apply_plan
+from onnxprune.core.errors import OnnxPruneError
+from onnxprune.core.criteria import criterion
+from onnxprune.core.cost import count_macs, count_params
+from onnxprune.core.dependency import analyze_model
+from onnxprune.core.plan import candidate_groups, group_key, plan_from_json, plan_from_removed
+from onnxprune.core.shapes import concrete_input_shapes, static_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 RNG = np.random.default_rng(11)
@@ -284,7 +285,7 @@ def test_unreachable_or_invalid_targets_say_so_in_one_line():
     static = static_copy(c.model, c.shapes)
     with pytest.raises(OnnxPruneError, match="unreachable") as info:
         make_target_plan(c.analysis, criterion("l2"), "macs", 0.001, static)
-    assert "\n" not in str(info.value) and "--target-macs 0.001" in str(info.value)
+    assert "\n" not in str(info.value) and "target_macs=0.001" in str(info.value)  # named as the API spells it
     for metric, target in (("macs", 0.0), ("params", 1.5), ("flops", 0.5)):
         with pytest.raises(OnnxPruneError) as info:
             make_target_plan(c.analysis, criterion("l2"), metric, target, static)

@@ -8,7 +8,7 @@ from planting import plant_dead_channels, prune_planted
 
 from onnxprune import prune
 from onnxprune.cli import main
-from onnxprune.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError
 
 FIXTURE = "fixtures/tiny_resnet.onnx"
 
@@ -37,7 +37,7 @@ def test_data_criterion_without_data_falls_back_to_magnitude_and_says_so():
 
 
 def test_recovery_needs_data():
-    with pytest.raises(OnnxPruneError, match="--recover bias: needs calibration data"):
+    with pytest.raises(OnnxPruneError, match="recover='bias': needs calibration data"):
         prune(FIXTURE, filters=0.3, recover="bias", latency_runs=0)
 
 
@@ -86,33 +86,37 @@ def test_cli_refuses_recovery_without_data(tmp_path, capsys):
 
 
 class _FakeResult:
+    model = None
+
     def __init__(self, ratio):
         self.report = {"latency_ms": {"before": 10.0, "after": 10.0 * ratio}, "notes": [], "seconds": {}}
 
 
-def test_latency_target_searches_the_largest_mac_budget_that_meets_it(monkeypatch):
-    from onnxprune import pipeline
+def _search(target, step):
+    from onnxprune.passes.latency import LatencySettings, TargetLatency
+    from onnxprune.pipeline import Context
 
+    search = TargetLatency(LatencySettings(target_latency=target), step=step)
+    return search(onnx.load(FIXTURE), Context())
+
+
+def test_latency_target_searches_the_largest_mac_budget_that_meets_it():
     tried = []
 
-    def fake_prune(model, options):  # latency falls with MACs, but not in proportion
-        tried.append(options.target_macs)
-        return _FakeResult(0.3 + 0.6 * options.target_macs)
+    def fake_step(model, macs):  # latency falls with MACs, but not in proportion
+        tried.append(macs)
+        return _FakeResult(0.3 + 0.6 * macs)
 
-    monkeypatch.setattr(pipeline, "prune", fake_prune)
-    result = pipeline._prune_to_latency(onnx.load(FIXTURE), pipeline.PruneOptions(target_latency=0.7))
+    result = _search(0.7, fake_step)
     best = max(m for m in tried if 0.3 + 0.6 * m <= 0.7)
     assert result.report["target_latency"]["reached"] == pytest.approx(0.3 + 0.6 * best, abs=1e-4)
     assert 0.3 + 0.6 * best > 0.68  # bisection got close to the boundary (2/3 of the MACs)
     assert len(result.report["target_latency"]["steps"]) == len(tried)
 
 
-def test_unreachable_latency_target_is_a_one_line_error(monkeypatch):
-    from onnxprune import pipeline
-
-    monkeypatch.setattr(pipeline, "prune", lambda model, options: _FakeResult(0.95))
-    with pytest.raises(OnnxPruneError, match="--target-latency 0.5: not reached"):
-        pipeline._prune_to_latency(onnx.load(FIXTURE), pipeline.PruneOptions(target_latency=0.5))
+def test_unreachable_latency_target_is_a_one_line_error():
+    with pytest.raises(OnnxPruneError, match="target_latency=0.5: not reached"):
+        _search(0.5, lambda model, macs: _FakeResult(0.95))
 
 
 def test_calibration_batches_need_not_match_the_analysis_input_shape():

@@ -329,10 +329,10 @@ def test_scikit_image_backend_reads_the_same_pixels(tmp_path, resnet, monkeypatc
     write_image(tmp_path / "a.png", solid(40, 36, (200, 100, 50)))
     spec = "mean=0.5,std=0.25"
     with_pil = next(iter(load_calibration(tmp_path, resnet, image_spec=spec)))["input"]
-    monkeypatch.setattr(cal, "_image_backend", lambda: "skimage")
+    monkeypatch.setattr(cal.images, "_image_backend", lambda: "skimage")
     with_skimage = next(iter(load_calibration(tmp_path, resnet, image_spec=spec)))["input"]
     np.testing.assert_allclose(with_skimage, with_pil, atol=1e-6)
-    grey = cal._load_pixels(tmp_path / "a.png", 1)
+    grey = cal.images._load_pixels(tmp_path / "a.png", 1)
     assert grey.shape == (40, 36, 1) and int(grey[0, 0, 0]) == round(0.299 * 200 + 0.587 * 100 + 0.114 * 50)
 
 
@@ -368,7 +368,7 @@ def test_conv_stats_reduce_all_axes_but_the_channel_axis(conv, monkeypatch):
     x = np.random.default_rng(3).standard_normal((5, 3, 6, 6)).astype(np.float32)
     batches = [{"x": x[:2]}, {"x": x[2:]}]
     r = conv_reference(conv, x)
-    monkeypatch.setattr(cal, "_MAX_PIECE_ELEMENTS", 400)  # pieces of 2 or 3 samples: several per batch
+    monkeypatch.setattr(cal.stats, "_MAX_PIECE_ELEMENTS", 400)  # pieces of 2 or 3 samples: several per batch
     stats = collect_channel_stats(conv, batches, {"r": 1, "c": 1, "x": 1})
     assert_stats(stats["r"], np.moveaxis(r, 1, -1).reshape(-1, 5))
     assert_stats(stats["x"], np.moveaxis(x, 1, -1).reshape(-1, 3))
@@ -377,10 +377,10 @@ def test_conv_stats_reduce_all_axes_but_the_channel_axis(conv, monkeypatch):
 
 
 def test_channel_rows_come_in_bounded_pieces(monkeypatch):
-    monkeypatch.setattr(cal, "_MAX_PIECE_ELEMENTS", 50)
+    monkeypatch.setattr(cal.stats, "_MAX_PIECE_ELEMENTS", 50)
     values = np.arange(5 * 4 * 6, dtype=np.float32).reshape(5, 4, 6)
     for axis in (0, 1, 2, -1):
-        pieces = list(cal._channel_rows(values, axis, "t"))
+        pieces = list(cal.stats._channel_rows(values, axis, "t"))
         expected = np.moveaxis(values, axis, -1).reshape(-1, values.shape[axis])
         np.testing.assert_array_equal(np.concatenate(pieces), expected)
         assert all(p.dtype == np.float64 for p in pieces)
@@ -401,9 +401,9 @@ def test_chunking_gives_the_same_stats_with_more_passes(mlp):
 
 def test_chunks_follow_the_byte_budget(mlp):
     first = mlp_batches()[0]  # x is [2, 5, 4]: h, a and r are [2, 5, 6] float32 = 240 bytes each
-    _, sizes = cal._tensor_sizes(mlp, first, ["h", "a", "r", "W"])
+    _, sizes = cal.probe._tensor_sizes(mlp, first, ["h", "a", "r", "W"])
     assert sizes == {"h": 240, "a": 240, "r": 240, "W": 96}
-    assert cal._chunks(["h", "a", "r", "W"], sizes, 500) == [["h", "a"], ["r", "W"]]
+    assert cal.probe._chunks(["h", "a", "r", "W"], sizes, 500) == [["h", "a"], ["r", "W"]]
 
 
 def test_one_shot_iterator_works_for_one_pass_and_refuses_several(mlp):
@@ -415,11 +415,11 @@ def test_one_shot_iterator_works_for_one_pass_and_refuses_several(mlp):
 
 
 def test_probing_runs_only_what_the_tensors_need_and_leaves_the_model_equal(mlp, monkeypatch):
-    assert cal._nodes_needed(mlp.graph, ["a"]) == [0, 1]
-    assert cal._nodes_needed(mlp.graph, ["y"]) is None  # everything: nothing to set aside
+    assert cal.probe._nodes_needed(mlp.graph, ["a"]) == [0, 1]
+    assert cal.probe._nodes_needed(mlp.graph, ["y"]) is None  # everything: nothing to set aside
     before = mlp.SerializeToString()
     seen = []
-    import onnxprune.verify as verify
+    import onnxprune.core.verify as verify
     session = verify.session
     monkeypatch.setattr(verify, "session", lambda model, *a: seen.append([n.op_type for n in model.graph.node])
                         or session(model, *a))

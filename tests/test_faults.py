@@ -64,8 +64,8 @@ def assert_valid_output(path: Path, original: Path | None = None):
     """Checker + onnxruntime pass; non-finite outputs only where the original has them."""
     import onnxruntime as ort
 
-    from onnxprune.metrics import random_inputs
-    from onnxprune.shapes import concrete_input_shapes
+    from onnxprune.core.metrics import random_inputs
+    from onnxprune.core.shapes import concrete_input_shapes
 
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
@@ -252,7 +252,7 @@ def test_model_whose_outputs_are_all_nan_is_not_called_good(tmp_path):
 
 
 def test_a_candidate_with_new_nonfinite_outputs_fails_the_check():
-    from onnxprune.verify import Checker
+    from onnxprune.core.verify import Checker
 
     model = _mlp()
     broken = _mlp()
@@ -390,7 +390,7 @@ def test_models_too_large_for_protobuf_or_memory(tmp_path, monkeypatch):
     with open(huge, "wb") as f:
         f.truncate(2**31)  # sparse: costs no disk
     assert_refused(run(huge, "--filters", "0.3"), "above the 2 GiB")
-    from onnxprune import modelio
+    from onnxprune.core import modelio
 
     monkeypatch.setattr(modelio, "available_memory", lambda: 1000)
     small = tmp_path / "m.onnx"
@@ -399,7 +399,7 @@ def test_models_too_large_for_protobuf_or_memory(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_is_a_one_line_error(work, monkeypatch):
-    from onnxprune import files
+    from onnxprune.core import files
 
     tmp_path, model = work
     before = snapshot(tmp_path)
@@ -541,7 +541,7 @@ def test_an_interrupted_write_leaves_the_old_output_or_none_and_no_staging(tmp_p
 
 
 def test_staging_of_a_live_run_is_left_alone(tmp_path):
-    from onnxprune.files import sweep_stale_staging
+    from onnxprune.core.files import sweep_stale_staging
 
     live = tmp_path / f".onnxprune-{os.getppid()}-abcd1234"  # a process that exists
     live.mkdir()

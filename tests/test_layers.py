@@ -7,9 +7,9 @@ from textmodel import text_model
 
 from onnxprune import OnnxPruneError, prune
 from onnxprune import blocks as blk
-from onnxprune.graph import Graph
-from onnxprune.metrics import random_inputs
-from onnxprune.shapes import complete_shapes, concrete_input_shapes
+from onnxprune.core.graph import Graph
+from onnxprune.core.metrics import random_inputs
+from onnxprune.core.shapes import complete_shapes, concrete_input_shapes
 
 
 def plant_identity_blocks(model: onnx.ModelProto, count: int):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from onnxprune.layout import Atoms, LayoutError, Segment, cut, expand, kept_positions, resolve, tile, unify
+from onnxprune.core.layout import Atoms, LayoutError, Segment, cut, expand, kept_positions, resolve, tile, unify
 
 
 def lay(*atoms_):

@@ -4,7 +4,7 @@ import pytest
 from onnx import numpy_helper
 
 from onnxprune import OnnxPruneError, load_model, save_model
-from onnxprune import modelio
+from onnxprune.core import modelio
 from textmodel import text_model
 
 
@@ -52,7 +52,7 @@ def test_model_bytes_equals_protobufs_own_count():
     import numpy as np
     from onnx import helper, numpy_helper
 
-    from onnxprune.modelio import model_bytes
+    from onnxprune.core.modelio import model_bytes
 
     model = onnx.load("fixtures/tiny_resnet.onnx")
     # a tensor without raw_data, one with a doc string, and a 200 KB one (multi-byte length prefix)

@@ -1,4 +1,5 @@
-"""One distribution: the passes/ folder installs as onnxprune.passes, never as a bare `passes`."""
+"""One distribution: the passes/ folder installs as onnxprune.passes, never as a bare `passes`;
+the wheel holds the engine, op rules, criteria, passes and integrations, and the type marker."""
 import subprocess
 import sys
 import zipfile
@@ -22,6 +23,8 @@ def test_wheel_contents(tmp_path):
                    check=True, capture_output=True, timeout=600)
     wheel = next(tmp_path.glob("onnxprune-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "onnxprune/passes/ops/conv.py" in names and "onnxprune/passes/importance/magnitude.py" in names
+    for name in ("onnxprune/oprules/conv.py", "onnxprune/criteria/magnitude.py", "onnxprune/passes/plan.py",
+                 "onnxprune/core/dependency.py", "onnxprune/integrations/onnx_ir.py", "onnxprune/py.typed"):
+        assert name in names
     assert not any(n.startswith("passes/") for n in names)
     assert not any(n.startswith(("tests/", "fixtures/", "benchmarks/")) for n in names)

@@ -4,8 +4,8 @@ import pytest
 from planting import prune_planted
 
 from onnxprune import prune
-from onnxprune.metrics import random_inputs
-from onnxprune.shapes import concrete_input_shapes
+from onnxprune.core.metrics import random_inputs
+from onnxprune.core.shapes import concrete_input_shapes
 from conftest import run_model
 
 ARCHS = ["resnet", "mobilenetv3", "densenet", "unet", "nhwc"]

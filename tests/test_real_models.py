@@ -60,8 +60,8 @@ def test_planted_dead_channels_in_real_graphs(name):
 def test_recovery_keeps_planted_dead_real_graphs_exact(name):
     """Training-free recovery (bias compensation, lsq refits incl. kxk convolutions, BatchNorm
     correction) on calibration data must leave a planted-dead removal exact."""
-    from onnxprune.metrics import random_inputs
-    from onnxprune.shapes import concrete_input_shapes
+    from onnxprune.core.metrics import random_inputs
+    from onnxprune.core.shapes import concrete_input_shapes
 
     model = _model(name)
     shapes, _ = concrete_input_shapes(model, None)

@@ -5,9 +5,9 @@ from onnx import numpy_helper
 from textmodel import text_model
 
 from onnxprune import recovery
-from onnxprune.apply import apply_plan
-from onnxprune.pipeline import analyze_model
-from onnxprune.plan import candidate_groups, group_key, plan_from_removed
+from onnxprune.core.apply import apply_plan
+from onnxprune.core.dependency import analyze_model
+from onnxprune.core.plan import candidate_groups, group_key, plan_from_removed
 
 MLP = """
 g (float[8,4] x) => (float[8,3] y) {

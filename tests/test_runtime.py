@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from onnxprune import runtime
-from onnxprune.errors import RuntimeMissing
+from onnxprune.core import runtime
+from onnxprune.core.errors import RuntimeMissing
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "tiny_resnet.onnx"
 

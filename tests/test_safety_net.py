@@ -2,9 +2,9 @@
 import pytest
 
 from onnxprune import prune
-from onnxprune.apply import Applier
-from onnxprune.pipeline import analyze_model
-from onnxprune.plan import candidate_groups, group_key
+from onnxprune.core.apply import Applier
+from onnxprune.core.dependency import analyze_model
+from onnxprune.core.plan import candidate_groups, group_key
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ from textmodel import text_model
 
 from onnxprune import prune
 from onnxprune.cli import main
-from onnxprune.errors import OnnxPruneError
-from onnxprune.metrics import count_macs
+from onnxprune.core.errors import OnnxPruneError
+from onnxprune.core.cost import count_macs
 from onnxprune.sensitivity import SensitivityResult, Trial, analyze_sensitivity, load_sensitivity
-from onnxprune.shapes import static_copy
+from onnxprune.core.shapes import static_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "fixtures" / "tiny_resnet.onnx"
@@ -141,7 +141,7 @@ def test_trials_with_recovery_are_prune_with_the_same_recovery():
         assert any("measured with recovery" in n for n in steered.report["notes"]) == mismatch
     with pytest.raises(OnnxPruneError, match="needs calibration data"):
         analyze_sensitivity(model, ratios=(0.5,), recover="bias")
-    with pytest.raises(OnnxPruneError, match="--layers"):
+    with pytest.raises(OnnxPruneError, match="applies to channel groups, not to layers"):
         analyze_sensitivity(FIXTURE, feeds, layers=True, recover="bias")
 
 
@@ -176,7 +176,7 @@ def test_the_input_model_is_left_as_it_was():
 
 
 def test_failed_trials_are_reported_ranked_first_and_kept_out_of_curves(monkeypatch):
-    import onnxprune.sensitivity as sensitivity
+    import onnxprune.sensitivity.trials as sensitivity
 
     real = sensitivity._pruned_group
     broken = "/layer2/layer2.1/conv1/Conv:in1@0+0"

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxprune.runtime import import_training_api, runtime_description
+from onnxprune.core.runtime import import_training_api, runtime_description
 from textmodel import text_model
 
 pytestmark = pytest.mark.training

@@ -7,7 +7,7 @@ from onnx import numpy_helper
 from planting import prune_planted
 from textmodel import text_model
 
-from onnxprune.pipeline import analyze_model
+from onnxprune.core.dependency import analyze_model
 
 S, QH, KVH, D = 5, 4, 2, 8  # sequence, query heads, kv heads, head_size
 E = QH * D

@@ -1,0 +1,71 @@
+"""Ratio plans: the same fraction of every group, or one ranking across groups (--global).
+
+Within each group the channels the criterion scores lowest go; round-to and exclusions apply.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..core.criteria import Criterion
+from ..core.dependency import Analysis
+from ..core.errors import OptionError
+from ..core.plan import GroupDecision, Plan, candidate_groups, group_key
+
+
+def _keep_count(channels: int, remove: int, round_to: int) -> int:
+    keep = max(channels - remove, 1)
+    if round_to > 1:
+        keep = min(channels, math.ceil(keep / round_to) * round_to)
+    return keep
+
+
+def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: int = 1,
+              global_rank: bool = False, exclude=(), heads: float | None = None,
+              neurons: float | None = None) -> Plan:
+    """`ratio` applies to every group; `neurons` (Gemm/MatMul hidden units) and `heads`
+    (whole attention heads), when given, override it for their kind of group."""
+    for option, value in (("filters", ratio), ("heads", heads), ("neurons", neurons)):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise OptionError(option, value, "must be in [0, 1)")
+    if round_to < 1:
+        raise OptionError("round_to", round_to, "must be a positive integer")
+    groups, skipped = candidate_groups(analysis, exclude)
+    plan = Plan(skipped=skipped, criterion=crit.name)
+    scores = {g.id: np.asarray(crit.scores(analysis, g), dtype=np.float64) for g in groups}
+    override = {"heads": heads, "neurons": neurons}
+
+    def group_ratio(g):
+        return ratio if override.get(g.kind) is None else override[g.kind]
+
+    counts = {g.id: math.floor(group_ratio(g) * g.channels) for g in groups}
+    if global_rank:  # the global ranking covers the groups that --filters governs
+        counts.update(_global_counts([g for g in groups if override.get(g.kind) is None], scores, ratio))
+    for g in groups:
+        keep = _keep_count(g.channels, counts[g.id], round_to)
+        order = np.argsort(scores[g.id], kind="stable")
+        removed = np.sort(order[: g.channels - keep])
+        plan.decisions.append(GroupDecision(group_key(analysis, g), g, removed, scores[g.id]))
+    plan.notes.extend(crit.notes)
+    return plan
+
+
+def _global_counts(groups, scores, ratio):
+    """Rank channels across groups by score relative to their group's mean."""
+    pool = []
+    for g in groups:
+        s = scores[g.id]
+        mean = s.mean()
+        normalized = s / mean if mean > 0 else np.zeros_like(s)
+        pool.extend((float(v), g.id) for v in normalized)
+    budget = math.floor(ratio * len(pool))
+    counts = {g.id: 0 for g in groups}
+    limit = {g.id: g.channels - 1 for g in groups}
+    for _, gid in sorted(pool, key=lambda p: p[0]):
+        if budget == 0:
+            break
+        if counts[gid] < limit[gid]:
+            counts[gid] += 1
+            budget -= 1
+    return counts

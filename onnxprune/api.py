@@ -1,0 +1,135 @@
+"""The main job as a function: `prune(model, **options)` builds the pruning pipeline from the
+options and runs it. The options are the settings of the passes it uses, flattened into one
+PruneOptions (see settings.py)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from .core.dependency import Analysis
+from .core.errors import OptionError
+from .core.plan import Plan
+from .core.validate import load_input
+from .core.verify import Verification
+from .passes.analyze import Analyze
+from .passes.calibration import CalibrationSettings, LoadCalibration
+from .passes.channels import RemoveChannels
+from .passes.latency import LatencySettings, TargetLatency
+from .passes.layers import LayerSettings, RemoveLayers
+from .passes.measure import Measure, MeasureSettings
+from .passes.plan import PlanChannels, PlanSettings
+from .passes.recovery import Recover, RecoverySettings
+from .passes.validate import InputSettings, ValidateInput
+from .passes.verify import Verify, VerifySettings
+from .pipeline import Context, Pipeline
+from .settings import checked, combine, stage
+
+# The stages of a prune, in pipeline order; their settings make up PruneOptions.
+STAGES = (InputSettings, CalibrationSettings, LayerSettings, PlanSettings, RecoverySettings, VerifySettings,
+          MeasureSettings, LatencySettings)
+
+PruneOptions = combine("PruneOptions", STAGES, doc="""Every option of prune(), one field per setting of its passes:
+InputSettings (input_shapes, seed), CalibrationSettings (calib, image_spec, calib_limit, allow_nonfinite),
+LayerSettings (layers, drop_layers, layer_importance), PlanSettings (filters, neurons, heads, importance,
+round_to, global_rank, exclude, plan, target_macs, target_params, min_keep, sensitivity), RecoverySettings
+(recover), VerifySettings (verify), MeasureSettings (latency_runs, latency_budget_s), LatencySettings
+(target_latency). Each is declared, with its check and CLI flag, in its pass's file under passes/.""")
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    plan: Plan | None
+    analysis: Analysis | None
+    verification: Verification
+    report: dict
+
+
+def options_from(options=None, **kwargs):
+    """Checked PruneOptions from an options object and/or keyword overrides; OptionError names
+    the option at fault (an unknown keyword too)."""
+    known = {f.name for f in dataclasses.fields(PruneOptions)}
+    for key in kwargs:
+        if key not in known:
+            raise OptionError(key, None, "unknown option")
+    if options is not None and not isinstance(options, PruneOptions):
+        raise OptionError("options", None, f"expected PruneOptions, got {type(options).__name__}")
+    options = dataclasses.replace(options or PruneOptions(), **kwargs)
+    for cls in STAGES:
+        settings = checked(stage(options, cls))
+        if hasattr(settings, "cross_check"):
+            settings.cross_check()
+        options = dataclasses.replace(options, **{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+    if options.sensitivity is not None and options.target_macs is None and options.target_params is None \
+            and options.target_latency is None:
+        raise OptionError("sensitivity", None, "give {target_macs}, {target_params} or {target_latency} to allocate "
+                          "with it")
+    if options.target_latency is not None and (options.target_macs is not None or options.target_params is not None):
+        raise OptionError("target_latency", options.target_latency, "give it, {target_macs} or {target_params}, "
+                          "one of them")
+    return options
+
+
+def pruning_pipeline(options) -> Pipeline:
+    """The passes that carry out `options` (checked PruneOptions), in order."""
+    plan_settings, layer_settings = stage(options, PlanSettings), stage(options, LayerSettings)
+    passes = [ValidateInput(stage(options, InputSettings)), LoadCalibration(stage(options, CalibrationSettings))]
+    if layer_settings.requested:
+        passes.append(RemoveLayers(layer_settings))
+    channels = plan_settings.channels_requested or not layer_settings.requested
+    if channels:
+        passes += [Analyze(heads=plan_settings.heads_mode), Recover(stage(options, RecoverySettings)),
+                   PlanChannels(plan_settings), RemoveChannels()]
+    passes += [Verify(stage(options, VerifySettings)), Measure(stage(options, MeasureSettings), options)]
+    if options.target_latency is not None:
+        return Pipeline([TargetLatency(stage(options, LatencySettings), _latency_step(options))])
+    return Pipeline(passes)
+
+
+def _latency_step(options):
+    def step(model: onnx.ModelProto, macs: float):
+        step_options = dataclasses.replace(options, target_latency=None, target_macs=macs, verify=True,
+                                           latency_runs=options.latency_runs or 20)
+        return prune(model, step_options)
+
+    return step
+
+
+def prune(model: onnx.ModelProto | str | Path, options=None, **kwargs) -> PruneResult:
+    """Prune `model` (a ModelProto, which is never changed, or a path) and return the pruned
+    model with its report. Keyword arguments override fields of `options`, e.g.
+    prune("m.onnx", filters=0.3). A model that fails verification raises VerificationError.
+    """
+    options = options_from(options, **kwargs)
+    model, owned = load_input(model)
+    return run_pruning(model, options, owned=owned)
+
+
+def run_pruning(model: onnx.ModelProto, options, owned: bool = False) -> PruneResult:
+    """prune() for a model already in memory, with checked options (options_from). With
+    owned=True the caller hands the model over: it may be changed in place, and is not copied
+    (pipeline plugins use this for the proto they made themselves)."""
+    context = Context(owned=owned)
+    pipeline = pruning_pipeline(options)
+    result = pipeline(model, context)
+    if options.target_latency is not None:  # the result of the step kept, with the search's report
+        best = pipeline.passes[0].best
+        best.report = _ordered(context.report)
+        return best
+    return PruneResult(result.model, context.plan, context.analysis, context.verification, _ordered(context.report))
+
+
+_REPORT_ORDER = ("tool", "runtime", "criterion", "ratio", "heads_ratio", "neurons_ratio", "calibration",
+                 "input_shapes", "notes", "params", "macs", "file_bytes", "latency_ms", "latency_measured",
+                 "verification", "groups", "summary", "layers", "recovery", "skipped", "rolled_back", "barriers",
+                 "seconds")
+
+
+def _ordered(report: dict) -> dict:
+    """The report with its keys in a reading order (the passes add them as they run)."""
+    ordered = {key: report[key] for key in _REPORT_ORDER if key in report}
+    ordered.update((key, value) for key, value in report.items() if key not in ordered)
+    return ordered

@@ -1,0 +1,231 @@
+"""Streaming statistics of activations: per-channel moments, Gram matrices (of channels or
+of convolution input patches), and paired statistics of two models.
+
+Reductions convert at most ``_MAX_PIECE_ELEMENTS`` values to float64 at once.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..core.errors import OnnxPruneError
+
+_MAX_PIECE_ELEMENTS = 1 << 24  # float64 working copies stay near 128 MB, whatever the tensor
+
+
+class Accumulator:
+    """Takes one tensor's values batch by batch, as float64 rows of channels."""
+
+    def __init__(self, axis: int, name: str = "tensor") -> None:
+        self.axis = axis
+        self.name = name
+        self.count = 0  # values seen per channel (rows)
+
+    def add(self, values: np.ndarray) -> None:
+        for rows in _channel_rows(np.asarray(values), self.axis, self.name):
+            self._check_channels(rows.shape[1])
+            self._add_rows(rows)
+            self.count += rows.shape[0]
+
+    def _check_channels(self, channels: int) -> None:
+        known = self.channels
+        if known is not None and known != channels:
+            raise OnnxPruneError(f"tensor {self.name!r}: {channels} channels on axis {self.axis} in one batch, "
+                                 f"{known} in an earlier one")
+
+    @property
+    def channels(self) -> int | None:
+        raise NotImplementedError
+
+    def _add_rows(self, rows: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+def _channel_rows(values: np.ndarray, axis: int, name: str) -> Iterator[np.ndarray]:
+    """`values` as float64 [positions, channels] pieces of bounded size (channel axis last)."""
+    if not -values.ndim <= axis < values.ndim:
+        raise OnnxPruneError(f"tensor {name!r}: channel axis {axis} is out of range for its shape "
+                             f"{list(values.shape)}")
+    axis %= values.ndim
+    channels = values.shape[axis]
+    if axis == 0 or values.ndim == 1:
+        yield np.moveaxis(values, axis, -1).reshape(-1, channels).astype(np.float64)
+        return
+    per_entry = max(1, values[:1].size)
+    step = max(1, _MAX_PIECE_ELEMENTS // per_entry)
+    for start in range(0, values.shape[0], step):  # slices of axis 0 bound the float64 copies
+        piece = values[start:start + step]
+        yield np.moveaxis(piece, axis, -1).reshape(-1, channels).astype(np.float64)
+
+
+class ChannelStats(Accumulator):
+    """Per-channel sums of one tensor over all positions and batches (float64).
+
+    mean_abs and l2_norm serve input-norm / Wanda scores, apoz the average percentage of zeros,
+    mean bias compensation.
+    """
+
+    def __init__(self, axis: int, name: str = "tensor") -> None:
+        super().__init__(axis, name)
+        self.sum = self.sum_abs = self.sum_sq = self.zeros = None
+
+    @property
+    def channels(self) -> int | None:
+        return None if self.sum is None else len(self.sum)
+
+    def _add_rows(self, rows: np.ndarray) -> None:
+        if self.sum is None:
+            channels = rows.shape[1]
+            self.sum, self.sum_abs, self.sum_sq = (np.zeros(channels) for _ in range(3))
+            self.zeros = np.zeros(channels, dtype=np.int64)
+        self.sum += rows.sum(axis=0)
+        self.sum_abs += np.abs(rows).sum(axis=0)
+        self.sum_sq += np.einsum("ij,ij->j", rows, rows)
+        self.zeros += np.count_nonzero(rows == 0, axis=0)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / self.count
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        return self.sum_abs / self.count
+
+    @property
+    def rms(self) -> np.ndarray:
+        return np.sqrt(self.sum_sq / self.count)
+
+    @property
+    def l2_norm(self) -> np.ndarray:
+        """sqrt(sum of x^2) over every position seen: Wanda's ||X_j||_2."""
+        return np.sqrt(self.sum_sq)
+
+    @property
+    def variance(self) -> np.ndarray:
+        return np.maximum(self.sum_sq / self.count - self.mean ** 2, 0.0)
+
+    @property
+    def apoz(self) -> np.ndarray:
+        """Fraction of values exactly zero."""
+        return self.zeros / self.count
+
+
+class GramStats(Accumulator):
+    """X^T X over a tensor's channel axis, rows being every other position (float64)."""
+
+    def __init__(self, axis: int, name: str = "tensor") -> None:
+        super().__init__(axis, name)
+        self.gram = self.sum = None
+
+    @property
+    def channels(self) -> int | None:
+        return None if self.sum is None else len(self.sum)
+
+    def _add_rows(self, rows: np.ndarray) -> None:
+        if self.gram is None:
+            self.gram = np.zeros((rows.shape[1], rows.shape[1]))
+            self.sum = np.zeros(rows.shape[1])
+        self.gram += rows.T @ rows
+        self.sum += rows.sum(axis=0)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / self.count
+
+    @property
+    def covariance(self) -> np.ndarray:
+        return self.gram / self.count - np.outer(self.mean, self.mean)
+
+
+class PatchGramStats:
+    """X^T X of a convolution's input patches: rows are output positions, columns the
+    [channel, kernel tap] entries the kernel reads there (zero padding included).
+
+    At most `positions_per_sample` output positions per sample are taken, at random but
+    reproducibly, which bounds both the patch copy and the cost of the Gram (rows x cols^2).
+    """
+
+    def __init__(self, kernel, strides=None, pads=None, dilations=None, name: str = "tensor",
+                 positions_per_sample: int = 256, seed: int = 0) -> None:
+        rank = len(kernel)
+        self.kernel = tuple(int(k) for k in kernel)
+        self.strides = tuple(int(v) for v in (strides or [1] * rank))
+        self.pads = tuple(int(v) for v in (pads or [0] * (2 * rank)))
+        self.dilations = tuple(int(v) for v in (dilations or [1] * rank))
+        self.name, self.positions_per_sample = name, positions_per_sample
+        self.rng = np.random.default_rng(seed)
+        self.count = 0
+        self.gram = self.sum = None
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values)
+        rank = len(self.kernel)
+        if values.ndim != rank + 2:
+            raise OnnxPruneError(f"tensor {self.name!r}: shape {list(values.shape)} does not fit a "
+                                 f"{rank}-d convolution's input")
+        padded = np.pad(values, [(0, 0), (0, 0)] + [(self.pads[i], self.pads[i + rank]) for i in range(rank)])
+        out = [(padded.shape[2 + i] - self.dilations[i] * (self.kernel[i] - 1) - 1) // self.strides[i] + 1
+               for i in range(rank)]
+        if min(out) <= 0:
+            return
+        per_sample = math.prod(out)
+        taken = min(per_sample, self.positions_per_sample)
+        for n in range(values.shape[0]):
+            flat = (self.rng.choice(per_sample, taken, replace=False) if taken < per_sample
+                    else np.arange(per_sample))
+            where = np.unravel_index(flat, out)
+            taps = np.unravel_index(np.arange(math.prod(self.kernel)), self.kernel)
+            index = [where[i][:, None] * self.strides[i] + taps[i][None, :] * self.dilations[i] for i in range(rank)]
+            patches = padded[n][(slice(None), *index)]  # [channels, rows, taps]
+            rows = np.moveaxis(patches, 1, 0).reshape(taken, -1).astype(np.float64)
+            if self.gram is None:
+                self.gram = np.zeros((rows.shape[1], rows.shape[1]))
+                self.sum = np.zeros(rows.shape[1])
+            elif rows.shape[1] != len(self.sum):
+                raise OnnxPruneError(f"tensor {self.name!r}: {values.shape[1]} channels in one batch, "
+                                     f"{len(self.sum) // math.prod(self.kernel)} in an earlier one")
+            self.gram += rows.T @ rows
+            self.sum += rows.sum(axis=0)
+            self.count += taken
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / self.count
+
+
+class PairedStats:
+    """Per-channel sums of one tensor in two models run on the same batches (float64).
+
+    `a` is the reference (original model), `b` the candidate; `positions` picks the reference's
+    channels that the candidate kept. Gives the least-squares affine map b -> a per channel.
+    """
+
+    def __init__(self, axis: int, name: str = "tensor", positions: np.ndarray | None = None) -> None:
+        self.axis, self.name, self.positions = axis, name, positions
+        self.count = 0
+        self.sums = None  # rows: a, b, a*a, b*b, a*b
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        a = np.asarray(a)
+        if self.positions is not None:
+            a = np.take(a, self.positions, axis=self.axis)
+        if a.shape != np.shape(b):
+            raise OnnxPruneError(f"tensor {self.name!r}: shape {list(np.shape(b))} in the pruned model, "
+                                 f"{list(a.shape)} expected from the original")
+        for rows_a, rows_b in zip(_channel_rows(a, self.axis, self.name), _channel_rows(np.asarray(b), self.axis,
+                                                                                        self.name)):
+            part = np.stack([rows_a.sum(0), rows_b.sum(0), np.einsum("ij,ij->j", rows_a, rows_a),
+                             np.einsum("ij,ij->j", rows_b, rows_b), np.einsum("ij,ij->j", rows_a, rows_b)])
+            self.sums = part if self.sums is None else self.sums + part
+            self.count += rows_a.shape[0]
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(gain, offset) minimising E[(gain * b + offset - a)^2] per channel; gain 1 where b is constant."""
+        mean_a, mean_b, aa, bb, ab = self.sums / self.count
+        var_b = bb - mean_b ** 2
+        cov = ab - mean_a * mean_b
+        flat = var_b <= 1e-12 * np.maximum(aa, 1e-30)
+        gain = np.where(flat, 1.0, cov / np.where(flat, 1.0, var_b))
+        return gain, mean_a - gain * mean_b

@@ -1,0 +1,21 @@
+"""Op rules, one module per op family. See onnxprune.core.rules for the contract."""
+from . import (  # noqa: F401
+    attention,
+    binary,
+    concat,
+    conv,
+    expand,
+    flatten_reshape,
+    gather,
+    gemm_matmul,
+    normalization,
+    pad,
+    pooling,
+    quantize,
+    reduce,
+    resize,
+    shape_ops,
+    slice_split,
+    transpose,
+    unary,
+)

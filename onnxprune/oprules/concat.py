@@ -1,0 +1,46 @@
+"""Concat: the output axis is the inputs' layouts one after another."""
+from onnxprune.core.rules import OpRule, Refuse, register
+
+from ._common import norm_axis
+
+
+@register
+class ConcatRule(OpRule):
+    ops = ("Concat",)
+
+    def propagate(self, node, ctx):
+        if not ctx.any_tracked():
+            return
+        inputs = [t for t in node.inputs if t is not None and t.name != ""]
+        shapes = [ctx.shape(t) for t in inputs]
+        if any(s is None for s in shapes):
+            raise Refuse("an input has unknown rank")
+        rank = len(shapes[0])
+        axis = norm_axis(ctx.attr("axis"), rank)
+        out = node.outputs[0]
+        # Axes other than the concat axis must agree across inputs.
+        for k in range(rank):
+            if k == axis:
+                continue
+            tracked = [ctx.layouts(t)[k] for t in inputs if k in ctx.layouts(t)]
+            if not tracked:
+                continue
+            for other in tracked[1:]:
+                ctx.unify(tracked[0], other)
+            if len(tracked) < len(inputs):
+                ctx.fix(tracked[0], "concatenated with a tensor whose channels are fixed")
+            ctx.set_layout(out, k, tracked[0])
+        if not any(axis in ctx.layouts(t) for t in inputs):
+            return
+        joined = []
+        for t, shape in zip(inputs, shapes):
+            layout = ctx.layouts(t).get(axis)
+            if layout is None:
+                if shape[axis] is None:
+                    raise Refuse(f"input {t.name!r} has an unknown size on the concat axis")
+                if shape[axis] == 0:
+                    continue
+                layout = ctx.new_channels(shape[axis])
+                ctx.fix(layout, f"input {t.name!r} has fixed channels")
+            joined.extend(layout)
+        ctx.set_layout(out, axis, tuple(joined))

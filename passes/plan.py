@@ -1,0 +1,196 @@
+"""Plan which channels go: score them with a criterion (on calibration data where it needs
+some), then decide how many each group loses: the same ratio everywhere, a global ranking,
+a MACs/params target (allocation), measured sensitivity curves, or a plan file as given.
+The model is not changed; the plan is left in the context for channel removal."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from onnxprune.allocation.ratio import make_plan
+from onnxprune.core.criteria import criteria_names, criterion, prepared_criterion
+from onnxprune.core.errors import OptionError
+from onnxprune.core.plan import (
+    Plan,
+    candidate_groups,
+    group_key,
+    load_plan_file,
+    plan_entries,
+    plan_from_json,
+)
+from onnxprune.core.shapes import static_copy
+from onnxprune.pipeline import Context, Pass, PassResult, require
+from onnxprune.settings import (
+    Flag,
+    choice,
+    fraction_kept,
+    integer,
+    min_fraction,
+    names,
+    optional_ratio,
+    ratio,
+    setting,
+    switch,
+)
+
+
+def _plan_data(name, value):
+    """A plan: the contents of a file written by --plan, or its path."""
+    if value is None:
+        return None
+    if isinstance(value, (str, Path)):
+        value = load_plan_file(value)
+    plan_entries(value)  # malformed plans are refused before anything reads them
+    return value
+
+
+def _curves(name, value):
+    """Sensitivity curves: a SensitivityResult or the path of the JSON table holding them."""
+    if value is None:
+        return None
+    from onnxprune.sensitivity import SensitivityResult, load_sensitivity
+
+    if isinstance(value, (str, Path)):
+        return load_sensitivity(value)
+    if not isinstance(value, SensitivityResult):
+        raise OptionError(name, value, "expected a SensitivityResult or the path of a sensitivity JSON table")
+    return value
+
+
+@dataclass
+class PlanSettings:
+    filters: float = setting(0.0, check=ratio, cli=Flag(
+        "--filters", "Fraction of channels to remove from each group, in [0, 1).", parse=float))
+    neurons: float | None = setting(None, check=optional_ratio, cli=Flag(
+        "--neurons", "Fraction of hidden units of MLP blocks (Gemm/MatMul producers) to remove; default: --filters.",
+        parse=float))
+    heads: float | None = setting(None, check=optional_ratio, cli=Flag(
+        "--heads", "Fraction of attention heads to remove (whole heads), in [0, 1).", parse=float))
+    importance: str = setting("l2", check=choice(criteria_names), cli=Flag(
+        "--importance", "How channels are scored.", choices=criteria_names, show_default=True))
+    round_to: int = setting(1, check=integer(1), cli=Flag(
+        "--round-to", "Keep a multiple of N channels in every group (8 suits TensorRT FP16).", parse=int,
+        show_default=True))
+    global_rank: bool = setting(False, check=switch, cli=Flag(
+        "--global", "Rank channels across groups instead of the same ratio per group.", is_flag=True))
+    exclude: tuple = setting((), check=names, cli=Flag(
+        "--exclude", "Protect groups touching nodes/tensors matching this glob (repeatable).", metavar="PATTERN",
+        multiple=True))
+    plan: dict | None = setting(None, check=_plan_data, cli=Flag(
+        "--apply-plan", "Remove exactly the channels listed in a plan written by --plan.", metavar="FILE",
+        parse=Path, reads=True))
+    target_macs: float | None = setting(None, check=fraction_kept, cli=Flag(
+        "--target-macs", "Keep this fraction of the MACs: one ratio for every group, or per-group with "
+        "--global/--sensitivity.", metavar="R", parse=float))
+    target_params: float | None = setting(None, check=fraction_kept, cli=Flag(
+        "--target-params", "Keep this fraction of the parameters (as --target-macs).", metavar="R", parse=float))
+    min_keep: float = setting(0.25, check=min_fraction, cli=Flag(
+        "--min-keep", "With a target: every group keeps at least this fraction of its channels.", metavar="R",
+        parse=float, show_default=True))
+    sensitivity: object = setting(None, check=_curves, cli=Flag(
+        "--sensitivity", "With a target: per-group ratios from curves written by `onnxprune sensitivity --table "
+        "FILE.json`.", metavar="FILE.json", parse=Path, reads=True))
+
+    def cross_check(self) -> None:
+        """Rules between settings, checked with the settings themselves."""
+        if self.plan is not None:
+            given = [name for name in ("filters", "neurons", "heads", "target_macs", "target_params")
+                     if getattr(self, name)]
+            if given:
+                raise OptionError("plan", None, "the plan says which channels go; drop "
+                                  + ", ".join("{" + name + "}" for name in given))
+        if self.target_macs is not None and self.target_params is not None:
+            raise OptionError("target_macs", self.target_macs, "give it or {target_params}, not both")
+
+    @property
+    def heads_mode(self) -> bool:
+        """Whether to analyse whole heads: asked for, or how the plan or curves were made."""
+        return (self.heads is not None or bool((self.plan or {}).get("heads"))
+                or bool(self.sensitivity is not None and self.sensitivity.heads))
+
+    @property
+    def channels_requested(self) -> bool:
+        return bool(self.filters or self.neurons or self.heads or self.plan is not None or self.target_macs
+                    or self.target_params)
+
+
+class PlanChannels(Pass):
+    name = "plan"
+
+    def __init__(self, settings: PlanSettings) -> None:
+        self.settings = settings
+
+    def requires(self, model, context: Context) -> None:
+        require(context.analysis is not None, self.name, "a dependency analysis")
+
+    def run(self, model: onnx.ModelProto, context: Context) -> PassResult:
+        s, analysis = self.settings, context.analysis
+        if s.plan is not None:
+            context.plan = plan_from_json(analysis, s.plan)
+        else:
+            crit, notes = self._criterion(context)
+            if s.target_macs is not None or s.target_params is not None:
+                context.plan = self._target_plan(context, crit)
+            else:
+                context.plan = make_plan(analysis, s.filters, crit, round_to=s.round_to, global_rank=s.global_rank,
+                                         exclude=s.exclude, heads=s.heads, neurons=s.neurons)
+            context.plan.notes[:0] = notes
+        context.notes.extend(context.plan.notes)
+        report = {"criterion": context.plan.criterion, "ratio": s.filters, "heads_ratio": s.heads,
+                  "neurons_ratio": s.neurons}
+        return PassResult(model, report, modified=False)
+
+    def _methods(self, context: Context) -> tuple[str, ...]:
+        return context.compensation.methods if context.compensation is not None else ()
+
+    def _criterion(self, context: Context):
+        """The criterion to score with, prepared on the calibration data when it needs some."""
+        s, analysis = self.settings, context.analysis
+        plain = criterion(s.importance, context.seed)
+        if not plain.needs_data:
+            return plain, []
+        groups, _ = candidate_groups(analysis, s.exclude)
+        crit, notes = prepared_criterion(s.importance, context.seed, analysis, groups, context.calibration,
+                                         compensated=bool({"bias", "lsq"} & set(self._methods(context))))
+        context.caches.stats.update(crit.stats)  # recovery reuses the activation statistics
+        return crit, notes
+
+    def _target_plan(self, context: Context, crit) -> Plan:
+        """Per-group ratios chosen to keep the asked fraction of MACs or params (allocation/target.py)."""
+        from onnxprune.allocation.target import make_target_plan
+
+        s, analysis = self.settings, context.analysis
+        metric, target = ("macs", s.target_macs) if s.target_macs is not None else ("params", s.target_params)
+        curves, note = self._sensitivity_curves(analysis, self._methods(context)) \
+            if s.sensitivity is not None else (None, None)
+        plan = make_target_plan(analysis, crit, metric, target, static_copy(analysis.graph.model, context.shapes),
+                                round_to=s.round_to, exclude=s.exclude, min_keep=s.min_keep,
+                                global_rank=s.global_rank, curves=curves)
+        if note:
+            plan.notes.insert(0, note)
+        return plan
+
+    def _sensitivity_curves(self, analysis, methods: tuple[str, ...]) -> tuple[dict, str]:
+        """Measured damage curves keyed by group id (group keys are stable across analyses), and a note."""
+        result = self.settings.sensitivity
+        measured = result.curves()
+        if not measured:
+            raise OptionError("sensitivity", None, "holds no channel-group curves (measured on whole blocks, or "
+                              "every trial failed)")
+        groups, _ = candidate_groups(analysis)
+        ids = {group_key(analysis, g): g.id for g in groups}
+        curves = {ids[key]: points for key, points in measured.items() if key in ids}
+        if not curves:
+            hint = " (it was measured with heads: analyse with heads too, heads=0.0)" \
+                if result.heads and not analysis.heads else ""
+            raise OptionError("sensitivity", None, f"none of its groups is prunable in this model; measured on "
+                              f"another model?{hint}")
+        note = (f"per-group ratios from sensitivity curves ({result.data}): {len(curves)} of {len(groups)} groups "
+                "measured, the others keep all their channels")
+        if tuple(result.recover) != methods:
+            measured_with = ",".join(result.recover) or "none"
+            note += (f"; the curves were measured with recovery {measured_with}, this run recovers with "
+                     f"{','.join(methods) or 'none'}: what a group costs may differ (measure with the same --recover)")
+        return curves, note

@@ -1,0 +1,70 @@
+"""Check the input and record what later passes must preserve.
+
+Structural faults (a cycle, a dangling or doubly produced tensor, weights shorter than their
+shape) are refused in one line (core/validate.py); nodes merely out of order are sorted.
+Recorded before anything changes: the declared types of the graph inputs and outputs (the
+pruned model keeps them), whether the model stores inferred shapes, its params and file size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from onnxprune.core import cost
+from onnxprune.core.modelio import model_bytes
+from onnxprune.core.shapes import parse_input_shapes
+from onnxprune.core.validate import (
+    UNSORTED_NOTE,
+    check_graph,
+    refuse_unsupported,
+    sort_nodes,
+)
+from onnxprune.pipeline import Context, Pass, PassResult
+from onnxprune.settings import Flag, integer, setting, shapes_dict
+
+
+@dataclass
+class InputSettings:
+    input_shapes: dict = setting(default_factory=dict, check=shapes_dict, cli=Flag(
+        "--input-shape", "Fix an input's dims (repeatable).", metavar="NAME:D1,D2,...", multiple=True,
+        parse=parse_input_shapes))
+    seed: int = setting(0, check=integer(0, 2**32 - 1), cli=Flag(
+        "--seed", "Seed for random inputs and the random criterion.", parse=int, show_default=True))
+
+
+class ValidateInput(Pass):
+    """Checks the model, and records the run's input dims and seed for the passes after it."""
+
+    name = "validate"
+
+    def __init__(self, settings: InputSettings | None = None) -> None:
+        self.settings = settings or InputSettings()
+
+    def run(self, model: onnx.ModelProto, context: Context) -> PassResult:
+        context.input_shapes = dict(self.settings.input_shapes)
+        context.seed = self.settings.seed
+        refuse_unsupported(model)
+        order = check_graph(model)
+        modified = order is not None
+        if modified:
+            if not context.owned:  # the caller's model is never changed
+                model, given = onnx.ModelProto(), model
+                model.CopyFrom(given)
+                context.owned = True
+            sort_nodes(model, order)
+            context.notes.append(UNSORTED_NOTE)
+        context.interface = interface(model)
+        context.keep_value_info = len(model.graph.value_info) > 0
+        context.before = {"params": cost.count_params(model), "file_bytes": model_bytes(model)}
+        return PassResult(model, modified=modified)
+
+
+def interface(model: onnx.ModelProto) -> dict:
+    """The declared types of the graph inputs and outputs, as the user's model has them."""
+    copy = {}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        kept = onnx.ValueInfoProto()
+        kept.CopyFrom(vi)
+        copy[vi.name] = kept
+    return copy
