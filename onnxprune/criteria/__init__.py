@@ -1,2 +1,2 @@
-"""Importance criteria, one module each. See onnxprune.importance for the contract."""
+"""Importance criteria, one module each. See onnxprune.core.criteria for the contract."""
 from . import activation, bn_scale, magnitude, random  # noqa: F401

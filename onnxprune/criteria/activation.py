@@ -1,7 +1,7 @@
 """Criteria from calibration activations, measured where a group's channels enter a layer.
 
 For every consumer site (a layer's weight and the activation it multiplies, see
-importance.consumer_sites) the activation's per-position statistics are collected in one
+core.criteria.consumer_sites) the activation's per-position statistics are collected in one
 streaming pass over the calibration data. Per channel:
 
 - act:    mean |x|, averaged over the sites;
