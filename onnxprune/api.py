@@ -119,7 +119,8 @@ def run_pruning(model: onnx.ModelProto, options, owned: bool = False) -> PruneRe
         best = pipeline.passes[0].best
         best.report = _ordered(context.report)
         return best
-    return PruneResult(result.model, context.plan, context.analysis, context.verification, _ordered(context.report))
+    plan = context.plan if context.plan is not None else Plan()  # whole blocks only: no channel plan
+    return PruneResult(result.model, plan, context.analysis, context.verification, _ordered(context.report))
 
 
 _REPORT_ORDER = ("tool", "runtime", "criterion", "ratio", "heads_ratio", "neurons_ratio", "calibration",

@@ -70,6 +70,7 @@ class RemoveLayers(Pass):
         scores, criterion = self._scores(reference, graph, candidates, context)
         chosen = blocks.choose(candidates, scores, count, self.settings.drop_layers)
         blocks.remove(graph, chosen)
+        context.owned = True  # the model handed on is a new one
         report = {"candidates": len(candidates),
                   "criterion": "named" if self.settings.drop_layers else criterion,
                   "removed": [b.key for b in chosen], "scores": {b.key: round(scores[b.key], 6) for b in candidates}}

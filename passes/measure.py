@@ -57,7 +57,11 @@ class Measure(Pass):
                 and plan is not None:
             report["summary"]["nothing_removed"] = nothing_removed_reason(self.options, plan, context.analysis)
         report["skipped"] = plan.skipped if plan is not None else []
-        report.setdefault("groups", context.report.get("groups", []))
+        # The same keys whichever passes ran (whole blocks only: no analysis, no channel plan).
+        defaults = {"groups": [], "barriers": [], "input_shapes": context.shapes, "criterion": "",
+                    "ratio": getattr(self.options, "filters", None), "heads_ratio": getattr(self.options, "heads", None),
+                    "neurons_ratio": getattr(self.options, "neurons", None)}
+        report.update({key: value for key, value in defaults.items() if key not in context.report})
         compensation = context.compensation
         if compensation is not None and compensation.result is not None:
             context.notes.extend(n for n in compensation.result.notes if n not in context.notes)
