@@ -17,6 +17,7 @@ from .core.verify import Verification
 from .passes.analyze import Analyze
 from .passes.calibration import CalibrationSettings, LoadCalibration
 from .passes.channels import RemoveChannels
+from .passes.finetune import FineTune, FineTuneSettings
 from .passes.latency import LatencySettings, TargetLatency
 from .passes.layers import LayerSettings, RemoveLayers
 from .passes.measure import Measure, MeasureSettings
@@ -29,13 +30,15 @@ from .settings import checked, combine, stage
 
 # The stages of a prune, in pipeline order; their settings make up PruneOptions.
 STAGES = (InputSettings, CalibrationSettings, LayerSettings, PlanSettings, RecoverySettings, VerifySettings,
-          MeasureSettings, LatencySettings)
+          FineTuneSettings, MeasureSettings, LatencySettings)
 
 PruneOptions = combine("PruneOptions", STAGES, doc="""Every option of prune(), one field per setting of its passes:
 InputSettings (input_shapes, seed), CalibrationSettings (calib, image_spec, calib_limit, allow_nonfinite),
 LayerSettings (layers, drop_layers, layer_importance), PlanSettings (filters, neurons, heads, importance,
 round_to, global_rank, exclude, plan, target_macs, target_params, min_keep, sensitivity), RecoverySettings
-(recover), VerifySettings (verify), MeasureSettings (latency_runs, latency_budget_s), LatencySettings
+(recover), VerifySettings (verify), FineTuneSettings (finetune, val, labels, loss, teacher, temperature,
+kd_alpha, epochs, steps, batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad, batchnorm, train_output,
+train_images, train_limit, checkpoint, resume), MeasureSettings (latency_runs, latency_budget_s), LatencySettings
 (target_latency). Each is declared, with its check and CLI flag, in its pass's file under passes/.""")
 
 
@@ -83,15 +86,22 @@ def pruning_pipeline(options) -> Pipeline:
     if channels:
         passes += [Analyze(heads=plan_settings.heads_mode), Recover(stage(options, RecoverySettings)),
                    PlanChannels(plan_settings), RemoveChannels()]
-    passes += [Verify(stage(options, VerifySettings)), Measure(stage(options, MeasureSettings), options)]
+    passes.append(Verify(stage(options, VerifySettings)))
+    finetune = stage(options, FineTuneSettings)
+    if finetune.requested:
+        FineTune.check_runtime()
+        passes.append(FineTune(finetune, image_spec=options.image_spec))
+    passes.append(Measure(stage(options, MeasureSettings), options))
     if options.target_latency is not None:
+        if finetune.requested:
+            raise OptionError("finetune", None, "does not combine with {target_latency} yet")
         return Pipeline([TargetLatency(stage(options, LatencySettings), _latency_step(options))])
     return Pipeline(passes)
 
 
 def _latency_step(options):
     def step(model: onnx.ModelProto, macs: float):
-        step_options = dataclasses.replace(options, target_latency=None, target_macs=macs, verify=True,
+        step_options = dataclasses.replace(options, target_latency=None, target_macs=macs, verify=True, finetune=None,
                                            latency_runs=options.latency_runs or 20)
         return prune(model, step_options)
 
@@ -125,8 +135,8 @@ def run_pruning(model: onnx.ModelProto, options, owned: bool = False) -> PruneRe
 
 _REPORT_ORDER = ("tool", "runtime", "criterion", "ratio", "heads_ratio", "neurons_ratio", "calibration",
                  "input_shapes", "notes", "params", "macs", "file_bytes", "latency_ms", "latency_measured",
-                 "verification", "groups", "summary", "layers", "recovery", "skipped", "rolled_back", "barriers",
-                 "seconds")
+                 "verification", "finetune", "groups", "summary", "layers", "recovery", "skipped", "rolled_back",
+                 "barriers", "seconds")
 
 
 def _ordered(report: dict) -> dict:
@@ -134,3 +144,42 @@ def _ordered(report: dict) -> dict:
     ordered = {key: report[key] for key in _REPORT_ORDER if key in report}
     ordered.update((key, value) for key, value in report.items() if key not in ordered)
     return ordered
+
+
+# -- fine-tuning alone --------------------------------------------------------------------------
+
+FINETUNE_STAGES = (InputSettings, FineTuneSettings)
+FineTuneOptions = combine("FineTuneOptions", FINETUNE_STAGES, doc="""Every option of finetune(): InputSettings
+(input_shapes, seed) and FineTuneSettings (finetune: the training data, val, labels, loss, teacher, ...), declared
+in passes/validate.py and passes/finetune.py.""")
+
+
+@dataclass
+class FineTuneResult:
+    model: onnx.ModelProto
+    report: dict
+
+
+def finetune(model: onnx.ModelProto | str | Path, data, **kwargs) -> FineTuneResult:
+    """Fine-tune `model` (a ModelProto, never changed, or a path) on `data` (an .npz file, a
+    folder, or a list of (feeds, labels) batches) through onnxruntime-training; returns the
+    model with trained weights (same graph otherwise) and the report. Keyword arguments are the
+    fields of FineTuneOptions, e.g. finetune(m, "train.npz", val="val.npz", epochs=2, lr=1e-3).
+    Needs the onnxruntime-training-cpu flavour: pip install 'onnxprune[training]'."""
+    known = {f.name for f in dataclasses.fields(FineTuneOptions)}
+    for key in kwargs:
+        if key not in known or key == "finetune":
+            raise OptionError(key, None, "unknown option")
+    options = FineTuneOptions(finetune=data, **kwargs)
+    for cls in FINETUNE_STAGES:
+        settings = checked(stage(options, cls))
+        if hasattr(settings, "cross_check"):
+            settings.cross_check()
+        options = dataclasses.replace(options, **{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+    FineTune.check_runtime()
+    model, owned = load_input(model)
+    context = Context(owned=owned)
+    pipeline = Pipeline([ValidateInput(stage(options, InputSettings)), FineTune(stage(options, FineTuneSettings))])
+    result = pipeline(model, context)
+    report = {**context.report, "notes": context.notes}
+    return FineTuneResult(result.model, report)

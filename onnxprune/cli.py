@@ -1,4 +1,5 @@
-"""Command line: `onnxprune INPUT --filters R [...]` and `onnxprune sensitivity MODEL [...]`.
+"""Command line: `onnxprune INPUT --filters R [...]`, `onnxprune sensitivity MODEL [...]` and
+`onnxprune finetune MODEL --data DATA [...]`.
 
 The options that set what a pass does are made from the passes' settings declarations
 (settings.py): their flags, help, parsing and checks are written once, beside the pass. What
@@ -17,11 +18,12 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .api import STAGES, options_from, prune
+from .api import STAGES, finetune, options_from, prune
 from .core.errors import OnnxPruneError, OptionError, VerificationError, first_line
 from .core.files import STDOUT, RunFiles, write_text
 from .core.progress import showing_progress
 from .passes.calibration import CalibrationSettings
+from .passes.finetune import FineTuneSettings
 from .passes.latency import LatencySettings
 from .passes.layers import LayerSettings
 from .passes.plan import PlanSettings
@@ -78,6 +80,7 @@ def _flag_names(classes) -> dict[str, str]:
 
 
 _FLAGS = _flag_names(STAGES + (SensitivitySettings,))
+_FLAGS.update(resume="--resume")
 
 
 def _with_settings(fields):
@@ -107,7 +110,7 @@ def _print_version(ctx, param, value):
 
 # In --help: what to remove first, then how, then the data and inputs it is measured on.
 _PRUNE_FIELDS = cli_settings((PlanSettings, LayerSettings, LatencySettings, RecoverySettings, CalibrationSettings,
-                              InputSettings))
+                              FineTuneSettings, InputSettings))
 assert {f.name for f in _PRUNE_FIELDS} == {f.name for f in cli_settings(STAGES)}
 
 
@@ -151,6 +154,8 @@ def prune_command(input_path, output, report_path, plan_path, dry_run, no_verify
     files.write("--plan", plan_path)
     if not dry_run:
         files.write("-o" if output else "output", out_path)
+    own_checkpoint = _default_checkpoint(given, out_path)
+    files.write_folder("--checkpoint", given.get("checkpoint"))
     files.check()
     options = options_from(**given)  # checked before the model is read
     with _console(quiet, verbose):
@@ -161,13 +166,17 @@ def prune_command(input_path, output, report_path, plan_path, dry_run, no_verify
             for extra in output_files(out_path, source.model)[1:]:
                 files.write("-o" if output else "output", extra)
         files.check()
-        result = prune(source, options)
+        try:
+            result = prune(source, options)
+        finally:
+            _remove_checkpoint(own_checkpoint, finished=False)
         del source  # the run owns the model now; let it go with the result
         report = result.report
         report["input"] = str(input_path)
         if not dry_run:
             save_model(result.model, out_path, protect=files.reads)
             report["output"] = str(out_path)
+        _remove_checkpoint(own_checkpoint)
     if plan_path:
         _write_json(plan_path, result.plan.to_json(), "--plan")
     to_stdout = report_path is not None and str(report_path) == STDOUT
@@ -177,6 +186,33 @@ def prune_command(input_path, output, report_path, plan_path, dry_run, no_verify
     click.echo(f"wrote {out_path}" if not dry_run else "dry run: no model written", err=to_stdout)
     if to_stdout:
         click.echo(json.dumps(report, indent=2))
+
+
+def _default_checkpoint(given: dict, out_path: Path) -> Path | None:
+    """Fine-tuning from the CLI always keeps a checkpoint, so an interrupted run can be resumed:
+    in --checkpoint DIR if given (kept), else in OUTPUT.ckpt (removed once the model is written).
+    Returns the folder to remove after success, if any."""
+    if given.get("finetune") is None or given.get("checkpoint") is not None:
+        return None
+    folder = out_path.with_name(out_path.name + ".ckpt")
+    given["checkpoint"] = folder
+    if _holds_state(folder) and not given.get("resume"):
+        raise click.UsageError(f"{folder} holds the training state of an interrupted run: add --resume to continue "
+                               "it, or remove the folder")
+    return folder
+
+
+def _holds_state(folder: Path) -> bool:
+    return (folder / "state" / "latest").is_file()
+
+
+def _remove_checkpoint(folder: Path | None, finished: bool = True) -> None:
+    """Remove the default checkpoint folder: after success, or when a failed run saved nothing
+    in it (an interrupted run's state stays, to be resumed)."""
+    import shutil
+
+    if folder is not None and folder.is_dir() and (finished or not _holds_state(folder)):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _record_reads(files: RunFiles, fields, given: dict) -> None:
@@ -261,6 +297,65 @@ def sensitivity_command(model_path, labels, table_path, plot_path, quiet, verbos
         click.echo(f"wrote {result.plot(plot_path)}")
 
 
+# -- finetune ------------------------------------------------------------------------------------
+
+_FINETUNE_FIELDS = [f for f in cli_settings((FineTuneSettings, InputSettings)) if f.name != "finetune"]
+
+
+@_common_options
+@_with_settings(_FINETUNE_FIELDS)
+@click.command(context_settings=_CONTEXT)
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", "data", required=True, type=click.Path(path_type=Path), metavar="DATA",
+              help="Training data: .npz keyed by input names plus labels, a folder of them, or an image folder "
+                   "with a subfolder per class.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the fine-tuned model (default: MODEL.finetuned.onnx next to it).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the JSON report here ('-': standard output).")
+def finetune_command(model_path, data, output, report_path, quiet, verbose, **values):
+    """Fine-tune MODEL's weights on DATA through onnxruntime-training (needs the [training] extra).
+
+    The output is MODEL's graph as it was, with trained weights. Losses: ce with labels; mse to
+    match --teacher (or float labels); kd to distil from --teacher, mixed with ce when labels
+    are given.
+    """
+    from .core.modelio import read_model, save_model
+    from .report import finetune_table
+
+    given = _given(_FINETUNE_FIELDS, values)
+    given["finetune"] = data
+    out_path = output or model_path.with_name(model_path.stem + ".finetuned.onnx")
+    files = RunFiles()
+    files.read("model", model_path)
+    files.read("--data", data)
+    _record_reads(files, _FINETUNE_FIELDS, given)
+    files.write("--report", report_path)
+    files.write("-o" if output else "output", out_path)
+    own_checkpoint = _default_checkpoint(given, out_path)
+    files.write_folder("--checkpoint", given.get("checkpoint"))
+    files.check()
+    given.pop("finetune")
+    with _console(quiet, verbose):
+        source = read_model(model_path)
+        try:
+            result = finetune(source, data, **given)
+        finally:
+            _remove_checkpoint(own_checkpoint, finished=False)
+        save_model(result.model, out_path, protect=files.reads)
+        _remove_checkpoint(own_checkpoint)
+    report = {**result.report, "input": str(model_path), "output": str(out_path)}
+    to_stdout = report_path is not None and str(report_path) == STDOUT
+    if report_path and not to_stdout:
+        _write_json(report_path, report, "--report")
+    click.echo(finetune_table(report["finetune"]), err=to_stdout)
+    for note in report.get("notes", []):
+        click.echo(f"note: {note}", err=to_stdout)
+    click.echo(f"wrote {out_path}", err=to_stdout)
+    if to_stdout:
+        click.echo(json.dumps(report, indent=2))
+
+
 def _write_json(path: Path, data: dict, role: str) -> None:
     write_text(path, json.dumps(data, indent=2), role)
 
@@ -313,6 +408,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sensitivity"]:  # a model file of that name can still be given as ./sensitivity
         command, argv, prog = sensitivity_command, argv[1:], "onnxprune sensitivity"
+    elif argv[:1] == ["finetune"]:
+        command, argv, prog = finetune_command, argv[1:], "onnxprune finetune"
     else:
         command, prog = prune_command, "onnxprune"
     previous = {}
@@ -333,9 +430,9 @@ def _error(text: str) -> None:
     click.echo(" ".join(str(text).split()), err=True)
 
 
-def _option_message(exc: OptionError) -> str:
+def _option_message(exc: OptionError, flags: dict) -> str:
     """An option error as the command line spells it: flags, values as typed."""
-    return exc.render(lambda option: _FLAGS.get(option, option), str)
+    return exc.render(lambda option: flags.get(option, option), str)
 
 
 def _run(command: click.Command, argv: list[str], prog_name: str) -> int:
@@ -353,7 +450,8 @@ def _run(command: click.Command, argv: list[str], prog_name: str) -> int:
         _error(f"onnxprune: error: {exc.format_message()}")
         return 2
     except OptionError as exc:
-        _error(f"onnxprune: error: {_option_message(exc)}")
+        flags = {**_FLAGS, "finetune": "--data"} if command is finetune_command else _FLAGS
+        _error(f"onnxprune: error: {_option_message(exc, flags)}")
         return 2
     except VerificationError as exc:
         _error(f"onnxprune: error: {exc}; nothing written")

@@ -59,6 +59,36 @@ def summary_table(report: dict) -> str:
                 check += f" on outputs up to {v['max_abs_output']:.3g} in size"
             check += f" (relative {v['max_rel_diff']:.3g})"
         lines.append(check)
+    if report.get("finetune"):
+        lines.append(finetune_table(report["finetune"]))
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _metrics(m: dict | None) -> str:
+    if not m:
+        return "-"
+    parts = [f"loss {m['loss']:.4g}"] if m.get("loss") is not None else []
+    if m.get("accuracy") is not None:
+        parts.append(f"accuracy {m['accuracy']:.4f}")
+    if m.get("cosine") is not None:
+        parts.append(f"cosine {m['cosine']:.4f}")
+    return ", ".join(parts) or "-"
+
+
+def finetune_table(f: dict) -> str:
+    """What fine-tuning did, in a few lines."""
+    opt = f.get("optimizer", {})
+    lines = [f"fine-tuned: {f.get('loss')} loss, {f.get('epochs')} epoch(s), {f.get('steps')} steps of batch "
+             f"{f.get('batch_size') or 'as given'}, AdamW lr {opt.get('lr'):g} ({opt.get('schedule')}), "
+             f"{f.get('step_ms')} ms/step, {f.get('seconds')} s"]
+    for entry in f.get("history", []):
+        line = f"  epoch {entry['epoch']}: train loss {entry['train_loss']}"
+        if entry.get("val"):
+            line += f"; val {_metrics(entry['val'])}"
+        lines.append(line)
+    if f.get("val"):
+        lines.append(f"  validation: before {_metrics(f.get('before'))} -> after {_metrics(f.get('after'))} "
+                     f"(epoch {f.get('best_epoch')} kept)")
     return "\n".join(lines)

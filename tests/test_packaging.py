@@ -24,7 +24,8 @@ def test_wheel_contents(tmp_path):
     wheel = next(tmp_path.glob("onnxprune-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for name in ("onnxprune/oprules/conv.py", "onnxprune/criteria/magnitude.py", "onnxprune/passes/plan.py",
-                 "onnxprune/core/dependency.py", "onnxprune/integrations/onnx_ir.py", "onnxprune/py.typed"):
+                 "onnxprune/core/dependency.py", "onnxprune/integrations/onnx_ir.py", "onnxprune/py.typed",
+                 "onnxprune/training/trainer.py", "onnxprune/passes/finetune.py"):
         assert name in names
     assert not any(n.startswith("passes/") for n in names)
     assert not any(n.startswith(("tests/", "fixtures/", "benchmarks/")) for n in names)

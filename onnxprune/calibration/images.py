@@ -173,13 +173,13 @@ def image_data(inputs: list[InputSpec], images: list[Path], where: Path, image_s
         for start in range(0, usable, step):
             group = images[start:start + step]
             source = str(group[0]) if len(group) == 1 else f"{group[0]} .. {group[-1].name}"
-            yield source, {name: np.stack([_image_array(path, spec) for path in group])}
+            yield source, {name: np.stack([image_array(path, spec) for path in group])}
 
     description = f"{where} ({len(images)} images, {spec})"
     return CalibrationData(inputs, produce, description, limit, notes=notes, allow_nonfinite=allow_nonfinite)
 
 
-def _image_array(path: Path, spec: ImageSpec) -> np.ndarray:
+def image_array(path: Path, spec: ImageSpec) -> np.ndarray:
     """One image as model input without the batch axis, laid out and normalised per `spec`."""
     pixels = _load_pixels(path, spec.channels)
     height, width = spec.size

@@ -109,6 +109,7 @@ class RunFiles:
 
     reads: list[tuple[str, Path]] = field(default_factory=list)
     writes: list[tuple[str, Path]] = field(default_factory=list)
+    folders: list[tuple[str, Path]] = field(default_factory=list)  # folders the run writes inside
 
     def read(self, role: str, path) -> None:
         """Record a file or folder the run reads (a folder's files count, not its subfolders)."""
@@ -121,8 +122,26 @@ class RunFiles:
         if path is not None and str(path) != STDOUT:
             self.writes.append((role, Path(path)))
 
+    def write_folder(self, role: str, path) -> None:
+        """Record a folder the run creates files in (a training checkpoint): it may exist, as a
+        folder, and must hold none of the files the run reads or writes elsewhere."""
+        if path is not None:
+            self.folders.append((role, Path(path)))
+
     def check(self) -> None:
         """Refuse, in one line, any write that would damage a file or land on something odd."""
+        for role, folder in self.folders:
+            if folder.exists() and not folder.is_dir():
+                raise OnnxPruneError(f"{_label(role, folder)}: is a file; give a folder (it is created if absent)")
+            parent = folder.resolve().parent
+            if not parent.is_dir():
+                raise OnnxPruneError(f"{_label(role, folder)}: folder {parent} does not exist")
+            inside = folder.resolve()
+            for other_role, path in self.reads + self.writes:
+                resolved = path.resolve()
+                if resolved == inside or inside in resolved.parents:
+                    raise OnnxPruneError(f"{_label(role, folder)}: holds {other_role} {path}; give the training "
+                                         "state a folder of its own")
         read_ids = {}
         for role, path in self.reads:
             read_ids.setdefault(_identity(path), (role, path))

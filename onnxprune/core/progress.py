@@ -33,3 +33,24 @@ def progress(iterable: Iterable, desc: str, total: int | None = None, unit: str 
     from tqdm import tqdm
 
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(desc: str, total: int | None = None, unit: str = "it"):
+    """A bar to update by hand (`update(n)`, `set_postfix(loss=...)`) when progress is on,
+    else an object whose methods do nothing. Close it when done."""
+    if not _SHOW.get():
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, total=total, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)

@@ -75,6 +75,12 @@ def import_training_api():
     except ImportError:
         for sub in ("onnxruntime.training.amp", "onnxruntime.training.optim"):
             sys.modules.setdefault(sub, types.ModuleType(sub))
+    if not _training_flavour_installed():
+        raise RuntimeMissing(
+            f"fine-tuning needs the onnxruntime-training-cpu flavour, and this environment has "
+            f"{runtime_description()}: install onnxprune[training] in a separate environment (the flavours "
+            "overwrite each other's files)"
+        )
     try:
         artifacts = importlib.import_module("onnxruntime.training.artifacts")
         api = importlib.import_module("onnxruntime.training.api")
@@ -85,3 +91,15 @@ def import_training_api():
             "pip install --force-reinstall 'onnxprune[training]'"
         ) from None
     return artifacts, api
+
+
+def _training_flavour_installed() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("onnxruntime-training-cpu", "onnxruntime-training"):
+        try:
+            version(dist)
+            return True
+        except PackageNotFoundError:
+            continue
+    return False

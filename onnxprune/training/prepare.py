@@ -1,0 +1,271 @@
+"""The training copy of a model: the graph onnxruntime-training's generate_artifacts accepts.
+
+What it needs, measured with onnxruntime-training 1.19 (docs/fine-tuning.md has the list):
+- IR version at most 10 and opset at most 21 (newer are refused); the copy is converted, and
+  models below opset 13 are raised to 13, which the loss graphs use.
+- Weights stored in Constant nodes (Paddle, some tf2onnx exports) become initializers, so
+  they can be trained; the trained values go back into the Constant nodes.
+- LayerNormalization and Dropout with all their outputs (the gradient builders read them);
+  BatchNormalization with one output and training_mode 0 (an export in training mode has three).
+- BatchNormalization either trains as it does in torch (batch statistics, running statistics
+  updated with momentum 0.1: `batchnorm="train"`) or is written as the fixed affine map of its
+  running statistics with only its scale and bias trained (`batchnorm="frozen"`).
+- Ops without a gradient builder are lowered (lowerings.py).
+- Every float initializer is listed either as trainable or as frozen. Trainable: float32
+  tensors with more than one element that the loss reaches through a differentiable input.
+  Scalars (1/sqrt(d), masks), BatchNorm running statistics, shape-like inputs (Resize scales,
+  Pad values) and weights that only feed other outputs are frozen: their gradients have the
+  wrong shape or do not exist, and onnxruntime fails or crashes on them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..core.errors import OnnxPruneError
+from .builder import Builder, opset_of
+from .lowerings import LoweringError, lower, lowered_constants
+
+MAX_IR = 10
+MAX_OPSET = 21
+MIN_OPSET = 13
+
+# Inputs that carry no gradient (indices, shapes, scales, statistics).
+NOT_DIFFERENTIABLE = {
+    "Reshape": {1}, "Resize": {1, 2, 3}, "Upsample": {1}, "Pad": {1, 2, 3}, "Clip": {1, 2},
+    "Slice": {1, 2, 3, 4}, "Gather": {1}, "GatherElements": {1}, "GatherND": {1}, "Expand": {1}, "Tile": {1},
+    "Where": {0}, "BatchNormalization": {3, 4}, "Squeeze": {1}, "Unsqueeze": {1}, "Split": {1},
+    "ReduceSum": {1}, "ReduceMean": {1}, "ReduceMax": {1}, "ReduceMin": {1}, "TopK": {1}, "OneHot": {0, 1, 2},
+    "Dropout": {1, 2}, "ScatterElements": {1}, "ScatterND": {1}, "CumSum": {1},
+}
+# Ops whose outputs carry no gradient at all.
+STOPS = {"Shape", "Size", "ConstantOfShape", "Range", "ArgMax", "ArgMin", "Equal", "Less", "Greater",
+         "LessOrEqual", "GreaterOrEqual", "NonZero", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "Round",
+         "Floor", "Ceil", "Sign", "RandomNormalLike", "RandomUniformLike", "EyeLike"}
+QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+             "ConvInteger", "MatMulInteger", "QLinearAdd", "QLinearMul", "QGemm"}
+CONTROL_FLOW = {"If", "Loop", "Scan"}
+BATCHNORM_MODES = ("train", "frozen")
+
+
+class NotTrainable(OnnxPruneError):
+    """The model cannot be fine-tuned through onnxruntime-training (one line naming why)."""
+
+
+@dataclass
+class TrainingGraph:
+    """A model ready for generate_artifacts, and how its weights map back to the original."""
+
+    model: onnx.ModelProto
+    trainable: list[str]
+    frozen: list[str]
+    output: str  # the graph output the loss is about
+    loss_input: str  # the tensor the loss reads: the output, or the logits a Softmax output is made from
+    constants: list[str] = field(default_factory=list)  # Constant-node weights made initializers (by output name)
+    running_stats: list[str] = field(default_factory=list)  # BatchNorm means and variances
+    lowered: dict = field(default_factory=dict)  # op type -> nodes lowered
+    notes: list = field(default_factory=list)
+
+    @property
+    def written_back(self) -> list[str]:
+        """Tensors whose trained values go back into the model."""
+        return self.trainable + [name for name in self.running_stats if name not in self.trainable]
+
+
+def prepare(model: onnx.ModelProto, output: str | None = None, logits: bool = True,
+            batchnorm: str = "train") -> TrainingGraph:
+    """The training copy of `model`; `output` names the graph output the loss is about (default:
+    the first). With `logits`, a Softmax/LogSoftmax output is traced back to its input, the
+    logits that cross-entropy and distillation read."""
+    if batchnorm not in BATCHNORM_MODES:
+        raise OnnxPruneError(f"batchnorm {batchnorm!r}: choose from {', '.join(BATCHNORM_MODES)}")
+    _refuse_untrainable(model)
+    outputs = [o.name for o in model.graph.output]
+    chosen = output
+    if output is not None and output not in outputs:
+        raise NotTrainable(f"the model has no output {output!r} (outputs: {', '.join(outputs)})")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    notes = []
+    copy = _supported_versions(copy, notes)
+    constants = _constants_to_initializers(copy)
+    copy = onnx.shape_inference.infer_shapes(copy)
+    _complete_outputs(copy)
+    running = _batchnorm(copy, batchnorm)
+    try:
+        copy, lowered = lower(copy)
+    except LoweringError as exc:
+        raise NotTrainable(f"cannot train through {exc}") from None
+    if chosen is None:  # the first output that depends on weights (exporters pass inputs through, too)
+        output = next((name for name in outputs if _reached_weights(copy, name)), outputs[0])
+        if output != outputs[0]:
+            notes.append(f"the loss is about output {output!r}, the first that depends on weights (choose another "
+                         "with --train-output)")
+    loss_input = _logits(copy, output) if logits else output
+    if loss_input != output:
+        notes.append(f"the loss reads {loss_input!r}, the logits output {output!r} is computed from")
+    reached = _reached_weights(copy, loss_input)
+    excluded = set(running) | lowered_constants(copy)
+    trainable, frozen = [], []
+    for init in copy.graph.initializer:
+        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                                  onnx.TensorProto.BFLOAT16):
+            continue
+        size = int(np.prod(init.dims)) if init.dims else 1
+        if (init.data_type == onnx.TensorProto.FLOAT and size > 1 and init.name in reached
+                and init.name not in excluded):
+            trainable.append(init.name)
+        else:
+            frozen.append(init.name)
+    if not trainable:
+        raise NotTrainable(f"no float weights reach output {output!r} through differentiable ops: nothing to train")
+    constants = [name for name in constants if name in trainable]  # the others are not written back
+    return TrainingGraph(copy, trainable, frozen, output, loss_input, constants, running, lowered, notes)
+
+
+def _refuse_untrainable(model: onnx.ModelProto) -> None:
+    for node in model.graph.node:
+        where = f"node {node.name or node.output[0]!r} ({node.op_type})"
+        if node.op_type in QUANTIZED:
+            raise NotTrainable(f"{where}: quantized graphs cannot be fine-tuned; fine-tune the float model, "
+                               "then quantize")
+        if node.op_type in CONTROL_FLOW:
+            raise NotTrainable(f"{where}: fine-tuning through control flow is not supported")
+    for init in model.graph.initializer:
+        if init.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE) \
+                and (int(np.prod(init.dims)) if init.dims else 1) > 1:
+            kind = onnx.TensorProto.DataType.Name(init.data_type).lower()
+            raise NotTrainable(f"weight {init.name!r} is {kind}: fine-tuning trains float32 weights; convert the "
+                               "model to float32 first")
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            raise NotTrainable(f"weight {init.name!r} is stored as external data: load it into the model first "
+                               "(fine-tuning handles models under 2 GB)")
+
+
+def _supported_versions(model: onnx.ModelProto, notes: list) -> onnx.ModelProto:
+    opset = opset_of(model)
+    target = MAX_OPSET if opset > MAX_OPSET else MIN_OPSET if opset < MIN_OPSET else None
+    if target is not None:
+        try:
+            converted = onnx.version_converter.convert_version(model, target)
+        except Exception as exc:  # the converter raises bare RuntimeErrors
+            raise NotTrainable(f"opset {opset}: onnxruntime-training 1.19 trains opsets {MIN_OPSET}-{MAX_OPSET}, "
+                               f"and converting the training copy to {target} failed "
+                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        notes.append(f"trained at opset {target} (the model has {opset}; the output keeps {opset})")
+        model = converted
+    model.ir_version = min(model.ir_version, MAX_IR)
+    return model
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> list[str]:
+    """Constant nodes holding a tensor become initializers of the same name, so the training graph
+    holds every constant one way; returns the float ones with more than one element, which may
+    train (and are written back into their Constant nodes)."""
+    kept, made, converted = [], [], 0
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1 \
+                and node.attribute[0].name == "value" and node.output[0]:
+            tensor = node.attribute[0].t
+            model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(tensor), node.output[0]))
+            converted += 1
+            if tensor.data_type == onnx.TensorProto.FLOAT and int(np.prod(tensor.dims or [1])) > 1:
+                made.append(node.output[0])
+            continue
+        kept.append(node)
+    if converted:
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    return made
+
+
+def _complete_outputs(model: onnx.ModelProto) -> None:
+    """LayerNormalization gets its Mean and InvStdDev outputs, Dropout its mask."""
+    b = Builder(model, prefix="onnxprune_train_out")
+    wanted = {"LayerNormalization": 3, "Dropout": 2}
+    for node in model.graph.node:
+        count = wanted.get(node.op_type)
+        if count is None or node.domain not in ("", "ai.onnx"):
+            continue
+        while len(node.output) < count:
+            node.output.append(b.name(f"{node.op_type.lower()}_out{len(node.output)}"))
+        for index in range(count):
+            if not node.output[index]:
+                node.output[index] = b.name(f"{node.op_type.lower()}_out{index}")
+
+
+def _batchnorm(model: onnx.ModelProto, mode: str) -> list[str]:
+    """Put every BatchNormalization in inference form, or lower it to its fixed affine map
+    (mode "frozen"); returns the running statistics (frozen in either mode; in "train" mode
+    onnxruntime updates them)."""
+    initializers = {i.name for i in model.graph.initializer}
+    info_rank = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in
+                 list(model.graph.input) + list(model.graph.value_info)
+                 if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+    b = Builder(model, prefix="onnxprune_train_bn")
+    running, kept = [], []
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            kept.append(node)
+            continue
+        del node.output[1:]
+        for attr in list(node.attribute):
+            if attr.name in ("training_mode", "spatial", "is_test", "consumed_inputs"):
+                node.attribute.remove(attr)
+        running += [name for name in node.input[3:5] if name in initializers]
+        if mode == "train":
+            kept.append(node)
+            continue
+        x, scale, bias, mean, var = node.input[:5]
+        rank = info_rank.get(x)
+        if rank is None:
+            raise NotTrainable(f"node {node.name or node.output[0]!r} (BatchNormalization): the rank of its input "
+                               "is unknown, so it cannot be frozen; use batchnorm 'train'")
+        eps = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "epsilon"), 1e-5)
+        start = len(b.nodes)
+        gain = b.node("Div", [scale, b.node("Sqrt", [b.node("Add", [var, b.scalar(eps)])])])
+        shift = b.node("Sub", [bias, b.node("Mul", [mean, gain])])
+        per_channel = [-1] + [1] * (rank - 2)
+        scaled = b.node("Mul", [x, b.reshape(gain, per_channel)])
+        b.node("Add", [scaled, b.reshape(shift, per_channel)], [node.output[0]])
+        kept.extend(b.nodes[start:])
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    model.graph.initializer.extend(b.initializers)
+    return list(dict.fromkeys(running))
+
+
+def _logits(model: onnx.ModelProto, output: str) -> str:
+    """The input of a Softmax/LogSoftmax that makes `output` (through Identity), else `output`."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    name = output
+    while name in producers and producers[name].op_type == "Identity":
+        name = producers[name].input[0]
+    node = producers.get(name)
+    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+        return node.input[0]
+    return output
+
+
+def _reached_weights(model: onnx.ModelProto, tensor: str) -> set[str]:
+    """Initializers the gradient of `tensor` reaches through differentiable inputs."""
+    producers = {o: n for n in model.graph.node for o in n.output if o}
+    initializers = {i.name for i in model.graph.initializer}
+    seen, reached, stack = set(), set(), [tensor]
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in initializers:
+            reached.add(name)
+            continue
+        node = producers.get(name)
+        if node is None or node.op_type in STOPS:
+            continue
+        skip = NOT_DIFFERENTIABLE.get(node.op_type, set())
+        stack.extend(inp for index, inp in enumerate(node.input) if inp and index not in skip)
+    return reached

@@ -1,0 +1,198 @@
+"""Fine-tune: train the model's weights through onnxruntime-training, on the graph itself
+(onnxprune/training). Within a prune run it comes after verification, so the original model
+(the reference) is the teacher that mse and kd match; the structure does not change, only
+weights. The trained model must still pass the onnx checker and run with finite outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxprune.core.errors import OnnxPruneError, OptionError
+from onnxprune.core.modelio import load_model
+from onnxprune.core.progress import log
+from onnxprune.pipeline import Context, Pass, PassResult
+from onnxprune.settings import (
+    Flag,
+    choice,
+    integer,
+    optional_path,
+    optional_text,
+    setting,
+    switch,
+)
+from onnxprune.training.losses import LOSSES
+from onnxprune.training.prepare import BATCHNORM_MODES
+from onnxprune.training.schedule import LR_SCHEDULES
+
+
+def _data(name, value):
+    return value  # a path or Python batches: read when the pass runs
+
+
+def _positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+        raise OptionError(name, value, "must be a positive number")
+    return float(value)
+
+
+def _non_negative(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise OptionError(name, value, "must be a number >= 0")
+    return float(value)
+
+
+def _optional_positive(name, value):
+    return None if value is None else _positive(name, value)
+
+
+def _fraction(name, value):
+    value = _non_negative(name, value)
+    if value > 1:
+        raise OptionError(name, value, "must be in [0, 1]")
+    return value
+
+
+def _optional_loss(name, value):
+    return None if value is None else choice(LOSSES)(name, value)
+
+
+def _teacher(name, value):
+    if value is not None and not isinstance(value, (str, Path, onnx.ModelProto)):
+        raise OptionError(name, value, "expected a model path or ModelProto")
+    return value
+
+
+@dataclass
+class FineTuneSettings:
+    finetune: object = setting(None, check=_data, cli=Flag(
+        "--finetune", "Fine-tune after pruning on DATA: .npz keyed by input names plus labels, a folder of them, "
+        "or an image folder with a subfolder per class (needs the [training] extra).", metavar="DATA", parse=Path,
+        reads=True))
+    val: object = setting(None, check=_data, cli=Flag(
+        "--val", "Validation data (same forms): measured before training and after every epoch; the best epoch "
+        "is kept.", metavar="DATA", parse=Path, reads=True))
+    labels: str = setting("labels", check=optional_text, cli=Flag(
+        "--labels", "Key of the labels in the .npz data.", metavar="KEY", show_default=True))
+    loss: str | None = setting(None, check=_optional_loss, cli=Flag(
+        "--loss", "ce (labels), mse (match the teacher, or float labels without one), kd (distil from the teacher, "
+        "mixed with ce when there are labels). Default: ce with labels, else mse.", choices=lambda: LOSSES))
+    teacher: object = setting(None, check=_teacher, cli=Flag(
+        "--teacher", "The model mse/kd match (default in a prune run: the original model).", metavar="MODEL.onnx",
+        parse=Path, reads=True))
+    temperature: float = setting(2.0, check=_positive, cli=Flag(
+        "--temperature", "Distillation temperature.", parse=float, show_default=True))
+    kd_alpha: float = setting(0.5, check=_fraction, cli=Flag(
+        "--kd-alpha", "Weight of the distillation term when labels are given (the rest: ce).", parse=float,
+        show_default=True))
+    epochs: int = setting(1, check=integer(0), cli=Flag("--epochs", "Epochs of fine-tuning.", parse=int,
+                                                        show_default=True))
+    steps: int | None = setting(None, check=integer(1, optional=True), cli=Flag(
+        "--steps", "Stop after N optimizer steps in all.", metavar="N", parse=int))
+    batch_size: int = setting(32, check=integer(1), cli=Flag("--batch-size", "Training batch size.", parse=int,
+                                                            show_default=True))
+    lr: float = setting(1e-4, check=_positive, cli=Flag("--lr", "AdamW learning rate.", parse=float,
+                                                       show_default=True))
+    weight_decay: float = setting(0.01, check=_non_negative, cli=Flag(
+        "--weight-decay", "AdamW weight decay.", parse=float, show_default=True))
+    lr_schedule: str = setting("cosine", check=choice(LR_SCHEDULES), cli=Flag(
+        "--lr-schedule", "Decay after warm-up: cosine, step (x0.1 at 50% and 75%), constant.",
+        choices=lambda: LR_SCHEDULES, show_default=True))
+    warmup: float = setting(0.05, check=_fraction, cli=Flag(
+        "--warmup", "Linear warm-up over this fraction of the steps.", parse=float, show_default=True))
+    clip_grad: float | None = setting(None, check=_optional_positive, cli=Flag(
+        "--clip-grad", "Clip the global gradient norm to this.", metavar="NORM", parse=float))
+    batchnorm: str = setting("train", check=choice(BATCHNORM_MODES), cli=Flag(
+        "--batchnorm", "train: batch statistics, running statistics updated (as torch trains); frozen: running "
+        "statistics fixed, only scale and bias train.", choices=lambda: BATCHNORM_MODES, show_default=True))
+    train_output: str | None = setting(None, check=optional_text, cli=Flag(
+        "--train-output", "The graph output the loss is about (default: the first).", metavar="NAME"))
+    train_images: str | None = setting(None, check=optional_text, cli=Flag(
+        "--train-images", "Preprocessing for image training/validation data (as --calib-images; default: "
+        "--calib-images).", metavar="SPEC"))
+    train_limit: int | None = setting(None, check=integer(1, optional=True), cli=Flag(
+        "--train-samples", "Use at most N training samples.", metavar="N", parse=int))
+    checkpoint: object = setting(None, check=optional_path, cli=Flag(
+        "--checkpoint", "Folder for the training state, saved every epoch and on Ctrl-C/SIGTERM.", metavar="DIR",
+        parse=Path))
+    resume: bool = setting(False, check=switch, cli=Flag(
+        "--resume", "Continue the training saved in --checkpoint.", is_flag=True))
+
+    @property
+    def requested(self) -> bool:
+        return self.finetune is not None
+
+    def cross_check(self) -> None:
+        if self.resume and self.checkpoint is None:
+            raise OptionError("resume", True, "needs {checkpoint} (the folder to resume from)")
+        if not self.requested:
+            for name in ("val", "teacher", "steps", "checkpoint", "train_output", "train_limit"):
+                if getattr(self, name) not in (None, False):
+                    raise OptionError(name, getattr(self, name), "applies to fine-tuning: give {finetune} DATA")
+
+
+class FineTune(Pass):
+    name = "finetune"
+
+    def __init__(self, settings: FineTuneSettings, image_spec: str | None = None, seed: int | None = None) -> None:
+        self.settings = settings
+        self.image_spec = settings.train_images or image_spec
+        self.seed = seed
+
+    def requires(self, model, context: Context) -> None:
+        if self.settings.finetune is None:
+            raise OptionError("finetune", None, "give the training data")
+        self.check_runtime()
+
+    @staticmethod
+    def check_runtime() -> None:
+        """Raise RuntimeMissing (naming the extra) unless onnxruntime-training is usable: a
+        pipeline calls this when it is built, not after minutes of pruning."""
+        from onnxprune.core.runtime import import_training_api
+
+        import_training_api()
+
+    def run(self, model: onnx.ModelProto, context: Context) -> PassResult:
+        from onnxprune.training import FineTuner, TrainingConfig, load_training_data
+
+        s = self.settings
+        seed = context.seed if self.seed is None else self.seed
+        train = load_training_data(s.finetune, model, labels=s.labels, image_spec=self.image_spec,
+                                   batch_size=s.batch_size, limit=s.train_limit)
+        val = load_training_data(s.val, model, labels=s.labels, image_spec=self.image_spec,
+                                 batch_size=s.batch_size) if s.val is not None else None
+        teacher = s.teacher
+        if isinstance(teacher, (str, Path)):
+            teacher = load_model(teacher)
+        if teacher is None:
+            teacher = context.reference
+        config = TrainingConfig(loss=s.loss, epochs=s.epochs, steps=s.steps, lr=s.lr, weight_decay=s.weight_decay,
+                                lr_schedule=s.lr_schedule, warmup=s.warmup, clip_grad=s.clip_grad,
+                                temperature=s.temperature, kd_alpha=s.kd_alpha, batchnorm=s.batchnorm,
+                                output=s.train_output, seed=seed, checkpoint=s.checkpoint, resume=s.resume)
+        outcome = FineTuner(model, config, teacher).fit(train, val)
+        outcome.report["teacher"] = None if outcome.report["loss"] == "ce" else (
+            str(s.teacher) if isinstance(s.teacher, (str, Path)) else "the original model"
+            if s.teacher is None else "given")
+        context.notes.extend(f"fine-tuning: {note}" for note in outcome.report.get("notes", []))
+        self._feed = next(iter(train.epoch(0, seed, shuffle=False)))[0]
+        return PassResult(outcome.model, {"finetune": outcome.report})
+
+    def ensures(self, result: PassResult, context: Context) -> None:
+        """The trained model passes the checker and runs with finite outputs."""
+        try:
+            onnx.checker.check_model(result.model, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise OnnxPruneError(f"the fine-tuned model fails the onnx checker ({str(exc).splitlines()[0]})") from None
+        from onnxprune.core.runtime import require_runtime
+
+        ort = require_runtime("checking the fine-tuned model")
+        session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        for output, value in zip(session.get_outputs(), session.run(None, self._feed)):
+            if np.asarray(value).dtype.kind == "f" and not np.isfinite(value).all():
+                raise OnnxPruneError(f"the fine-tuned model gives NaN/inf in output {output.name!r}; lower the "
+                                     "learning rate")
+        log.info("fine-tuned model checked: onnx checker and a finite onnxruntime run")

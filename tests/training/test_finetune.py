@@ -1,0 +1,268 @@
+"""Fine-tuning for real, through onnxruntime-training (the training environment: pytest -m training).
+
+The trained weights land in the graph as it came; 0 steps change nothing, so a planted model
+pruned and "fine-tuned" for 0 steps still computes the original; training lowers the loss and
+recovers accuracy/agreement; an interrupted run resumes to the weights of an uninterrupted one.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from textmodel import text_model
+
+import onnxprune
+from onnxprune.core.errors import OnnxPruneError
+from onnxprune.training import FineTuner, TrainingConfig, load_training_data
+from onnxprune.training import trainer as trainer_module
+
+pytestmark = pytest.mark.training
+
+CNN = """
+g (float[N,3,8,8] input) => (float[N,4] prob) {
+  a = Conv <kernel_shape=[3,3], pads=[1,1,1,1]> (input, W1, B1)
+  b = BatchNormalization (a, S, Bb, M, V)
+  r = HardSwish(b)
+  p = GlobalAveragePool(r)
+  f = Flatten(p)
+  logits = Gemm <transB=1> (f, W2, B2)
+  prob = Softmax <axis=1> (logits)
+}"""
+
+
+def cnn(seed=0):
+    return text_model(CNN, {"W1": (8, 3, 3, 3), "B1": (8,), "S": ("positive", (8,)), "Bb": (8,), "M": (8,),
+                            "V": ("positive", (8,)), "W2": (4, 8), "B2": (4,)}, seed=seed)
+
+
+def task(tmp_path, samples=320):
+    """A learnable task: the class is which of the first two channels has a positive mean."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((samples, 3, 8, 8)).astype(np.float32)
+    x[:, :2] += rng.choice([-0.5, 0.5], size=(samples, 2, 1, 1)).astype(np.float32)
+    y = (x[:, 0].mean(axis=(1, 2)) > 0).astype(np.int64) + 2 * (x[:, 1].mean(axis=(1, 2)) > 0)
+    cut = samples * 3 // 4
+    np.savez(tmp_path / "train.npz", input=x[:cut], labels=y[:cut])
+    np.savez(tmp_path / "val.npz", input=x[cut:], labels=y[cut:])
+    return tmp_path / "train.npz", tmp_path / "val.npz"
+
+
+def weights(model):
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def run(model, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_cross_entropy_training_lands_in_the_original_graph(tmp_path):
+    model = cnn()
+    train, val = task(tmp_path)
+    result = onnxprune.finetune(model, train, val=val, epochs=3, lr=3e-2, batch_size=16)
+    tuned, report = result.model, result.report["finetune"]
+    assert report["after"]["accuracy"] > report["before"]["accuracy"] + 0.2
+    assert report["history"][-1]["train_loss"] < report["history"][0]["train_loss"]
+    assert report["lowered"] == {"HardSwish": 1} and report["loss"] == "ce"
+    # same nodes, interface, versions; only weights changed, the running statistics among them
+    strip = lambda m: [(n.op_type, n.name, list(n.input), list(n.output)) for n in m.graph.node]
+    assert strip(tuned) == strip(model)
+    assert tuned.graph.input == model.graph.input and tuned.graph.output == model.graph.output
+    assert tuned.opset_import == model.opset_import and tuned.ir_version == model.ir_version
+    before, after = weights(model), weights(tuned)
+    assert before.keys() == after.keys()
+    assert all(not np.array_equal(before[k], after[k]) for k in ("W1", "W2", "S", "M", "V"))
+    onnx.checker.check_model(tuned, full_check=True)
+
+
+def test_zero_steps_keep_the_function_exactly(tmp_path):
+    model = cnn()
+    train, val = task(tmp_path)
+    result = onnxprune.finetune(model, train, val=val, epochs=0)
+    for name, value in weights(model).items():
+        assert np.array_equal(weights(result.model)[name], value)
+
+
+def test_planted_model_pruned_then_zero_step_finetuned_stays_exact(tmp_path):
+    model = cnn()
+    for init in model.graph.initializer:  # channels 5-7 dead: no weights in, no weights out
+        if init.name in ("W1", "B1"):
+            value = numpy_helper.to_array(init).copy()
+            value[5:] = 0
+            init.CopyFrom(numpy_helper.from_array(value, init.name))
+        if init.name == "W2":
+            value = numpy_helper.to_array(init).copy()
+            value[:, 5:] = 0
+            init.CopyFrom(numpy_helper.from_array(value, init.name))
+    train, _ = task(tmp_path)
+    result = onnxprune.prune(model, filters=3 / 8, finetune=train, epochs=0)
+    x = np.random.default_rng(3).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    assert result.report["summary"]["channels_removed"] == 3
+    np.testing.assert_allclose(run(result.model, x), run(model, x), atol=1e-5)
+
+
+def test_prune_then_finetune_recovers_with_distillation(tmp_path):
+    model = cnn()
+    train, val = task(tmp_path)
+    pruned = onnxprune.prune(model, filters=0.5).model
+    tuned = onnxprune.prune(model, filters=0.5, finetune=train, val=val, loss="kd", epochs=3, lr=1e-2,
+                            batch_size=16)
+    report = tuned.report["finetune"]
+    assert report["teacher"] == "the original model"
+    assert report["after"]["cosine"] > report["before"]["cosine"]
+    assert tuned.report["params"]["after"] == onnxprune.prune(model, filters=0.5).report["params"]["after"]
+    strip = lambda m: [(n.op_type, list(n.input), list(n.output)) for n in m.graph.node]
+    assert strip(tuned.model) == strip(pruned)
+
+
+def test_mse_matches_the_teacher_without_labels(tmp_path):
+    model = cnn()
+    x = np.load(task(tmp_path)[0])["input"]
+    np.savez(tmp_path / "unlabelled.npz", input=x[:160])
+    np.savez(tmp_path / "unlabelled_val.npz", input=x[160:])
+    student = onnxprune.prune(model, filters=0.5).model
+    result = onnxprune.finetune(student, tmp_path / "unlabelled.npz", val=tmp_path / "unlabelled_val.npz",
+                                teacher=model, epochs=3, lr=1e-2, batch_size=16)
+    report = result.report["finetune"]
+    assert report["loss"] == "mse" and report["after"]["loss"] < report["before"]["loss"]
+    with pytest.raises(OnnxPruneError, match="no labels.*no teacher"):
+        onnxprune.finetune(student, tmp_path / "unlabelled.npz")
+
+
+def test_frozen_batchnorm_keeps_running_statistics(tmp_path):
+    model = cnn()
+    train, _ = task(tmp_path)
+    tuned = onnxprune.finetune(model, train, batchnorm="frozen", epochs=1, lr=1e-2).model
+    before, after = weights(model), weights(tuned)
+    assert np.array_equal(before["M"], after["M"]) and np.array_equal(before["V"], after["V"])
+    assert not np.array_equal(before["S"], after["S"])
+
+
+def test_constant_node_weights_are_trained_in_place(tmp_path):
+    model = text_model("""
+    g (float[N,3] x) => (float[N,2] y) {
+      w = Constant <value = float[2,3] {1,-2,3,-1,2,-3}> ()
+      y = Gemm <transB=1> (x, w)
+    }""", {})
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 3)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, labels=(x[:, 0] > 0).astype(np.int64))
+    tuned = onnxprune.finetune(model, tmp_path / "d.npz", epochs=2, lr=5e-2, batch_size=8).model
+    assert [n.op_type for n in tuned.graph.node] == ["Constant", "Gemm"] and not tuned.graph.initializer
+    assert not np.array_equal(numpy_helper.to_array(tuned.graph.node[0].attribute[0].t),
+                              numpy_helper.to_array(model.graph.node[0].attribute[0].t))
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    model = cnn()
+    train, val = task(tmp_path)
+    data = load_training_data(train, model, batch_size=16)
+    val_data = load_training_data(val, model, batch_size=16)
+    config = dict(epochs=2, lr=1e-2, clip_grad=1.0)
+    straight = FineTuner(model, TrainingConfig(**config, checkpoint=tmp_path / "a")).fit(data, val_data)
+
+    original_step = trainer_module._Run._step
+    calls = {"n": 0}
+
+    def interrupting(self, feed, labels):
+        loss = original_step(self, feed, labels)
+        calls["n"] += 1
+        if calls["n"] == 20:  # mid-epoch 2 (15 batches per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(trainer_module._Run, "_step", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        FineTuner(model, TrainingConfig(**config, checkpoint=tmp_path / "b")).fit(data, val_data)
+    monkeypatch.setattr(trainer_module._Run, "_step", original_step)
+    assert (tmp_path / "b" / "state" / "latest").read_text() == "step-00000020"
+    with pytest.raises(OnnxPruneError, match="holds the checkpoint of an earlier run"):
+        FineTuner(model, TrainingConfig(**config, checkpoint=tmp_path / "b")).fit(data, val_data)
+    with pytest.raises(OnnxPruneError, match="different the training settings|different"):
+        FineTuner(model, TrainingConfig(epochs=2, lr=5e-3, clip_grad=1.0, checkpoint=tmp_path / "b",
+                                        resume=True)).fit(data, val_data)
+    resumed = FineTuner(model, TrainingConfig(**config, checkpoint=tmp_path / "b", resume=True)).fit(data, val_data)
+    assert resumed.report["resumed_from_step"] == 20 and resumed.report["steps"] == 30
+    for name, value in weights(straight.model).items():
+        np.testing.assert_allclose(weights(resumed.model)[name], value, rtol=1e-6, atol=1e-7)
+    assert resumed.report["history"] == straight.report["history"] or \
+        [h["train_loss"] for h in resumed.report["history"]] == \
+        pytest.approx([h["train_loss"] for h in straight.report["history"]], rel=1e-5)
+
+
+def test_labels_that_do_not_fit_are_refused(tmp_path):
+    model = cnn()
+    x = np.zeros((8, 3, 8, 8), np.float32)
+    np.savez(tmp_path / "d.npz", input=x, labels=np.full(8, 7))
+    with pytest.raises(OnnxPruneError, match="labels run from 7 to 7.*4 classes"):
+        onnxprune.finetune(model, tmp_path / "d.npz")
+    np.savez(tmp_path / "e.npz", input=x, labels=np.zeros((8, 2), np.int64))
+    with pytest.raises(OnnxPruneError, match="do not fit"):
+        onnxprune.finetune(model, tmp_path / "e.npz")
+
+
+def test_op_without_gradient_or_lowering_is_named(tmp_path):
+    model = text_model("""
+    g (float[N,3] x) => (float[N,3] y) {
+      y0 = Mul(x, W)
+      y = CumSum(y0, axis)
+    }""", {"W": (3,), "axis": np.array(1, np.int64)})
+    np.savez(tmp_path / "d.npz", x=np.ones((4, 3), np.float32), labels=np.ones((4, 3), np.float32))
+    with pytest.raises(OnnxPruneError, match=r"CumSum.*no gradient for CumSum") as info:
+        onnxprune.finetune(model, tmp_path / "d.npz", loss="mse")
+    assert "\n" not in str(info.value)
+
+
+def test_cli_prune_and_finetune(tmp_path):
+    model = cnn()
+    onnx.save(model, tmp_path / "m.onnx")
+    train, val = task(tmp_path)
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-m", "onnxprune", str(tmp_path / "m.onnx"), "--filters", "0.5",
+                           "--finetune", str(train), "--val", str(val), "--epochs", "2", "--lr", "0.01",
+                           "--batch-size", "16", "-o", str(out), "--report", str(report)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "fine-tuned: ce loss, 2 epoch(s)" in done.stdout and "validation: before" in done.stdout
+    data = json.loads(report.read_text())
+    assert data["finetune"]["steps"] == 30 and data["params"]["after"] < data["params"]["before"]
+    assert out.exists() and not (tmp_path / "out.onnx.ckpt").exists()  # the default checkpoint is removed
+
+    done = subprocess.run([sys.executable, "-m", "onnxprune", "finetune", str(out), "--data", str(train),
+                           "--loss", "kd", "--steps", "3", "--resume"], capture_output=True, text=True)
+    assert done.returncode == 2 and "kd" in done.stderr or "resume" in done.stderr
+
+
+def test_cli_finetune_interrupted_and_resumed(tmp_path):
+    model = cnn()
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((4000, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "big.npz", input=x, labels=(x[:, 0, 0, 0] > 0).astype(np.int64))
+    out = tmp_path / "tuned.onnx"
+    command = [sys.executable, "-m", "onnxprune", "finetune", str(tmp_path / "m.onnx"), "--data",
+               str(tmp_path / "big.npz"), "--epochs", "500", "--batch-size", "4", "-o", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "tuned.onnx.ckpt"
+    import time
+
+    deadline = time.time() + 60
+    while not (checkpoint / "artifacts" / "optimizer_model.onnx").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and not out.exists()
+    assert (checkpoint / "state" / "latest").exists()
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = subprocess.run(command + ["--resume", "--steps", "10"], capture_output=True, text=True)
+    # --steps changes the settings: the checkpoint is refused rather than mixed
+    assert resumed.returncode == 2 and "different" in resumed.stderr
