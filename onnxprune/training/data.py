@@ -45,8 +45,13 @@ class TrainingData:
         self.samples = samples
         self.batch_size = batch_size
         self.notes = list(notes)
+        self.drop_last = False  # every batch full (a training graph built at a fixed batch size)
 
     def batches_per_epoch(self) -> int | None:
+        raise NotImplementedError
+
+    def sample_dims(self) -> dict[str, tuple] | None:
+        """Each input's dims after the batch axis when every sample has the same (None if not)."""
         raise NotImplementedError
 
     def epoch(self, number: int, seed: int, shuffle: bool = True) -> Iterator[tuple[dict, np.ndarray | None]]:
@@ -77,8 +82,8 @@ class ArrayData(TrainingData):
         self.arrays, self.labels = arrays, labels
 
     def batches_per_epoch(self) -> int:
-        fixed = _fixed_batch(self.inputs)
-        return self.samples // self.batch_size if fixed else -(-self.samples // self.batch_size)
+        whole = self.drop_last or _fixed_batch(self.inputs)
+        return self.samples // self.batch_size if whole else -(-self.samples // self.batch_size)
 
     def epoch(self, number: int, seed: int, shuffle: bool = True):
         order = _order(self.samples, number, seed, shuffle)
@@ -87,6 +92,10 @@ class ArrayData(TrainingData):
             feed = {name: array[take] for name, array in self.arrays.items()}
             labels = self.labels[take] if self.labels is not None else None
             yield self._conform(feed, labels, f"{self.description} (batch {batch + 1})")
+
+
+    def sample_dims(self) -> dict[str, tuple]:
+        return {name: tuple(array.shape[1:]) for name, array in self.arrays.items()}
 
 
 class ImageData(TrainingData):
@@ -103,8 +112,8 @@ class ImageData(TrainingData):
         self.spec = spec.resolved(inputs[0])
 
     def batches_per_epoch(self) -> int:
-        fixed = _fixed_batch(self.inputs)
-        return self.samples // self.batch_size if fixed else -(-self.samples // self.batch_size)
+        whole = self.drop_last or _fixed_batch(self.inputs)
+        return self.samples // self.batch_size if whole else -(-self.samples // self.batch_size)
 
     def epoch(self, number: int, seed: int, shuffle: bool = True):
         order = _order(self.samples, number, seed, shuffle)
@@ -114,6 +123,11 @@ class ImageData(TrainingData):
             feed = {name: np.stack([image_array(self.images[i], self.spec) for i in take])}
             labels = np.asarray([self.classes[i] for i in take], np.int64) if self.classes is not None else None
             yield self._conform(feed, labels, f"{self.images[take[0]]}")
+
+
+    def sample_dims(self) -> dict[str, tuple]:
+        feed, _ = next(self.epoch(0, 0, shuffle=False))
+        return {name: tuple(value.shape[1:]) for name, value in feed.items()}
 
 
 class GivenBatches(TrainingData):
@@ -134,6 +148,22 @@ class GivenBatches(TrainingData):
 
     def batches_per_epoch(self) -> int | None:
         return self.count
+
+    def uniform_batch(self) -> int | None:
+        """The batch size when every batch has the same, else None."""
+        sizes = {len(next(iter((item if isinstance(item, Mapping) else _pair(item, self.description)[0]).values())))
+                 for item in self.given}
+        return sizes.pop() if len(sizes) == 1 else None
+
+    def sample_dims(self) -> dict[str, tuple] | None:
+        seen = None
+        for item in self.given:
+            feed = item if isinstance(item, Mapping) else _pair(item, self.description)[0]
+            dims = {name: tuple(np.shape(value)[1:]) for name, value in feed.items()}
+            if seen is not None and dims != seen:
+                return None
+            seen = dims
+        return seen
 
     def epoch(self, number: int, seed: int, shuffle: bool = True):
         for index, item in enumerate(self.given, start=1):

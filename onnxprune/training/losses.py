@@ -107,9 +107,32 @@ def loss_block(spec: LossSpec, onnxblock):
     return OnnxPruneLoss()
 
 
-def cross_entropy(logits: np.ndarray, labels: np.ndarray, class_axis: int = 1) -> float:
-    """The same cross-entropy in numpy (for checks and for the original model's numbers)."""
-    logits = np.moveaxis(logits.astype(np.float64), class_axis, -1)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    return float(-np.take_along_axis(log_probs, labels[..., None].astype(np.int64), axis=-1).mean())
+def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def loss_terms(spec: LossSpec, scores: np.ndarray, labels, teacher) -> np.ndarray:
+    """The loss of each sample, in numpy, as the graph computes it (the graph's loss is their
+    mean): validation uses it on the rows of a padded batch that are real."""
+    scores = scores.astype(np.float64)
+    n = len(scores)
+    axis = scores.ndim - 1 if spec.class_axis == -1 else 1
+
+    def cross_entropy():
+        log_probs = np.moveaxis(_log_softmax(scores, axis), axis, -1)
+        picked = np.take_along_axis(log_probs, np.asarray(labels, np.int64)[..., None], axis=-1)[..., 0]
+        return -picked.reshape(n, -1).mean(axis=1)
+
+    if spec.kind == "ce":
+        return cross_entropy()
+    if spec.kind == "mse":
+        target = np.asarray(labels if spec.labels else teacher, np.float64)
+        return ((scores - target) ** 2).reshape(n, -1).mean(axis=1)
+    t = spec.temperature
+    teacher_log = _log_softmax(np.asarray(teacher, np.float64) / t, axis)
+    kl = (np.exp(teacher_log) * (teacher_log - _log_softmax(scores / t, axis))).sum(axis=axis)
+    distillation = kl.reshape(n, -1).mean(axis=1) * t * t
+    if not spec.labels or spec.alpha >= 1.0:
+        return distillation
+    return spec.alpha * distillation + (1 - spec.alpha) * cross_entropy()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -208,26 +209,82 @@ def global_max_pool(node, b: Builder, info: TensorInfo) -> None:
     b.reshape(pooled, [0, 0] + [1] * (rank - 2), node.output[0])
 
 
-def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """Replace, in place, every node with a registered lowering; returns the model and how many
-    nodes of each op were lowered. Raises LoweringError for a node that cannot be lowered."""
+def _constant_values(model: onnx.ModelProto, name: str):
+    for init in model.graph.initializer:
+        if init.name == name:
+            return onnx.numpy_helper.to_array(init)
+    return None
+
+
+@lowering("Resize")
+def resize_nearest(node, b: Builder, info: TensorInfo) -> None:
+    """Nearest-neighbour upsampling by whole factors (FPN and YOLO necks): each value repeated
+    s times along its axis, as Unsqueeze + Expand + Reshape. onnxruntime-training has a gradient
+    builder for Resize but no CPU kernel for it."""
+    mode = _attr(node, "mode", b"nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    coords = _attr(node, "coordinate_transformation_mode", b"half_pixel")
+    coords = coords.decode() if isinstance(coords, bytes) else coords
+    nearest = _attr(node, "nearest_mode", b"round_prefer_floor")
+    nearest = nearest.decode() if isinstance(nearest, bytes) else nearest
+    x = node.input[0]
+    dims = info.dims.get(x)
+    if dims is None or any(d is None for d in dims[1:]):
+        raise LoweringError(node, "upsampling needs the input's dims after the batch axis")
+    if mode != "nearest" or coords not in ("asymmetric", "half_pixel", "pytorch_half_pixel") \
+            or nearest not in ("floor", "round_prefer_floor"):
+        raise LoweringError(node, f"only nearest upsampling by whole factors is lowered (mode {mode}, "
+                                  f"{coords}, {nearest})")
+    scales = _constant_values(b.model, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    sizes = _constant_values(b.model, node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    if scales is not None and scales.size:
+        factors = [float(f) for f in scales]
+    elif sizes is not None and sizes.size:
+        factors = [1.0] + [float(out) / d for out, d in zip(sizes.tolist()[1:], dims[1:])]
+    else:
+        raise LoweringError(node, "its scales or sizes are computed in the graph")
+    if len(factors) != len(dims) or factors[0] != 1.0 or any(f < 1 or f != int(f) for f in factors):
+        raise LoweringError(node, f"scales {factors} are not whole upsampling factors after the batch axis")
+    factors = [int(f) for f in factors]
+    rank = len(dims)
+    expanded_axes = [2 * axis for axis in range(1, rank)]  # a new axis after each non-batch one
+    value = x
+    if b.opset >= 13:
+        value = b.node("Unsqueeze", [x, b.constant(expanded_axes, np.int64, "axes")])
+    else:
+        value = b.node("Unsqueeze", [x], axes=expanded_axes)
+    target = [1] + [v for f in factors[1:] for v in (1, f)]
+    value = b.node("Expand", [value, b.constant(target, np.int64, "shape")])
+    b.reshape(value, [0] + [d * f for d, f in zip(dims[1:], factors[1:])], node.output[0])
+
+
+def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int], dict[str, LoweringError]]:
+    """Replace, in place, every node with a registered lowering; returns the model, how many
+    nodes of each op were lowered, and the nodes (by first output) whose form could not be
+    lowered: they stay, which matters only if the gradient has to pass through them."""
     info = TensorInfo(model)
     b = Builder(model, prefix="onnxprune_lowered")
-    kept, counts = [], {}
+    kept, counts, failed = [], {}, {}
     for node in model.graph.node:
         function = LOWERINGS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if function is None:
             kept.append(node)
             continue
         start = len(b.nodes)
-        function(node, b, info)
+        try:
+            function(node, b, info)
+        except LoweringError as exc:
+            del b.nodes[start:]
+            kept.append(node)
+            failed[node.output[0]] = exc
+            continue
         kept.extend(b.nodes[start:])
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     if counts:
         del model.graph.node[:]
         model.graph.node.extend(kept)
         model.graph.initializer.extend(b.initializers)
-    return model, counts
+    return model, counts, failed
 
 
 def lowered_constants(model: onnx.ModelProto) -> set[str]:

@@ -27,7 +27,7 @@ from onnx import helper, numpy_helper
 
 from ..core.errors import OnnxPruneError
 from .builder import Builder, opset_of
-from .lowerings import LoweringError, lower, lowered_constants
+from .lowerings import lower, lowered_constants
 
 MAX_IR = 10
 MAX_OPSET = 21
@@ -76,10 +76,13 @@ class TrainingGraph:
 
 
 def prepare(model: onnx.ModelProto, output: str | None = None, logits: bool = True,
-            batchnorm: str = "train") -> TrainingGraph:
+            batchnorm: str = "train", input_dims: dict | None = None) -> TrainingGraph:
     """The training copy of `model`; `output` names the graph output the loss is about (default:
-    the first). With `logits`, a Softmax/LogSoftmax output is traced back to its input, the
-    logits that cross-entropy and distillation read."""
+    the first that depends on weights). With `logits`, a Softmax/LogSoftmax output is traced
+    back to its input, the logits that cross-entropy and distillation read. `input_dims` fixes
+    graph input dims on the copy ({input: [dim or None to leave it]}): onnxruntime-training
+    builds some gradients wrongly, or crashes, when dims it could know are symbolic (measured
+    on Paddle exports with dynamic image sizes)."""
     if batchnorm not in BATCHNORM_MODES:
         raise OnnxPruneError(f"batchnorm {batchnorm!r}: choose from {', '.join(BATCHNORM_MODES)}")
     _refuse_untrainable(model)
@@ -92,13 +95,17 @@ def prepare(model: onnx.ModelProto, output: str | None = None, logits: bool = Tr
     notes = []
     copy = _supported_versions(copy, notes)
     constants = _constants_to_initializers(copy)
-    copy = onnx.shape_inference.infer_shapes(copy)
+    # shapes are inferred afresh: exporters' value_info can be stale or hold -1 dims
+    del copy.graph.value_info[:]
+    if input_dims:
+        _fix_input_dims(copy, input_dims)
+    try:
+        copy = onnx.shape_inference.infer_shapes(copy)
+    except Exception as exc:  # onnx raises its own error types from C++
+        raise NotTrainable(f"shape inference fails on the training copy ({str(exc).splitlines()[0]})") from None
     _complete_outputs(copy)
     running = _batchnorm(copy, batchnorm)
-    try:
-        copy, lowered = lower(copy)
-    except LoweringError as exc:
-        raise NotTrainable(f"cannot train through {exc}") from None
+    copy, lowered, unlowered = lower(copy)
     if chosen is None:  # the first output that depends on weights (exporters pass inputs through, too)
         output = next((name for name in outputs if _reached_weights(copy, name)), outputs[0])
         if output != outputs[0]:
@@ -108,6 +115,10 @@ def prepare(model: onnx.ModelProto, output: str | None = None, logits: bool = Tr
     if loss_input != output:
         notes.append(f"the loss reads {loss_input!r}, the logits output {output!r} is computed from")
     reached = _reached_weights(copy, loss_input)
+    on_path = _on_gradient_path(copy, loss_input, reached)
+    for name, exc in unlowered.items():
+        if name in on_path:
+            raise NotTrainable(f"cannot train through {exc}")
     excluded = set(running) | lowered_constants(copy)
     trainable, frozen = [], []
     for init in copy.graph.initializer:
@@ -124,6 +135,23 @@ def prepare(model: onnx.ModelProto, output: str | None = None, logits: bool = Tr
         raise NotTrainable(f"no float weights reach output {output!r} through differentiable ops: nothing to train")
     constants = [name for name in constants if name in trainable]  # the others are not written back
     return TrainingGraph(copy, trainable, frozen, output, loss_input, constants, running, lowered, notes)
+
+
+def _fix_input_dims(model: onnx.ModelProto, input_dims: dict) -> None:
+    for graph_input in model.graph.input:
+        dims = input_dims.get(graph_input.name)
+        if dims is None or not graph_input.type.HasField("tensor_type"):
+            continue
+        shape = graph_input.type.tensor_type.shape
+        if len(shape.dim) != len(dims):
+            continue
+        for dim, value in zip(shape.dim, dims):
+            if value is None:
+                continue
+            if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != value:
+                raise NotTrainable(f"input {graph_input.name!r} has dim {dim.dim_value}, and the data gives {value}")
+            dim.Clear()
+            dim.dim_value = int(value)
 
 
 def _refuse_untrainable(model: onnx.ModelProto) -> None:
@@ -250,22 +278,33 @@ def _logits(model: onnx.ModelProto, output: str) -> str:
     return output
 
 
-def _reached_weights(model: onnx.ModelProto, tensor: str) -> set[str]:
-    """Initializers the gradient of `tensor` reaches through differentiable inputs."""
+def _on_gradient_path(model: onnx.ModelProto, tensor: str, weights: set[str]) -> set[str]:
+    """Tensors the gradient flows through: computed from a trained weight, and reaching `tensor`."""
+    downstream = set(weights)
+    for node in model.graph.node:  # topological order: one sweep finds everything fed by a weight
+        skip = NOT_DIFFERENTIABLE.get(node.op_type, set())
+        if node.op_type not in STOPS and any(i in downstream for k, i in enumerate(node.input) if k not in skip):
+            downstream.update(o for o in node.output if o)
+    upstream = _reached_tensors(model, tensor)
+    return downstream & upstream
+
+
+def _reached_tensors(model: onnx.ModelProto, tensor: str) -> set[str]:
     producers = {o: n for n in model.graph.node for o in n.output if o}
-    initializers = {i.name for i in model.graph.initializer}
-    seen, reached, stack = set(), set(), [tensor]
+    seen, stack = set(), [tensor]
     while stack:
         name = stack.pop()
         if name in seen:
             continue
         seen.add(name)
-        if name in initializers:
-            reached.add(name)
-            continue
         node = producers.get(name)
         if node is None or node.op_type in STOPS:
             continue
         skip = NOT_DIFFERENTIABLE.get(node.op_type, set())
         stack.extend(inp for index, inp in enumerate(node.input) if inp and index not in skip)
-    return reached
+    return seen
+
+
+def _reached_weights(model: onnx.ModelProto, tensor: str) -> set[str]:
+    """Initializers the gradient of `tensor` reaches through differentiable inputs."""
+    return _reached_tensors(model, tensor) & {i.name for i in model.graph.initializer}

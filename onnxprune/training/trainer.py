@@ -34,8 +34,8 @@ from onnx import numpy_helper
 from ..core.errors import OnnxPruneError, first_line
 from ..core.progress import log, progress_bar
 from ..core.runtime import import_training_api
-from .data import TrainingData
-from .losses import LABELS_INPUT, TEACHER_INPUT, LossSpec, loss_block
+from .data import GivenBatches, TrainingData
+from .losses import LABELS_INPUT, TEACHER_INPUT, LossSpec, loss_block, loss_terms
 from .prepare import MAX_IR, NotTrainable, TrainingGraph, prepare
 from .schedule import learning_rate
 
@@ -97,38 +97,82 @@ class FineTuner:
         artifacts_api, api = import_training_api()
         kind = self._loss_kind(train)
         logits = kind in ("ce", "kd")
-        graph = prepare(self.model, config.output, logits=logits, batchnorm=config.batchnorm)
+        # The training graph is built at the data's dims after the batch axis (see prepare).
+        dims = train.sample_dims()
+        if val is not None and dims is not None and val.sample_dims() != dims:
+            raise OnnxPruneError(f"{val.description}: the validation samples have dims {val.sample_dims()}, the "
+                                 f"training samples {dims}; they must match")
+
+        def build(batch: int | None) -> TrainingGraph:
+            input_dims = {name: [batch, *d] for name, d in dims.items()} if dims else None
+            return prepare(self.model, config.output, logits=logits, batchnorm=config.batchnorm,
+                           input_dims=input_dims)
+
+        graph = build(None)
         teacher = _Teacher(self.teacher, graph.loss_input if logits else graph.output) \
             if kind == "kd" or (kind == "mse" and not self.mse_on_labels) else None
         first_feed, first_labels = next(iter(train.epoch(0, config.seed)))
         spec = self._loss_spec(kind, graph, train, first_feed, first_labels)
+        notes = []
         with self._folder() as folder:
             meta = self._meta(graph, spec, train)
-            state_dir = folder / "state"
+            state_dir, artifacts = folder / "state", folder / "artifacts"
             resumed = self._resume_point(folder, meta) if config.resume else None
             if resumed is None:
                 _check_fresh(folder, config)
-                artifacts = folder / "artifacts"
                 artifacts.mkdir(parents=True, exist_ok=True)
-                _generate(artifacts_api, graph, spec, artifacts, config)
+                feed = self._ordered_feed(spec, teacher, first_feed, first_labels)
+                static_batch = None
+                static = self._generate_and_probe(artifacts_api, graph, spec, artifacts, feed, train, build)
+                if static is not None:
+                    graph, static_batch = static
+                    train.drop_last = True
+                    notes.append(f"trained at a fixed batch of {static_batch} (onnxruntime-training fails on this "
+                                 "graph with a dynamic batch); a last partial batch is left out of each epoch")
+                meta["static_batch"] = static_batch
                 (folder / "meta.json").write_text(json.dumps(meta, indent=1))
                 state = api.CheckpointState.load_checkpoint(str(artifacts / "checkpoint"))
             else:
-                artifacts = folder / "artifacts"
+                static_batch = resumed["static_batch"]
+                if static_batch is not None:
+                    graph, train.drop_last = build(static_batch), True
                 state = api.CheckpointState.load_checkpoint(str(resumed["path"] / "state"))
-            if resumed is None:
-                _probe_step(artifacts, self._ordered_feed(spec, teacher, first_feed, first_labels))
             module = api.Module(str(artifacts / "training_model.onnx"), state, str(artifacts / "eval_model.onnx"))
             optimizer = api.Optimizer(str(artifacts / "optimizer_model.onnx"), module)
-            run = _Run(self, graph, spec, module, optimizer, state, teacher, train, val, state_dir)
+            run = _Run(self, graph, spec, module, optimizer, state, teacher, train, val, state_dir, static_batch)
             if resumed is not None:
                 run.restore(resumed)
             outcome = run.train()
         report = outcome.report
         report.update(loss=kind, output=graph.output, loss_input=graph.loss_input, lowered=graph.lowered,
                       batchnorm=config.batchnorm, seconds=round(time.perf_counter() - started, 2))
-        report["notes"] = graph.notes + train.notes + report.get("notes", [])
+        report["notes"] = graph.notes + train.notes + notes + report.get("notes", [])
         return outcome
+
+    def _generate_and_probe(self, artifacts_api, graph, spec, artifacts: Path, feed: dict, train: TrainingData,
+                            build):
+        """Generate the artifacts and try one step; if that fails with a dynamic batch, try again
+        with the batch fixed. Returns (graph, batch) when the fixed batch was needed, else None."""
+        _generate(artifacts_api, graph, spec, artifacts, self.config)
+        try:
+            _probe_step(artifacts, feed)
+            return None
+        except NotTrainable as first:
+            batch = len(next(iter(feed.values())))
+            if isinstance(train, GivenBatches):
+                fixable = train.uniform_batch() == batch
+            else:
+                fixable = batch == train.batch_size and train.samples and train.samples >= batch
+            if not fixable:
+                raise
+            log.info("training step failed with a dynamic batch (%s); trying a fixed batch of %d", first, batch)
+            static = build(batch)
+            _generate(artifacts_api, static, spec, artifacts, self.config)
+            try:
+                _probe_step(artifacts, feed)
+            except NotTrainable:
+                raise first from None
+            return static, batch
 
     def _ordered_feed(self, spec: LossSpec, teacher, feed: dict, labels) -> dict:
         values = dict(feed)
@@ -217,19 +261,21 @@ class FineTuner:
                                      "remove it to start over")
         path = folder / "state" / pointer.read_text().strip()
         progress = json.loads((path / "progress.json").read_text())
-        return {"path": path, **progress}
+        return {"path": path, "static_batch": saved.get("static_batch"), **progress}
 
 
 class _Run:
     """One training run's loop state."""
 
     def __init__(self, tuner: FineTuner, graph: TrainingGraph, spec: LossSpec, module, optimizer, state, teacher,
-                 train: TrainingData, val: TrainingData | None, state_dir: Path) -> None:
+                 train: TrainingData, val: TrainingData | None, state_dir: Path,
+                 static_batch: int | None = None) -> None:
         self.tuner, self.config = tuner, tuner.config
         self.graph, self.spec = graph, spec
         self.module, self.optimizer, self.state = module, optimizer, state
         self.teacher, self.train_data, self.val_data = teacher, train, val
         self.state_dir = state_dir
+        self.static_batch = static_batch  # the graph takes batches of exactly this size
         self.names = module.input_names()
         per_epoch = train.batches_per_epoch()
         self.per_epoch = per_epoch
@@ -333,31 +379,34 @@ class _Run:
         self.epoch_losses = []
 
     def evaluate(self) -> Metrics | None:
-        """Loss, and accuracy or cosine with the teacher, on the validation data (eval mode)."""
+        """Loss, and accuracy or cosine with the teacher, on the validation data (eval mode).
+        Computed from the model's scores, sample by sample, so that a batch padded to a fixed
+        batch size counts its real rows only."""
         if self.val_data is None:
             return None
         self.module.eval()
-        total, count, correct, labelled, cosines = 0.0, 0, 0, 0, []
+        losses, correct, labelled, cosines = [], 0, 0, []
         for feed, labels in progress_bar_iter(self.val_data.epoch(0, self.config.seed, shuffle=False), "validating"):
             if self.spec.labels and labels is None:
                 raise OnnxPruneError(f"{self.val_data.description}: the validation data has no labels, and the loss "
                                      "needs them")
-            outputs = self.module(*self._inputs(feed, labels))
-            n = len(next(iter(feed.values())))
-            total += float(np.asarray(outputs[0])) * n
-            count += n
-            scores = np.asarray(outputs[1])
-            if labels is not None and self.spec.kind in ("ce", "kd"):
-                axis = self.spec.class_axis if self.spec.class_axis == 1 else scores.ndim - 1
-                predicted = scores.argmax(axis=axis)
-                correct += int((predicted == np.asarray(labels)).sum())
-                labelled += np.asarray(labels).size
-            if self.teacher is not None:
-                cosines.append(_cosine_rows(scores, self.teacher.output(feed)))
+            for part, part_labels in _chunks(feed, labels, self.static_batch):
+                n = len(next(iter(part.values())))
+                padded, padded_labels = _padded(part, part_labels, self.static_batch)
+                scores = np.asarray(self.module(*self._inputs(padded, padded_labels))[1])[:n]
+                teacher = self.teacher.output(padded)[:n] if self.teacher is not None else None
+                losses.append(loss_terms(self.spec, scores, part_labels, teacher))
+                if part_labels is not None and self.spec.kind in ("ce", "kd"):
+                    axis = self.spec.class_axis if self.spec.class_axis == 1 else scores.ndim - 1
+                    correct += int((scores.argmax(axis=axis) == np.asarray(part_labels)).sum())
+                    labelled += np.asarray(part_labels).size
+                if teacher is not None:
+                    cosines.append(_cosine_rows(scores, teacher))
         self.module.train()
-        return Metrics(loss=total / count if count else None,
+        per_sample = np.concatenate(losses) if losses else np.zeros(0)
+        return Metrics(loss=float(per_sample.mean()) if per_sample.size else None,
                        accuracy=correct / labelled if labelled else None,
-                       cosine=float(np.mean(np.concatenate(cosines))) if cosines else None, samples=count)
+                       cosine=float(np.mean(np.concatenate(cosines))) if cosines else None, samples=len(per_sample))
 
     def _weights(self) -> dict[str, np.ndarray]:
         params = self.state.parameters
@@ -462,6 +511,26 @@ class _Run:
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
+
+
+def _chunks(feed: dict, labels, size: int | None):
+    """The batch in pieces of at most `size` samples (None: whole)."""
+    n = len(next(iter(feed.values())))
+    if size is None or n <= size:
+        yield feed, labels
+        return
+    for start in range(0, n, size):
+        yield ({k: v[start:start + size] for k, v in feed.items()},
+               None if labels is None else labels[start:start + size])
+
+
+def _padded(feed: dict, labels, size: int | None):
+    """The batch filled up to `size` samples by repeating its rows (None: as it is)."""
+    n = len(next(iter(feed.values())))
+    if size is None or n == size:
+        return feed, labels
+    take = np.arange(size) % n
+    return ({k: v[take] for k, v in feed.items()}, None if labels is None else np.asarray(labels)[take])
 
 
 def progress_bar_iter(iterable, desc: str):
@@ -597,15 +666,19 @@ def _probe_step(folder: Path, feed: dict) -> None:
 
 
 def _ort_message(text: str) -> str:
-    """The informative part of an onnxruntime error: the node and status after the C++ frame."""
+    """The informative part of an onnxruntime error: what follows its status code (and the
+    C++ location before it is left out)."""
+    import re
+
     lines = [line for line in text.splitlines() if line.strip() and not line.startswith("20")
              and not line.startswith((" ", "Traceback"))]
     last = lines[-1] if lines else "no message"
-    for marker in ("Non-zero status code returned while running", "RUNTIME_EXCEPTION :", "FAIL :"):
-        if marker in last:
-            last = marker.rstrip(" :") + last.split(marker, 1)[1] if marker.startswith("Non") else \
-                last.split(marker, 1)[1].strip()
-            break
+    found = re.search(r"\[ONNXRuntimeError\] : \d+ : (\w+) : (.*)", last)
+    if found:
+        last = found.group(2)
+        status = re.search(r"Status Message: \S+:\d+ \S+ (.*)", last)
+        if status:  # "Non-zero status ... running Mul node. Name:'x' Status Message: file.h:640 fn(...) what"
+            last = last.split(" Status Message:")[0] + ": " + status.group(1)
     return " ".join(last.split())[:400]
 
 

@@ -266,3 +266,31 @@ def test_cli_finetune_interrupted_and_resumed(tmp_path):
     resumed = subprocess.run(command + ["--resume", "--steps", "10"], capture_output=True, text=True)
     # --steps changes the settings: the checkpoint is refused rather than mixed
     assert resumed.returncode == 2 and "different" in resumed.stderr
+
+
+def test_graphs_that_need_a_fixed_batch_train_at_one(tmp_path, monkeypatch):
+    # some graphs fail in onnxruntime-training with a dynamic batch and train with a fixed one
+    # (PP-OCRv4's recognizer, magika): simulated here by failing the first probe step
+    model = cnn()
+    train, val = task(tmp_path, samples=200)  # 150 training samples: 6 batches of 24 and a partial one
+    options = dict(val=val, epochs=1, lr=1e-2, batch_size=24)
+    dynamic = onnxprune.finetune(model, train, **options).report["finetune"]
+    original_probe = trainer_module._probe_step
+    calls = []
+
+    def fail_first(folder, feed):
+        calls.append(onnx.load(str(folder / "training_model.onnx")).graph.input[0].type.tensor_type.shape.dim[0])
+        if len(calls) == 1:
+            raise trainer_module.NotTrainable("simulated failure with a dynamic batch")
+        return original_probe(folder, feed)
+
+    monkeypatch.setattr(trainer_module, "_probe_step", fail_first)
+    result = onnxprune.finetune(model, train, **options)
+    static = result.report["finetune"]
+    assert [d.dim_value for d in calls] == [0, 24]
+    assert any("trained at a fixed batch of 24" in note for note in result.report["notes"])
+    assert static["steps"] == 6 and dynamic["steps"] == 7
+    # validation pads its last batch (50 = 24 + 24 + 2) and counts real rows only
+    assert static["before"]["samples"] == 50
+    assert static["before"]["loss"] == pytest.approx(dynamic["before"]["loss"], rel=1e-5)
+    assert static["before"]["accuracy"] == dynamic["before"]["accuracy"]

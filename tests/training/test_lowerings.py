@@ -24,6 +24,7 @@ CASES = {
                                                   np.array([0.1, 0.2, 0.3], np.float32)], (2, 3, 3, 4), 17),
     "ReduceMax": ({"axes": [1, 2], "keepdims": 0}, [], (2, 3, 4), 17),
     "GlobalMaxPool": ({}, [], (2, 3, 3, 4), 17),
+    "Resize": ({"mode": "nearest"}, ["", np.array([1, 1, 2, 3], np.float32)], (2, 3, 2, 2), 17),
 }
 
 
@@ -34,7 +35,9 @@ def op_model(op: str, scaled: bool = True):
                                              .reshape(shape), "W")], ["xw"]
     nodes = [helper.make_node("Mul", ["x", "W"], ["xw"])]
     for index, extra in enumerate(extras):
-        if isinstance(extra, str):  # another input made from x, so the gradient reaches W through it too
+        if isinstance(extra, str) and not extra:  # an optional input left out
+            inputs.append("")
+        elif isinstance(extra, str):  # another input made from x, so the gradient reaches W through it too
             nodes.append(helper.make_node("Mul", ["xw", "x"], [f"e{index}"]))
             inputs.append(f"e{index}")
         else:
@@ -69,7 +72,8 @@ def test_every_registered_lowering_has_a_case():
 def test_lowering_computes_the_op(op):
     pytest.importorskip("onnxruntime")
     model = op_model(op)
-    lowered, counts = lower(onnx.ModelProto.FromString(model.SerializeToString()))
+    lowered, counts, failed = lower(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert not failed
     assert counts == {op: 1}
     assert op not in {n.op_type for n in lowered.graph.node}
     onnx.checker.check_model(lowered, full_check=True)
@@ -130,3 +134,20 @@ def test_lowered_gradient_matches_finite_difference(op, tmp_path):
             values.append(float((run(probe, x).astype(np.float64) * weights).sum()))
         numeric[index] = (values[0] - values[1]) / (2 * eps)
     np.testing.assert_allclose(gradient, numeric, rtol=2e-2, atol=2e-2)
+
+
+def test_a_form_without_lowering_matters_only_on_the_gradient_path():
+    text = """
+    g (float[N,3,4,4] x) => (float[N,3,8,8] y, float[N,3,8,8] z) {
+      xw = Mul(x, W)
+      y = Resize <mode="linear"> (xw, "", scales)
+      z = Resize <mode="nearest"> (xw, "", scales)
+    }"""
+    from onnxprune.training.prepare import NotTrainable
+    from textmodel import text_model
+
+    model = text_model(text, {"W": (3, 1, 1), "scales": np.array([1, 1, 2, 2], np.float32)})
+    with pytest.raises(NotTrainable, match="only nearest upsampling by whole factors"):
+        prepare(model, output="y", logits=False)
+    graph = prepare(model, output="z", logits=False)  # the linear Resize feeds another output only
+    assert graph.lowered == {"Resize": 1} and graph.trainable == ["W"]

@@ -227,3 +227,32 @@ def test_without_the_training_flavour_finetune_names_the_extra(tmp_path):
     np.savez(tmp_path / "d.npz", input=np.zeros((4, 3, 8, 8), np.float32), labels=np.zeros(4, np.int64))
     with pytest.raises(RuntimeMissing, match=r"onnxprune\[training\]"):
         onnxprune.finetune(cnn(), tmp_path / "d.npz")
+
+
+def test_shape_constants_and_passed_through_inputs():
+    # int64 Constant nodes only (shape constants): converted once, the copy stays in SSA form;
+    # the first output passes an input through, so the loss is about the next one
+    model = text_model("""
+    g (int64[N,4] ids, float[N,4] x) => (int64[N,4] ids_out, float[N,2] y) {
+      ids_out = Identity(ids)
+      shape = Constant <value = int64[2] {-1, 4}> ()
+      flat = Reshape(x, shape)
+      y = MatMul(flat, W)
+    }""", {"W": (4, 2)})
+    graph = prepare(model, logits=False)
+    onnx.checker.check_model(graph.model, full_check=True)
+    assert graph.output == "y" and graph.trainable == ["W"]
+    assert any("first that depends on weights" in note for note in graph.notes)
+
+
+def test_input_dims_are_fixed_and_stale_shapes_dropped():
+    model = cnn()
+    stale = onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [-1, 99, 8, 8])
+    model.graph.value_info.append(stale)
+    graph = prepare(model, input_dims={"input": [None, 3, 8, 8]})
+    dims = graph.model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "N" and [d.dim_value for d in dims[1:]] == [3, 8, 8]
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in graph.model.graph.value_info}
+    assert shapes["a"] == [0, 6, 8, 8]  # inferred afresh (N symbolic), not the exporter's 99 channels
+    with pytest.raises(NotTrainable, match="has dim 3, and the data gives 4"):
+        prepare(model, input_dims={"input": [None, 4, 8, 8]})
