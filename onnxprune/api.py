@@ -17,7 +17,8 @@ from .core.verify import Verification
 from .passes.analyze import Analyze
 from .passes.calibration import CalibrationSettings, LoadCalibration
 from .passes.channels import RemoveChannels
-from .passes.finetune import FineTune, FineTuneSettings
+from .passes.finetune import FineTune, FineTuneSettings, compose_origins, kept_channels_of
+from .passes.iterative import IterativePruning, IterativeSettings
 from .passes.latency import LatencySettings, TargetLatency
 from .passes.layers import LayerSettings, RemoveLayers
 from .passes.measure import Measure, MeasureSettings
@@ -30,16 +31,17 @@ from .settings import checked, combine, stage
 
 # The stages of a prune, in pipeline order; their settings make up PruneOptions.
 STAGES = (InputSettings, CalibrationSettings, LayerSettings, PlanSettings, RecoverySettings, VerifySettings,
-          FineTuneSettings, MeasureSettings, LatencySettings)
+          FineTuneSettings, MeasureSettings, LatencySettings, IterativeSettings)
 
 PruneOptions = combine("PruneOptions", STAGES, doc="""Every option of prune(), one field per setting of its passes:
 InputSettings (input_shapes, seed), CalibrationSettings (calib, image_spec, calib_limit, allow_nonfinite),
 LayerSettings (layers, drop_layers, layer_importance), PlanSettings (filters, neurons, heads, importance,
 round_to, global_rank, exclude, plan, target_macs, target_params, min_keep, sensitivity), RecoverySettings
 (recover), VerifySettings (verify), FineTuneSettings (finetune, val, labels, loss, teacher, temperature,
-kd_alpha, epochs, steps, batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad, batchnorm, train_output,
-train_images, train_limit, checkpoint, resume), MeasureSettings (latency_runs, latency_budget_s), LatencySettings
-(target_latency). Each is declared, with its check and CLI flag, in its pass's file under passes/.""")
+kd_alpha, epochs, steps, batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad, batchnorm, unfold_bn,
+train_output, train_images, train_limit, checkpoint, resume), MeasureSettings (latency_runs, latency_budget_s), LatencySettings
+(target_latency), IterativeSettings (iterative). Each is declared, with its check and CLI flag, in its pass's
+file under passes/.""")
 
 
 @dataclass
@@ -70,6 +72,15 @@ def options_from(options=None, **kwargs):
             and options.target_latency is None:
         raise OptionError("sensitivity", None, "give {target_macs}, {target_params} or {target_latency} to allocate "
                           "with it")
+    if options.iterative > 1:
+        if options.finetune is None:
+            raise OptionError("iterative", options.iterative, "needs {finetune} data: the rounds alternate pruning "
+                              "and fine-tuning")
+        for name in ("layers", "drop_layers", "plan", "target_latency", "checkpoint"):
+            if getattr(options, name) not in (None, 0, 0.0, (), False):
+                raise OptionError("iterative", options.iterative, f"does not combine with {{{name}}}")
+        if options.resume:
+            raise OptionError("iterative", options.iterative, "does not combine with {resume}")
     if options.target_latency is not None and (options.target_macs is not None or options.target_params is not None):
         raise OptionError("target_latency", options.target_latency, "give it, {target_macs} or {target_params}, "
                           "one of them")
@@ -96,7 +107,30 @@ def pruning_pipeline(options) -> Pipeline:
         if finetune.requested:
             raise OptionError("finetune", None, "does not combine with {target_latency} yet")
         return Pipeline([TargetLatency(stage(options, LatencySettings), _latency_step(options))])
+    if options.iterative > 1:
+        return Pipeline([IterativePruning(stage(options, IterativeSettings), *_iterative_steps(options))])
     return Pipeline(passes)
+
+
+def _iterative_steps(options):
+    """The one-shot plan's counts, and one round (prune to counts, fine-tune a share) as prune() runs."""
+    state = {"teacher": options.teacher, "origin": None}
+
+    def plan(model: onnx.ModelProto) -> dict:
+        if state["teacher"] is None:
+            state["teacher"] = model
+        one_shot = prune(model, dataclasses.replace(options, iterative=1, finetune=None, val=None, verify=False,
+                                                    latency_runs=0))
+        return {d.key: (d.group.channels, len(d.removed)) for d in one_shot.plan.decisions}
+
+    def round_(model: onnx.ModelProto, keep: dict, fraction: float):
+        result = prune(model, dataclasses.replace(options, iterative=1, keep_counts=keep, target_macs=None,
+                                                  target_params=None, teacher=state["teacher"],
+                                                  train_fraction=fraction, channel_origin=state["origin"]))
+        state["origin"] = compose_origins(state["origin"], kept_channels_of(result.analysis, result.plan))
+        return result
+
+    return plan, round_
 
 
 def _latency_step(options):
@@ -129,13 +163,16 @@ def run_pruning(model: onnx.ModelProto, options, owned: bool = False) -> PruneRe
         best = pipeline.passes[0].best
         best.report = _ordered(context.report)
         return best
+    if options.iterative > 1:  # the last round's result, with the rounds' report
+        last = pipeline.passes[0].last
+        return PruneResult(result.model, last.plan, last.analysis, last.verification, _ordered(context.report))
     plan = context.plan if context.plan is not None else Plan()  # whole blocks only: no channel plan
     return PruneResult(result.model, plan, context.analysis, context.verification, _ordered(context.report))
 
 
 _REPORT_ORDER = ("tool", "runtime", "criterion", "ratio", "heads_ratio", "neurons_ratio", "calibration",
                  "input_shapes", "notes", "params", "macs", "file_bytes", "latency_ms", "latency_measured",
-                 "verification", "finetune", "groups", "summary", "layers", "recovery", "skipped", "rolled_back",
+                 "verification", "finetune", "iterative", "groups", "summary", "layers", "recovery", "skipped", "rolled_back",
                  "barriers", "seconds")
 
 

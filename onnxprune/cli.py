@@ -24,6 +24,7 @@ from .core.files import STDOUT, RunFiles, write_text
 from .core.progress import showing_progress
 from .passes.calibration import CalibrationSettings
 from .passes.finetune import FineTuneSettings
+from .passes.iterative import IterativeSettings
 from .passes.latency import LatencySettings
 from .passes.layers import LayerSettings
 from .passes.plan import PlanSettings
@@ -110,7 +111,7 @@ def _print_version(ctx, param, value):
 
 # In --help: what to remove first, then how, then the data and inputs it is measured on.
 _PRUNE_FIELDS = cli_settings((PlanSettings, LayerSettings, LatencySettings, RecoverySettings, CalibrationSettings,
-                              FineTuneSettings, InputSettings))
+                              FineTuneSettings, IterativeSettings, InputSettings))
 assert {f.name for f in _PRUNE_FIELDS} == {f.name for f in cli_settings(STAGES)}
 
 
@@ -192,7 +193,7 @@ def _default_checkpoint(given: dict, out_path: Path) -> Path | None:
     """Fine-tuning from the CLI always keeps a checkpoint, so an interrupted run can be resumed:
     in --checkpoint DIR if given (kept), else in OUTPUT.ckpt (removed once the model is written).
     Returns the folder to remove after success, if any."""
-    if given.get("finetune") is None or given.get("checkpoint") is not None:
+    if given.get("finetune") is None or given.get("checkpoint") is not None or given.get("iterative", 1) > 1:
         return None
     folder = out_path.with_name(out_path.name + ".ckpt")
     given["checkpoint"] = folder

@@ -60,6 +60,15 @@ def _optional_loss(name, value):
     return None if value is None else choice(LOSSES)(name, value)
 
 
+UNFOLD_MODES = ("auto", "on", "off")
+
+
+def _unfold_mode(name, value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return choice(UNFOLD_MODES)(name, value)
+
+
 def _teacher(name, value):
     if value is not None and not isinstance(value, (str, Path, onnx.ModelProto)):
         raise OptionError(name, value, "expected a model path or ModelProto")
@@ -108,6 +117,10 @@ class FineTuneSettings:
     batchnorm: str = setting("train", check=choice(BATCHNORM_MODES), cli=Flag(
         "--batchnorm", "train: batch statistics, running statistics updated (as torch trains); frozen: running "
         "statistics fixed, only scale and bias train.", choices=lambda: BATCHNORM_MODES, show_default=True))
+    unfold_bn: str = setting("auto", check=_unfold_mode, cli=Flag(
+        "--unfold-bn", "Train every Conv without a BatchNorm (exporters fold them in) with one after it, folded "
+        "back at the end; auto: with --batchnorm train and batches of 8 or more.", choices=lambda: UNFOLD_MODES,
+        show_default=True))
     train_output: str | None = setting(None, check=optional_text, cli=Flag(
         "--train-output", "The graph output the loss is about (default: the first).", metavar="NAME"))
     train_images: str | None = setting(None, check=optional_text, cli=Flag(
@@ -115,6 +128,10 @@ class FineTuneSettings:
         "--calib-images).", metavar="SPEC"))
     train_limit: int | None = setting(None, check=integer(1, optional=True), cli=Flag(
         "--train-samples", "Use at most N training samples.", metavar="N", parse=int))
+    # Set by iterative pruning for each round, not by users: the share of the epochs this run
+    # trains for, and which of the teacher's channels each channel of the model is.
+    train_fraction: float = setting(1.0)
+    channel_origin: dict | None = setting(None)
     checkpoint: object = setting(None, check=optional_path, cli=Flag(
         "--checkpoint", "Folder for the training state, saved every epoch and on Ctrl-C/SIGTERM.", metavar="DIR",
         parse=Path))
@@ -172,8 +189,10 @@ class FineTune(Pass):
         config = TrainingConfig(loss=s.loss, epochs=s.epochs, steps=s.steps, lr=s.lr, weight_decay=s.weight_decay,
                                 lr_schedule=s.lr_schedule, warmup=s.warmup, clip_grad=s.clip_grad,
                                 temperature=s.temperature, kd_alpha=s.kd_alpha, batchnorm=s.batchnorm,
+                                unfold_bn=s.unfold_bn, fraction=s.train_fraction,
                                 output=s.train_output, seed=seed, checkpoint=s.checkpoint, resume=s.resume)
-        outcome = FineTuner(model, config, teacher).fit(train, val)
+        kept = compose_origins(s.channel_origin, kept_channels(context))
+        outcome = FineTuner(model, config, teacher, kept).fit(train, val)
         outcome.report["teacher"] = None if outcome.report["loss"] == "ce" else (
             str(s.teacher) if isinstance(s.teacher, (str, Path)) else "the original model"
             if s.teacher is None else "given")
@@ -196,3 +215,36 @@ class FineTune(Pass):
                 raise OnnxPruneError(f"the fine-tuned model gives NaN/inf in output {output.name!r}; lower the "
                                      "learning rate")
         log.info("fine-tuned model checked: onnx checker and a finite onnxruntime run")
+
+
+def kept_channels(context: Context) -> dict:
+    """For each tensor the pruning plan shrank along axis 1: which of the original's channels
+    survive (fine-tuning's unfolded BatchNorms restore the original's statistics there)."""
+    return kept_channels_of(context.analysis, context.plan)
+
+
+def kept_channels_of(analysis, plan) -> dict:
+    """kept_channels for an analysis and its plan."""
+    if analysis is None or plan is None or not plan.removed_by_atom():
+        return {}
+    from onnxprune.core.layout import kept_positions
+
+    kept = {atom: np.setdiff1d(np.arange(analysis.atoms.size(atom)), removed)
+            for atom, removed in plan.removed_by_atom().items()}
+    found = {}
+    for tensor, axes in analysis.layouts.items():
+        if 1 in axes:
+            found[tensor] = kept_positions(axes[1], analysis.atoms, kept)
+    return found
+
+
+def compose_origins(origin: dict | None, kept: dict) -> dict:
+    """Channels of the teacher each channel is, after a plan keeping `kept` of a model whose
+    channels were `origin` of the teacher's (None: the model's channels are the teacher's)."""
+    if origin is None:
+        return dict(kept)
+    composed = dict(origin)
+    for tensor, indices in kept.items():
+        base = origin.get(tensor)
+        composed[tensor] = indices if base is None else base[indices]
+    return composed

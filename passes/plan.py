@@ -89,6 +89,8 @@ class PlanSettings:
     min_keep: float = setting(0.25, check=min_fraction, cli=Flag(
         "--min-keep", "With a target: every group keeps at least this fraction of its channels.", metavar="R",
         parse=float, show_default=True))
+    # {group key: channels to keep}: set by iterative pruning for each round, not by users
+    keep_counts: dict | None = setting(None)
     sensitivity: object = setting(None, check=_curves, cli=Flag(
         "--sensitivity", "With a target: per-group ratios from curves written by `onnxprune sensitivity --table "
         "FILE.json`.", metavar="FILE.json", parse=Path, reads=True))
@@ -131,11 +133,12 @@ class PlanChannels(Pass):
             context.plan = plan_from_json(analysis, s.plan)
         else:
             crit, notes = self._criterion(context)
-            if s.target_macs is not None or s.target_params is not None:
+            if (s.target_macs is not None or s.target_params is not None) and s.keep_counts is None:
                 context.plan = self._target_plan(context, crit)
             else:
                 context.plan = make_plan(analysis, s.filters, crit, round_to=s.round_to, global_rank=s.global_rank,
-                                         exclude=s.exclude, heads=s.heads, neurons=s.neurons)
+                                         exclude=s.exclude, heads=s.heads, neurons=s.neurons,
+                                         keep_counts=s.keep_counts)
             context.plan.notes[:0] = notes
         context.notes.extend(context.plan.notes)
         report = {"criterion": context.plan.criterion, "ratio": s.filters, "heads_ratio": s.heads,

@@ -23,9 +23,11 @@ def _keep_count(channels: int, remove: int, round_to: int) -> int:
 
 def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: int = 1,
               global_rank: bool = False, exclude=(), heads: float | None = None,
-              neurons: float | None = None) -> Plan:
+              neurons: float | None = None, keep_counts: dict[str, int] | None = None) -> Plan:
     """`ratio` applies to every group; `neurons` (Gemm/MatMul hidden units) and `heads`
-    (whole attention heads), when given, override it for their kind of group."""
+    (whole attention heads), when given, override it for their kind of group. `keep_counts`
+    ({group key: channels to keep}) replaces all of that: each listed group keeps that many of
+    its best channels, the others keep all (iterative pruning's rounds)."""
     for option, value in (("filters", ratio), ("heads", heads), ("neurons", neurons)):
         if value is not None and not 0.0 <= value < 1.0:
             raise OptionError(option, value, "must be in [0, 1)")
@@ -42,6 +44,9 @@ def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: in
     counts = {g.id: math.floor(group_ratio(g) * g.channels) for g in groups}
     if global_rank:  # the global ranking covers the groups that --filters governs
         counts.update(_global_counts([g for g in groups if override.get(g.kind) is None], scores, ratio))
+    if keep_counts is not None:
+        counts = {g.id: max(0, g.channels - keep_counts.get(group_key(analysis, g), g.channels)) for g in groups}
+        round_to = 1  # the counts already are what the rounds lead to
     for g in groups:
         keep = _keep_count(g.channels, counts[g.id], round_to)
         order = np.argsort(scores[g.id], kind="stable")

@@ -68,21 +68,39 @@ class TrainingGraph:
     running_stats: list[str] = field(default_factory=list)  # BatchNorm means and variances
     lowered: dict = field(default_factory=dict)  # op type -> nodes lowered
     notes: list = field(default_factory=list)
+    # BatchNorms inserted for training after Convs that had none: folded back into them
+    unfolded: list[UnfoldedBatchNorm] = field(default_factory=list)
 
     @property
     def written_back(self) -> list[str]:
-        """Tensors whose trained values go back into the model."""
+        """Tensors whose trained values go back into the model (or are folded into it)."""
         return self.trainable + [name for name in self.running_stats if name not in self.trainable]
 
 
+@dataclass(frozen=True)
+class UnfoldedBatchNorm:
+    """A BatchNormalization put after a Conv for training (scale, bias, mean, var names)."""
+
+    conv_output: str
+    weight: str
+    bias: str | None
+    scale: str
+    shift: str
+    mean: str
+    var: str
+    epsilon: float = 1e-5
+
+
 def prepare(model: onnx.ModelProto, output: str | None = None, logits: bool = True,
-            batchnorm: str = "train", input_dims: dict | None = None) -> TrainingGraph:
+            batchnorm: str = "train", input_dims: dict | None = None,
+            unfold: dict[str, tuple] | None = None) -> TrainingGraph:
     """The training copy of `model`; `output` names the graph output the loss is about (default:
     the first that depends on weights). With `logits`, a Softmax/LogSoftmax output is traced
     back to its input, the logits that cross-entropy and distillation read. `input_dims` fixes
     graph input dims on the copy ({input: [dim or None to leave it]}): onnxruntime-training
     builds some gradients wrongly, or crashes, when dims it could know are symbolic (measured
-    on Paddle exports with dynamic image sizes)."""
+    on Paddle exports with dynamic image sizes). `unfold` maps Conv outputs to per-channel
+    statistics: each gets a BatchNorm for training (see _unfold_batchnorms)."""
     if batchnorm not in BATCHNORM_MODES:
         raise OnnxPruneError(f"batchnorm {batchnorm!r}: choose from {', '.join(BATCHNORM_MODES)}")
     _refuse_untrainable(model)
@@ -104,6 +122,7 @@ def prepare(model: onnx.ModelProto, output: str | None = None, logits: bool = Tr
     except Exception as exc:  # onnx raises its own error types from C++
         raise NotTrainable(f"shape inference fails on the training copy ({str(exc).splitlines()[0]})") from None
     _complete_outputs(copy)
+    unfolded = _unfold_batchnorms(copy, unfold) if unfold else []
     running = _batchnorm(copy, batchnorm)
     copy, lowered, unlowered = lower(copy)
     if chosen is None:  # the first output that depends on weights (exporters pass inputs through, too)
@@ -134,7 +153,9 @@ def prepare(model: onnx.ModelProto, output: str | None = None, logits: bool = Tr
     if not trainable:
         raise NotTrainable(f"no float weights reach output {output!r} through differentiable ops: nothing to train")
     constants = [name for name in constants if name in trainable]  # the others are not written back
-    return TrainingGraph(copy, trainable, frozen, output, loss_input, constants, running, lowered, notes)
+    if unfolded:
+        notes.append(f"{len(unfolded)} Conv(s) trained with a BatchNorm after them, folded back into their weights")
+    return TrainingGraph(copy, trainable, frozen, output, loss_input, constants, running, lowered, notes, unfolded)
 
 
 def _fix_input_dims(model: onnx.ModelProto, input_dims: dict) -> None:
@@ -208,6 +229,68 @@ def _constants_to_initializers(model: onnx.ModelProto) -> list[str]:
         del model.graph.node[:]
         model.graph.node.extend(kept)
     return made
+
+
+def convs_without_batchnorm(model: onnx.ModelProto) -> list[str]:
+    """Outputs of Convs (weights as initializers or Constants) that no BatchNormalization reads:
+    where an exporter folded one, or where there was none."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    filters = {i.name: (list(i.dims) or [1])[0] for i in model.graph.initializer}
+    filters.update({n.output[0]: (list(n.attribute[0].t.dims) or [1])[0] for n in model.graph.node
+                    if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    found = []
+    for node in model.graph.node:
+        # a single-channel Conv is left alone: its BatchNorm's scale would be a scalar, never trained
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or filters.get(node.input[1], 0) < 2:
+            continue
+        readers = consumers.get(node.output[0], [])
+        if any(r.op_type == "BatchNormalization" for r in readers):
+            continue
+        if node.output[0] in {o.name for o in model.graph.output}:
+            continue
+        found.append(node.output[0])
+    return found
+
+
+def _unfold_batchnorms(model: onnx.ModelProto, stats: dict) -> list[UnfoldedBatchNorm]:
+    """Put a BatchNormalization after each Conv named in `stats` ({output: ((mean, var) measured
+    there, (mean, var) to restore)}): running statistics are the measured ones, scale and shift
+    the standard deviation and mean to restore (equal to the measured ones, it gives back its
+    input). Trained with batch statistics, it conditions the Conv as its folded-away BatchNorm
+    did; at the end it is folded back."""
+    producers = {n.output[0]: n for n in model.graph.node if n.output}
+    eps = 1e-5
+    added, new_nodes = [], {}
+    for output, ((mean, var), (target_mean, target_var)) in stats.items():
+        conv = producers.get(output)
+        if conv is None or conv.op_type != "Conv":
+            continue
+        base = f"onnxprune_unfolded/{output}"
+        pre = f"{base}/conv"
+        conv.output[0] = pre
+        var = np.maximum(np.asarray(var, np.float64), 1e-6)
+        target_var = np.maximum(np.asarray(target_var, np.float64), 1e-6)
+        values = {"scale": np.sqrt(target_var + eps), "shift": np.asarray(target_mean), "mean": np.asarray(mean),
+                  "var": var}
+        for key, value in values.items():
+            model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), f"{base}/{key}"))
+        bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+        new_nodes[pre] = helper.make_node("BatchNormalization", [pre] + [f"{base}/{k}" for k in values], [output],
+                                          name=f"{base}/BatchNormalization", epsilon=eps)
+        added.append(UnfoldedBatchNorm(output, conv.input[1], bias, f"{base}/scale", f"{base}/shift",
+                                       f"{base}/mean", f"{base}/var", eps))
+    if added:
+        ordered = []
+        for node in model.graph.node:
+            ordered.append(node)
+            if node.output and node.output[0] in new_nodes:
+                ordered.append(new_nodes[node.output[0]])
+        del model.graph.node[:]
+        model.graph.node.extend(ordered)
+    return added
 
 
 def _complete_outputs(model: onnx.ModelProto) -> None:

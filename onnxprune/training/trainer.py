@@ -36,7 +36,7 @@ from ..core.progress import log, progress_bar
 from ..core.runtime import import_training_api
 from .data import GivenBatches, TrainingData
 from .losses import LABELS_INPUT, TEACHER_INPUT, LossSpec, loss_block, loss_terms
-from .prepare import MAX_IR, NotTrainable, TrainingGraph, prepare
+from .prepare import MAX_IR, NotTrainable, TrainingGraph, convs_without_batchnorm, prepare
 from .schedule import learning_rate
 
 
@@ -53,6 +53,10 @@ class TrainingConfig:
     temperature: float = 2.0
     kd_alpha: float = 0.5
     batchnorm: str = "train"  # or "frozen"
+    # train Convs without a BatchNorm with one, folded back at the end: "on", "off", or "auto"
+    # (on with batchnorm "train" and batches of at least UNFOLD_MIN_BATCH)
+    unfold_bn: str = "off"
+    fraction: float = 1.0  # train for this share of the epochs' steps (iterative pruning's rounds)
     output: str | None = None  # the graph output the loss is about; None: the first
     seed: int = 0
     checkpoint: Path | None = None
@@ -83,11 +87,17 @@ class FineTuneOutcome:
     history: list = field(default_factory=list)
 
 
+UNFOLD_MIN_BATCH = 8
+
+
 class FineTuner:
-    def __init__(self, model: onnx.ModelProto, config: TrainingConfig, teacher: onnx.ModelProto | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, config: TrainingConfig, teacher: onnx.ModelProto | None = None,
+                 kept_channels: dict[str, np.ndarray] | None = None) -> None:
         self.model = model
         self.config = config
         self.teacher = teacher
+        # tensor -> the teacher's channels each of the model's channels is (a pruning plan's survivors)
+        self.kept_channels = kept_channels or {}
         self._stop = None  # the signal that asked to stop
 
     # -- the run ----------------------------------------------------------------------------------
@@ -103,10 +113,12 @@ class FineTuner:
             raise OnnxPruneError(f"{val.description}: the validation samples have dims {val.sample_dims()}, the "
                                  f"training samples {dims}; they must match")
 
+        unfold, unfold_note = self._unfold(train)
+
         def build(batch: int | None) -> TrainingGraph:
             input_dims = {name: [batch, *d] for name, d in dims.items()} if dims else None
             return prepare(self.model, config.output, logits=logits, batchnorm=config.batchnorm,
-                           input_dims=input_dims)
+                           input_dims=input_dims, unfold=unfold)
 
         graph = build(None)
         teacher = _Teacher(self.teacher, graph.loss_input if logits else graph.output) \
@@ -146,7 +158,7 @@ class FineTuner:
         report = outcome.report
         report.update(loss=kind, output=graph.output, loss_input=graph.loss_input, lowered=graph.lowered,
                       batchnorm=config.batchnorm, seconds=round(time.perf_counter() - started, 2))
-        report["notes"] = graph.notes + train.notes + notes + report.get("notes", [])
+        report["notes"] = graph.notes + train.notes + notes + unfold_note + report.get("notes", [])
         return outcome
 
     def _generate_and_probe(self, artifacts_api, graph, spec, artifacts: Path, feed: dict, train: TrainingData,
@@ -173,6 +185,46 @@ class FineTuner:
             except NotTrainable:
                 raise first from None
             return static, batch
+
+    def _unfold(self, train: TrainingData) -> tuple[dict | None, list[str]]:
+        """The statistics for unfolded BatchNorms, if they are wanted, and a note when auto left them out."""
+        mode, config = self.config.unfold_bn, self.config
+        if mode == "off":
+            return None, []
+        batch = train.batch_size or (train.uniform_batch() if isinstance(train, GivenBatches) else None) or 0
+        if mode == "auto" and (config.batchnorm != "train" or batch < UNFOLD_MIN_BATCH):
+            if convs_without_batchnorm(self.model) and config.batchnorm == "train":
+                return None, [f"BatchNorms not unfolded for training: batches of {batch} are too small for batch "
+                              f"statistics (unfold_bn on forces it)"]
+            return None, []
+        return self._conv_statistics(train), []
+
+    def _conv_statistics(self, train: TrainingData, samples: int = 256) -> dict:
+        """For every Conv output without a BatchNorm: the per-channel mean and variance the
+        unfolded BatchNorm normalises with (this model's, over the first `samples` training
+        samples), and the mean and variance it restores: the teacher's at the same channels
+        when there is a teacher whose channels are known (the BatchNorm then starts where the
+        pruned model's folded one would have put the activations back), else this model's own
+        (it starts as the identity)."""
+        if self.config.batchnorm != "train":
+            raise OnnxPruneError("unfold_bn: unfolded BatchNorms train on batch statistics; use batchnorm 'train'")
+        outputs = convs_without_batchnorm(self.model)
+        if not outputs:
+            return {}
+        own = _channel_moments(self.model, outputs, train, self.config.seed, samples)
+        target = dict(own)
+        if self.teacher is not None:
+            produced = {o for n in self.teacher.graph.node for o in n.output}
+            known = [name for name in outputs if name in produced]
+            if known:
+                theirs = _channel_moments(self.teacher, known, train, self.config.seed, samples)
+                for name, (mean, var) in theirs.items():
+                    keep = self.kept_channels.get(name)
+                    if keep is None and len(mean) == len(own[name][0]):
+                        keep = np.arange(len(mean))
+                    if keep is not None and len(keep) == len(own[name][0]):
+                        target[name] = (mean[keep], var[keep])
+        return {name: (own[name], target[name]) for name in outputs}
 
     def _ordered_feed(self, spec: LossSpec, teacher, feed: dict, labels) -> dict:
         values = dict(feed)
@@ -280,6 +332,8 @@ class _Run:
         per_epoch = train.batches_per_epoch()
         self.per_epoch = per_epoch
         total = per_epoch * self.config.epochs if per_epoch is not None else None
+        if total is not None and self.config.fraction < 1.0:
+            total = max(1, math.ceil(total * self.config.fraction))
         if self.config.steps is not None:
             total = min(total, self.config.steps) if total is not None else self.config.steps
         self.total = total
@@ -513,6 +567,32 @@ class _Run:
         raise SystemExit(128 + signum)
 
 
+def _channel_moments(model: onnx.ModelProto, outputs: list[str], data: TrainingData, seed: int,
+                     samples: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (axis 1) mean and variance of `outputs` over the first `samples` samples."""
+    for name in outputs:
+        model = _with_output(model, name)
+    session = _session(model, outputs[0])
+    sums: dict[str, list] = {}
+    seen = 0
+    for feed, _ in data.epoch(0, seed, shuffle=False):
+        for name, value in zip(outputs, session.run(outputs, feed)):
+            axes = (0,) + tuple(range(2, value.ndim))
+            value = value.astype(np.float64)
+            total = sums.setdefault(name, [0.0, 0.0, 0.0])
+            total[0] += value.sum(axis=axes)
+            total[1] += (value ** 2).sum(axis=axes)
+            total[2] += value.size / value.shape[1]
+        seen += len(next(iter(feed.values())))
+        if seen >= samples:
+            break
+    moments = {}
+    for name, (first, second, count) in sums.items():
+        mean = first / count
+        moments[name] = (mean, np.maximum(second / count - mean ** 2, 0.0))
+    return moments
+
+
 def _chunks(feed: dict, labels, size: int | None):
     """The batch in pieces of at most `size` samples (None: whole)."""
     n = len(next(iter(feed.values())))
@@ -715,10 +795,26 @@ def _artifact_error(exc: Exception, model: onnx.ModelProto) -> str:
 
 
 def write_back(model: onnx.ModelProto, weights: dict[str, np.ndarray], graph: TrainingGraph) -> onnx.ModelProto:
-    """A copy of `model` with the trained values in its initializers and Constant nodes."""
+    """A copy of `model` with the trained values in its initializers and Constant nodes, and the
+    BatchNorms put in for training folded into their Convs (a Conv without a bias gets one)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     remaining = dict(weights)
+    folded = {}
+    for unfolded in graph.unfolded:
+        scale, shift, mean, var = (remaining.pop(name).astype(np.float64) for name in
+                                   (unfolded.scale, unfolded.shift, unfolded.mean, unfolded.var))
+        gain = scale / np.sqrt(var + unfolded.epsilon)
+        weight = remaining.get(unfolded.weight)
+        if weight is None:  # not trained (frozen): fold into the value the model holds
+            weight = _value(out, unfolded.weight)
+        bias = remaining.get(unfolded.bias) if unfolded.bias else None
+        if bias is None:
+            bias = _value(out, unfolded.bias) if unfolded.bias else np.zeros_like(mean)
+        remaining[unfolded.weight] = weight * gain.reshape(-1, *([1] * (weight.ndim - 1))).astype(weight.dtype)
+        folded[unfolded] = ((bias.astype(np.float64) - mean) * gain + shift).astype(np.float32)
+        if unfolded.bias:
+            remaining[unfolded.bias] = folded[unfolded]
     for init in out.graph.initializer:
         if init.name in remaining:
             value = remaining.pop(init.name)
@@ -730,7 +826,28 @@ def write_back(model: onnx.ModelProto, weights: dict[str, np.ndarray], graph: Tr
             tensor = node.attribute[0].t
             node.attribute[0].t.CopyFrom(numpy_helper.from_array(value.astype(np.float32).reshape(tuple(tensor.dims)),
                                                                  tensor.name))
+    for unfolded, bias in folded.items():
+        if unfolded.bias:
+            continue
+        conv = next(n for n in out.graph.node if n.op_type == "Conv" and n.output[0] == unfolded.conv_output)
+        name = f"{unfolded.conv_output}_bias"
+        while name in {i.name for i in out.graph.initializer}:
+            name += "_"
+        out.graph.initializer.append(numpy_helper.from_array(bias, name))
+        if len(conv.input) < 3:
+            conv.input.append(name)
+        else:
+            conv.input[2] = name
     if remaining:
         raise OnnxPruneError(f"trained weights {sorted(remaining)[:3]} have no place in the model (a bug)")
     return out
 
+
+def _value(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return numpy_helper.to_array(node.attribute[0].t)
+    raise OnnxPruneError(f"no weight {name!r} in the model (a bug)")

@@ -294,3 +294,95 @@ def test_graphs_that_need_a_fixed_batch_train_at_one(tmp_path, monkeypatch):
     assert static["before"]["samples"] == 50
     assert static["before"]["loss"] == pytest.approx(dynamic["before"]["loss"], rel=1e-5)
     assert static["before"]["accuracy"] == dynamic["before"]["accuracy"]
+
+
+FOLDED = """
+g (float[N,3,8,8] input) => (float[N,4] logits) {
+  a = Conv <kernel_shape=[3,3], pads=[1,1,1,1]> (input, W1, B1)
+  r = Relu(a)
+  c = Conv <kernel_shape=[1,1], group=2> (r, W2)
+  s = Relu(c)
+  p = GlobalAveragePool(s)
+  f = Flatten(p)
+  logits = Gemm <transB=1> (f, W3, B3)
+}"""
+
+
+def folded_cnn():
+    return text_model(FOLDED, {"W1": (8, 3, 3, 3), "B1": (8,), "W2": (6, 4, 1, 1), "W3": (4, 6), "B3": (4,)})
+
+
+def test_unfolded_batchnorms_fold_back(tmp_path):
+    model = folded_cnn()
+    train, val = task(tmp_path)
+    untouched = onnxprune.finetune(model, train, val=val, unfold_bn=True, epochs=0)
+    assert any("2 Conv(s) trained with a BatchNorm" in n for n in untouched.report["notes"])
+    x = np.random.default_rng(1).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    # the inserted BatchNorms start as the identity: folded back untrained, the function is the same
+    np.testing.assert_allclose(run(untouched.model, x), run(model, x), rtol=1e-4, atol=1e-5)
+    tuned = onnxprune.finetune(model, train, val=val, unfold_bn=True, epochs=2, lr=1e-2, batch_size=16)
+    report = tuned.report["finetune"]
+    assert report["after"]["accuracy"] > report["before"]["accuracy"]
+    # the same nodes as before; the Conv that had no bias has one now
+    assert [n.op_type for n in tuned.model.graph.node] == [n.op_type for n in model.graph.node]
+    assert len(tuned.model.graph.node[2].input) == 3
+    # what the report measured on the validation data is what the folded model computes
+    data = np.load(val)
+    logits = run(tuned.model, data["input"])
+    assert (logits.argmax(1) == data["labels"]).mean() == pytest.approx(report["after"]["accuracy"])
+
+
+def test_unfolded_batchnorms_restore_the_originals_statistics(tmp_path):
+    model = folded_cnn()
+    for init in model.graph.initializer:  # channels 3 and 7 dead (one channel of each conv group)
+        if init.name in ("W1", "B1"):
+            value = numpy_helper.to_array(init).copy()
+            value[[3, 7]] = 0
+            init.CopyFrom(numpy_helper.from_array(value, init.name))
+    train, _ = task(tmp_path)
+    x = np.random.default_rng(2).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    # the kept channels carry the original's statistics: untrained, the unfolded BatchNorms are
+    # the identity, and the planted model stays exact
+    planted = onnxprune.prune(model, filters=0.25, neurons=0.0, finetune=train, unfold_bn=True, epochs=0)
+    assert planted.report["summary"]["channels_removed"] == 1  # one channel per group of the grouped conv
+    np.testing.assert_allclose(run(planted.model, x), run(model, x), rtol=1e-4, atol=1e-5)
+    # pruning live channels shifts the statistics; the BatchNorms start by restoring the original's
+    # at the channels that stay (measured on the first 256 training samples)
+    lossy = onnxprune.prune(folded_cnn(), filters=0.5, neurons=0.0, finetune=train, unfold_bn=True, epochs=0)
+    conv1 = next(d for d in lossy.plan.decisions if d.group.channels == 4)
+    kept = np.setdiff1d(np.arange(4), conv1.removed)
+    kept = np.concatenate([kept, kept + 4])  # the grouped conv's two halves lose the same channels
+    data = np.load(train)["input"][:256]
+
+    def conv1_moments(m, channels=None):  # the first Conv's output, "a"
+        probe = onnx.ModelProto.FromString(m.SerializeToString())
+        probe.graph.output.append(onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, None))
+        import onnxruntime as ort
+
+        value = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            ["a"], {"input": data})[0]
+        value = value if channels is None else value[:, channels]
+        return value.mean(axis=(0, 2, 3)), value.var(axis=(0, 2, 3))
+
+    want, got = conv1_moments(folded_cnn(), kept), conv1_moments(lossy.model)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-3, atol=1e-4)
+
+
+def test_iterative_pruning_reaches_the_one_shot_counts(tmp_path):
+    model = cnn()
+    train, val = task(tmp_path)
+    one_shot = onnxprune.prune(model, filters=0.5, neurons=0.0, finetune=train, val=val, epochs=2, lr=1e-2,
+                               batch_size=16)
+    rounds = onnxprune.prune(model, filters=0.5, neurons=0.0, finetune=train, val=val, epochs=2, lr=1e-2,
+                             batch_size=16, iterative=2, loss="kd")
+    report = rounds.report["iterative"]["rounds"]
+    assert [r["round"] for r in report] == [1, 2] and report[0]["channels_removed"] == 2
+    assert report[1]["channels_removed"] == 4
+    # the same structure as one shot, the original measured as "before", the training split in two
+    assert rounds.report["params"] == one_shot.report["params"]
+    assert sum(r["steps"] for r in report) == one_shot.report["finetune"]["steps"]
+    assert [n.op_type for n in rounds.model.graph.node] == [n.op_type for n in one_shot.model.graph.node]
+    assert rounds.report["finetune"]["teacher"] == "given"  # the original model, handed to every round
+    with pytest.raises(onnxprune.OptionError, match="iterative.*finetune"):
+        onnxprune.prune(model, filters=0.5, iterative=2)

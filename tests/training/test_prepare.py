@@ -256,3 +256,47 @@ def test_input_dims_are_fixed_and_stale_shapes_dropped():
     assert shapes["a"] == [0, 6, 8, 8]  # inferred afresh (N symbolic), not the exporter's 99 channels
     with pytest.raises(NotTrainable, match="has dim 3, and the data gives 4"):
         prepare(model, input_dims={"input": [None, 4, 8, 8]})
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "onnxprune", *map(str, args)], capture_output=True, text=True,
+                          check=False)
+
+
+def test_fine_tuning_options_are_checked_before_any_work(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(cnn(), model)
+    np.savez(tmp_path / "d.npz", input=np.zeros((4, 3, 8, 8), np.float32), labels=np.zeros(4, np.int64))
+    cases = [
+        (["--filters", "0.3", "--iterative", "2"], "--iterative 2: needs --finetune data"),
+        (["--filters", "0.3", "--val", tmp_path / "d.npz"], "applies to fine-tuning: give --finetune DATA"),
+        (["--filters", "0.3", "--finetune", tmp_path / "d.npz", "--lr", "0"], "--lr 0.0: must be a positive number"),
+        (["--filters", "0.3", "--finetune", tmp_path / "d.npz", "--unfold-bn", "maybe"], "--unfold-bn"),
+        (["--filters", "0.3", "--finetune", tmp_path / "d.npz", "--iterative", "2", "--checkpoint", tmp_path / "c"],
+         "--iterative 2: does not combine with --checkpoint"),
+    ]
+    for args, message in cases:
+        done = _cli(model, *args, "-o", tmp_path / "out.onnx")
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.onnx").exists()
+
+
+def test_finetune_command_help_and_missing_flavour(tmp_path):
+    help_text = _cli("finetune", "--help").stdout
+    for flag in ("--data", "--loss", "--teacher", "--unfold-bn", "--checkpoint", "--resume", "--lr-schedule"):
+        assert flag in help_text
+    assert "--iterative" in _cli("--help").stdout
+    try:
+        import onnxruntime.training  # noqa: F401
+        return  # the training flavour is installed here: the next check is for the others
+    except ImportError:
+        pass
+    model = tmp_path / "m.onnx"
+    onnx.save(cnn(), model)
+    np.savez(tmp_path / "d.npz", input=np.zeros((4, 3, 8, 8), np.float32), labels=np.zeros(4, np.int64))
+    done = _cli("finetune", model, "--data", tmp_path / "d.npz")
+    assert done.returncode == 2 and "onnxprune[training]" in done.stderr
+    assert not (tmp_path / "m.finetuned.onnx").exists() and not (tmp_path / "m.finetuned.onnx.ckpt").exists()
