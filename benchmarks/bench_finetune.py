@@ -7,6 +7,11 @@ Needs both environments: this script runs in the main one (torch), and runs onnx
 in the training environment (`--training-python`, default .venv-training/bin/python).
 
     .venv/bin/python benchmarks/bench_finetune.py [--ratios 0.5,0.7] [--epochs 1] [--no-write]
+    .venv/bin/python benchmarks/bench_finetune.py --schedules [--ratios 0.7] [--epochs 2]
+
+--schedules compares, on the ONNX side only, one-shot pruning with iterative (K rounds),
+iterative with rewinding (lottery ticket) and gradual (cubic masks) at the same final channels
+and the same total epochs; results in benchmarks/results/finetune_schedules.json.
 
 Data: Fashion-MNIST from the Debian package (benchmarks/fashion_mnist.py); the first 55,000
 training images train, the last 5,000 validate (the best epoch is kept, the untrained weights
@@ -273,6 +278,63 @@ def run(ratios, epochs: int, python: str, limit: int | None = None) -> dict:
             "original": original, "epochs": epochs, "rows": rows}
 
 
+SCHEDULES = (("one-shot", ()), ("iterative K=2", ("--iterative", "2")), ("iterative K=4", ("--iterative", "4")),
+             ("iterative K=2, rewind", ("--iterative", "2", "--rewind")), ("gradual, cubic", ("--schedule", "cubic")))
+SCHEDULE_RESULTS = ROOT / "benchmarks" / "results" / "finetune_schedules.json"
+SCHEDULE_SECTION = "## Fine-tuning schedules: one-shot, iterative, lottery-ticket rewind, gradual"
+
+
+def run_schedules(ratios, epochs: int, python: str, limit: int | None = None) -> dict:
+    images, labels = fm.load("train")
+    test = fm.load("t10k")
+    train, val = (images[:55000], labels[:55000]), (images[55000:], labels[55000:])
+    if limit:
+        train, val = (train[0][:limit], train[1][:limit]), (val[0][:limit // 10], val[1][:limit // 10])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        folded = work / "fashion_folded.onnx"
+        export_folded(torch_net_from_onnx(fm.trained_cnn()), folded)
+        train_npz, val_npz = work / "train.npz", work / "val.npz"
+        np.savez(train_npz, images=train[0], labels=train[1])
+        np.savez(val_npz, images=val[0], labels=val[1])
+        for ratio in ratios:
+            for name, extra in SCHEDULES:
+                print(f"ratio {ratio}: {name} ...", file=sys.stderr)
+                side = onnx_side(python, folded, ratio, train_npz, val_npz, epochs, work,
+                                 ("--unfold-bn", "off", *extra))
+                rows.append({"ratio": ratio, "schedule": name, "accuracy": fm.accuracy(side["model"], *test),
+                             "params": side["report"]["params"]["after"], "wall_s": round(side["wall_s"], 1)})
+    return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "epochs": epochs, "rows": rows}
+
+
+def render_schedules(results: dict) -> str:
+    lines = [SCHEDULE_SECTION + f" ({results['date']})", "",
+             f"Machine: {results['machine']}. `benchmarks/bench_finetune.py --schedules`; results in "
+             "`benchmarks/results/finetune_schedules.json`.", "",
+             "The same BatchNorm-folded Fashion-MNIST CNN and data as above, pruned to the same channels (`--filters "
+             f"R`, l2) with {results['epochs']} epochs of fine-tuning in all (batch {BATCH}, AdamW lr {LR:g}), "
+             "`--unfold-bn off` in every row (gradual pruning does not combine with it yet). One-shot: remove, then "
+             "train. Iterative: K rounds, each removing the next share of every group's channels (chosen again on "
+             "the model the round before trained) and training for 1/K of the epochs. Rewind: the same rounds, "
+             "each training the original cut to the channels chosen so far, from the original's weights "
+             "(lottery ticket). Gradual: channels masked during training on the cubic schedule (all by 3/4 of the "
+             "steps), then removed. Test accuracy on 10,000 images; wall time of the whole CLI run.", "",
+             "| filters removed | schedule | params kept | test accuracy | wall s |", "|---|---|---|---|---|"]
+    for row in results["rows"]:
+        lines.append(f"| {row['ratio']:g} | {row['schedule']} | {row['params']} | {row['accuracy']:.4f} | "
+                     f"{row['wall_s']} |")
+    best = []
+    for ratio in sorted({row["ratio"] for row in results["rows"]}):
+        rows = sorted((r for r in results["rows"] if r["ratio"] == ratio), key=lambda r: -r["accuracy"])
+        best.append(f"at {ratio:g}, {rows[0]['schedule']} ({rows[0]['accuracy']:.4f}, then {rows[1]['schedule']} "
+                    f"{rows[1]['accuracy']:.4f})")
+    lines += ["", "Best: " + "; ".join(best) + ". Under the staged schedules the final structure gets only "
+              "part of the training budget (a likely reason, not measured apart); on this network and budget the "
+              "measurement favours one-shot pruning."]
+    return "\n".join(lines + [""])
+
+
 def render(results: dict) -> str:
     lines = [SECTION + f" ({results['date']})", "",
              f"Machine: {results['machine']}. `benchmarks/bench_finetune.py`; results in "
@@ -285,15 +347,17 @@ def render(results: dict) -> str:
              "validation images kept). Torch: the same network with BatchNorm unfolded, the same channels removed "
              f"(read from onnxprune's plan), the same training (torch {results['torch']}, BatchNorm in training "
              "mode). Accuracy on the 10,000 test images.", "",
-             "| filters removed | widths kept | MACs | pruned, no training | onnxprune, --unfold-bn off | torch, folded | "
-             "onnxprune, --unfold-bn on | torch, BN unfolded | step ms: ORT-training off / on, torch BN |",
+             "| filters removed | widths kept | MACs | pruned, no training | onnxprune, --unfold-bn off "
+             "| torch, folded | onnxprune, --unfold-bn on | torch, BN unfolded "
+             "| step ms: ORT-training off / on, torch BN |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         o, u, t, tf = row["onnx"], row["onnx_unfolded"], row["torch"], row["torch_folded"]
         widths = "/".join(str(v) for v in row["widths"].values())
         macs = o["macs"]["after"] / o["macs"]["before"]
         lines.append(f"| {row['ratio']:g} | {widths} | {macs:.2f} | {o['pruned']:.4f} | {o['finetuned']:.4f} "
-                     f"(epoch {o['best_epoch']} kept) | {tf['finetuned']:.4f} | {u['finetuned']:.4f} (epoch {u['best_epoch']} kept) | "
+                     f"(epoch {o['best_epoch']} kept) | {tf['finetuned']:.4f} | {u['finetuned']:.4f} "
+                     f"(epoch {u['best_epoch']} kept) | "
                      f"{t['finetuned']:.4f} (epoch {t['best_epoch']} kept) | "
                      f"{o['step_ms']:.1f} / {u['step_ms']:.1f} / {t['step_ms']:.1f} |")
     lines += ["", "Both sides start from the same pruned network (torch's, BatchNorm kept, before training: "
@@ -308,11 +372,11 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
+def write_doc(text: str, section: str = SECTION) -> None:
     doc = DOC.read_text()
-    start = doc.find(SECTION)
+    start = doc.find(section)
     if start >= 0:
-        end = doc.find("\n## ", start + len(SECTION))
+        end = doc.find("\n## ", start + len(section))
         doc = doc[:start] + text + (doc[end + 1:] if end >= 0 else "")
     else:
         doc = doc.rstrip() + "\n\n" + text
@@ -325,9 +389,24 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--training-python", default=str(ROOT / ".venv-training" / "bin" / "python"))
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--limit", type=int, help="train on this many images only (checks the script; implies --no-write)")
+    parser.add_argument("--limit", type=int,
+                        help="train on this many images only (checks the script; implies --no-write)")
     parser.add_argument("--render", action="store_true", help="rewrite the doc section from the saved results")
+    parser.add_argument("--schedules", action="store_true", help="compare one-shot, iterative, rewind and gradual")
     args = parser.parse_args()
+    if args.schedules:
+        if args.render:
+            results = json.loads(SCHEDULE_RESULTS.read_text())
+        else:
+            ratios = [float(r) for r in args.ratios.split(",")]
+            results = run_schedules(ratios, args.epochs, args.training_python, args.limit)
+            args.no_write = args.no_write or bool(args.limit)
+            if not args.no_write:
+                SCHEDULE_RESULTS.write_text(json.dumps(results, indent=1))
+        print(render_schedules(results))
+        if not args.no_write:
+            write_doc(render_schedules(results), SCHEDULE_SECTION)
+        return
     if args.render:
         results = json.loads(RESULTS.read_text())
     else:

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .core.dependency import Analysis
@@ -18,6 +19,7 @@ from .passes.analyze import Analyze
 from .passes.calibration import CalibrationSettings, LoadCalibration
 from .passes.channels import RemoveChannels
 from .passes.finetune import FineTune, FineTuneSettings, compose_origins, kept_channels_of
+from .passes.gradual import GradualPruning, GradualSettings
 from .passes.iterative import IterativePruning, IterativeSettings
 from .passes.latency import LatencySettings, TargetLatency
 from .passes.layers import LayerSettings, RemoveLayers
@@ -31,7 +33,7 @@ from .settings import checked, combine, stage
 
 # The stages of a prune, in pipeline order; their settings make up PruneOptions.
 STAGES = (InputSettings, CalibrationSettings, LayerSettings, PlanSettings, RecoverySettings, VerifySettings,
-          FineTuneSettings, MeasureSettings, LatencySettings, IterativeSettings)
+          FineTuneSettings, MeasureSettings, LatencySettings, IterativeSettings, GradualSettings)
 
 PruneOptions = combine("PruneOptions", STAGES, doc="""Every option of prune(), one field per setting of its passes:
 InputSettings (input_shapes, seed), CalibrationSettings (calib, image_spec, calib_limit, allow_nonfinite),
@@ -39,9 +41,9 @@ LayerSettings (layers, drop_layers, layer_importance), PlanSettings (filters, ne
 round_to, global_rank, exclude, plan, target_macs, target_params, min_keep, sensitivity), RecoverySettings
 (recover), VerifySettings (verify), FineTuneSettings (finetune, val, labels, loss, teacher, temperature,
 kd_alpha, epochs, steps, batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad, batchnorm, unfold_bn,
-train_output, train_images, train_limit, checkpoint, resume), MeasureSettings (latency_runs, latency_budget_s), LatencySettings
-(target_latency), IterativeSettings (iterative). Each is declared, with its check and CLI flag, in its pass's
-file under passes/.""")
+train_output, train_images, train_limit, checkpoint, resume), MeasureSettings (latency_runs, latency_budget_s),
+LatencySettings (target_latency), IterativeSettings (iterative, rewind), GradualSettings (schedule). Each is
+declared, with its check and CLI flag, in its pass's file under passes/.""")
 
 
 @dataclass
@@ -72,6 +74,13 @@ def options_from(options=None, **kwargs):
             and options.target_latency is None:
         raise OptionError("sensitivity", None, "give {target_macs}, {target_params} or {target_latency} to allocate "
                           "with it")
+    if options.schedule != "oneshot":
+        if options.finetune is None:
+            raise OptionError("schedule", options.schedule, "needs {finetune} data: channels are masked during "
+                              "fine-tuning")
+        for name in ("layers", "drop_layers", "plan", "target_latency", "recover", "iterative"):
+            if getattr(options, name) not in (None, 0, 0.0, (), False, 1):
+                raise OptionError("schedule", options.schedule, f"does not combine with {{{name}}} yet")
     if options.iterative > 1:
         if options.finetune is None:
             raise OptionError("iterative", options.iterative, "needs {finetune} data: the rounds alternate pruning "
@@ -81,6 +90,8 @@ def options_from(options=None, **kwargs):
                 raise OptionError("iterative", options.iterative, f"does not combine with {{{name}}}")
         if options.resume:
             raise OptionError("iterative", options.iterative, "does not combine with {resume}")
+    elif options.rewind:
+        raise OptionError("rewind", True, "applies to {iterative} rounds (give K > 1)")
     if options.target_latency is not None and (options.target_macs is not None or options.target_params is not None):
         raise OptionError("target_latency", options.target_latency, "give it, {target_macs} or {target_params}, "
                           "one of them")
@@ -94,14 +105,19 @@ def pruning_pipeline(options) -> Pipeline:
     if layer_settings.requested:
         passes.append(RemoveLayers(layer_settings))
     channels = plan_settings.channels_requested or not layer_settings.requested
+    gradual = options.schedule == "cubic"
     if channels:
         passes += [Analyze(heads=plan_settings.heads_mode), Recover(stage(options, RecoverySettings)),
-                   PlanChannels(plan_settings), RemoveChannels()]
+                   PlanChannels(plan_settings)]
+        if gradual:
+            passes.append(GradualPruning(stage(options, FineTuneSettings), image_spec=options.image_spec))
+        passes.append(RemoveChannels())
     passes.append(Verify(stage(options, VerifySettings)))
     finetune = stage(options, FineTuneSettings)
     if finetune.requested:
         FineTune.check_runtime()
-        passes.append(FineTune(finetune, image_spec=options.image_spec))
+        if not gradual:
+            passes.append(FineTune(finetune, image_spec=options.image_spec))
     passes.append(Measure(stage(options, MeasureSettings), options))
     if options.target_latency is not None:
         if finetune.requested:
@@ -119,16 +135,42 @@ def _iterative_steps(options):
     def plan(model: onnx.ModelProto) -> dict:
         if state["teacher"] is None:
             state["teacher"] = model
-        one_shot = prune(model, dataclasses.replace(options, iterative=1, finetune=None, val=None, verify=False,
-                                                    latency_runs=0))
+        one_shot = prune(model, dataclasses.replace(options, iterative=1, rewind=False, finetune=None, val=None,
+                                                    verify=False, latency_runs=0))
+        state["channels"] = {d.key: d.group.channels for d in one_shot.plan.decisions}
         return {d.key: (d.group.channels, len(d.removed)) for d in one_shot.plan.decisions}
 
     def round_(model: onnx.ModelProto, keep: dict, fraction: float):
-        result = prune(model, dataclasses.replace(options, iterative=1, keep_counts=keep, target_macs=None,
-                                                  target_params=None, teacher=state["teacher"],
-                                                  train_fraction=fraction, channel_origin=state["origin"]))
+        base = dataclasses.replace(options, iterative=1, rewind=False, keep_counts=keep, target_macs=None,
+                                   target_params=None, teacher=state["teacher"], train_fraction=fraction)
+        if options.rewind:
+            return named_teacher(rewound_round(model, base))
+        result = prune(model, dataclasses.replace(base, channel_origin=state["origin"]))
         state["origin"] = compose_origins(state["origin"], kept_channels_of(result.analysis, result.plan))
+        return named_teacher(result)
+
+    def named_teacher(result):
+        """The rounds are handed the original as their teacher: say so as a single run would."""
+        finetune = result.report.get("finetune")
+        if options.teacher is None and finetune and finetune.get("teacher") == "given":
+            finetune["teacher"] = "the original model"
         return result
+
+    def rewound_round(model: onnx.ModelProto, base):
+        """Choose this round's channels on `model`, then cut all channels chosen so far from the
+        original and fine-tune that: the survivors start from the original's weights."""
+        chosen = prune(model, dataclasses.replace(base, finetune=None, val=None, teacher=None, verify=False,
+                                                  latency_runs=0))
+        kept = state.setdefault("kept", {})  # group key -> the original's channels still there
+        for decision in chosen.plan.decisions:
+            before = kept.get(decision.key, np.arange(state["channels"][decision.key]))
+            kept[decision.key] = np.delete(before, decision.removed)
+        plan = {"format": "onnxprune-plan/1", "criterion": chosen.plan.criterion, "heads": options.heads is not None,
+                "groups": [{"key": key, "channels": state["channels"][key],
+                            "removed": [int(i) for i in np.setdiff1d(np.arange(state["channels"][key]), survivors)]}
+                           for key, survivors in kept.items() if len(survivors) < state["channels"][key]]}
+        return prune(state["teacher"], dataclasses.replace(base, plan=plan, keep_counts=None, filters=0.0,
+                                                           neurons=None, heads=None))
 
     return plan, round_
 
@@ -172,8 +214,8 @@ def run_pruning(model: onnx.ModelProto, options, owned: bool = False) -> PruneRe
 
 _REPORT_ORDER = ("tool", "runtime", "criterion", "ratio", "heads_ratio", "neurons_ratio", "calibration",
                  "input_shapes", "notes", "params", "macs", "file_bytes", "latency_ms", "latency_measured",
-                 "verification", "finetune", "iterative", "groups", "summary", "layers", "recovery", "skipped", "rolled_back",
-                 "barriers", "seconds")
+                 "verification", "finetune", "iterative", "gradual", "groups", "summary", "layers", "recovery",
+                 "skipped", "rolled_back", "barriers", "seconds")
 
 
 def _ordered(report: dict) -> dict:

@@ -24,6 +24,7 @@ from .core.files import STDOUT, RunFiles, write_text
 from .core.progress import showing_progress
 from .passes.calibration import CalibrationSettings
 from .passes.finetune import FineTuneSettings
+from .passes.gradual import GradualSettings
 from .passes.iterative import IterativeSettings
 from .passes.latency import LatencySettings
 from .passes.layers import LayerSettings
@@ -111,7 +112,7 @@ def _print_version(ctx, param, value):
 
 # In --help: what to remove first, then how, then the data and inputs it is measured on.
 _PRUNE_FIELDS = cli_settings((PlanSettings, LayerSettings, LatencySettings, RecoverySettings, CalibrationSettings,
-                              FineTuneSettings, IterativeSettings, InputSettings))
+                              FineTuneSettings, IterativeSettings, GradualSettings, InputSettings))
 assert {f.name for f in _PRUNE_FIELDS} == {f.name for f in cli_settings(STAGES)}
 
 

@@ -154,10 +154,12 @@ class FineTuneSettings:
 class FineTune(Pass):
     name = "finetune"
 
-    def __init__(self, settings: FineTuneSettings, image_spec: str | None = None, seed: int | None = None) -> None:
+    def __init__(self, settings: FineTuneSettings, image_spec: str | None = None, seed: int | None = None,
+                 masker=None) -> None:
         self.settings = settings
         self.image_spec = settings.train_images or image_spec
         self.seed = seed
+        self.masker = masker  # gradual pruning's channel masks (passes/gradual.py)
 
     def requires(self, model, context: Context) -> None:
         if self.settings.finetune is None:
@@ -192,7 +194,7 @@ class FineTune(Pass):
                                 unfold_bn=s.unfold_bn, fraction=s.train_fraction,
                                 output=s.train_output, seed=seed, checkpoint=s.checkpoint, resume=s.resume)
         kept = compose_origins(s.channel_origin, kept_channels(context))
-        outcome = FineTuner(model, config, teacher, kept).fit(train, val)
+        outcome = FineTuner(model, config, teacher, kept, masker=self.masker).fit(train, val)
         outcome.report["teacher"] = None if outcome.report["loss"] == "ce" else (
             str(s.teacher) if isinstance(s.teacher, (str, Path)) else "the original model"
             if s.teacher is None else "given")

@@ -6,6 +6,11 @@ first k/K of that, per group, choosing the channels again on the model the previ
 fine-tuned (importance changes as the network adapts), then fine-tunes for 1/K of the
 epochs. The result has exactly the one-shot plan's channel counts. Whole-block removal
 (--layers) is not iterated.
+
+With `rewind` (the lottery ticket, as Frankle & Carbin's rewinding): each round still chooses
+the channels on the model the previous round fine-tuned, but the network it fine-tunes is the
+original one cut to all channels chosen so far, its surviving weights rewound to the
+original's, not the fine-tuned survivors.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import onnx
 
 from onnxprune.core.errors import OptionError
 from onnxprune.pipeline import Context, Pass, PassResult
-from onnxprune.settings import Flag, integer, setting
+from onnxprune.settings import Flag, integer, setting, switch
 
 
 @dataclass
@@ -26,6 +31,9 @@ class IterativeSettings:
     iterative: int = setting(1, check=integer(1, 100), cli=Flag(
         "--iterative", "Reach the ratio in K rounds of prune + fine-tune (--epochs split between them).",
         metavar="K", parse=int, show_default=True))
+    rewind: bool = setting(False, check=switch, cli=Flag(
+        "--rewind", "With --iterative: each round rewinds the surviving weights to the original's before "
+        "fine-tuning (lottery ticket).", is_flag=True))
 
 
 class IterativePruning(Pass):
@@ -37,6 +45,7 @@ class IterativePruning(Pass):
 
     def __init__(self, settings: IterativeSettings, plan: Callable, round_: Callable) -> None:
         self.rounds = settings.iterative
+        self.rewind = settings.rewind
         self.plan, self.round = plan, round_
         self.last = None  # the last round's result
 
@@ -51,8 +60,9 @@ class IterativePruning(Pass):
             result = self.round(current, keep, 1.0 / self.rounds)
             first = first or result.report
             tuned = result.report.get("finetune") or {}
-            rounds.append({"round": k, "channels_removed": sum(c - n for (c, _), n in zip(final.values(), keep.values())),
-                           "params": result.report["params"]["after"], "after": tuned.get("after"),
+            removed = sum(channels - kept for (channels, _), kept in zip(final.values(), keep.values()))
+            rounds.append({"round": k, "channels_removed": removed, "params": result.report["params"]["after"],
+                           "after": tuned.get("after"),
                            "before": tuned.get("before"), "steps": tuned.get("steps")})
             current = result.model
             self.last = result
@@ -60,7 +70,8 @@ class IterativePruning(Pass):
         for key in ("params", "macs", "file_bytes", "latency_ms"):  # before: the original, as round 1 measured it
             if key in report and key in first:
                 report[key] = {**report[key], "before": first[key]["before"]}
-        report["iterative"] = {"rounds": rounds, "seconds": round(time.perf_counter() - started, 2)}
+        report["iterative"] = {"rounds": rounds, "rewind": self.rewind,
+                               "seconds": round(time.perf_counter() - started, 2)}
         report["notes"] = list(report.get("notes", [])) + [
             f"iterative: {self.rounds} rounds of prune + fine-tune to the one-shot plan's channel counts"]
         return PassResult(current, report)

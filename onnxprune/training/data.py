@@ -93,9 +93,43 @@ class ArrayData(TrainingData):
             labels = self.labels[take] if self.labels is not None else None
             yield self._conform(feed, labels, f"{self.description} (batch {batch + 1})")
 
-
     def sample_dims(self) -> dict[str, tuple]:
         return {name: tuple(array.shape[1:]) for name, array in self.arrays.items()}
+
+
+class BlockData(TrainingData):
+    """Blocks of arrays whose samples differ in dims (token sequences of different lengths, one
+    .npz per length): every batch comes from one block; the batches of all blocks are shuffled
+    together each epoch."""
+
+    def __init__(self, blocks: list[ArrayData], description: str) -> None:
+        first = blocks[0]
+        notes = [note for block in blocks for note in block.notes]
+        super().__init__(first.inputs, description, first.has_labels, sum(b.samples for b in blocks),
+                         first.batch_size, notes)
+        self.blocks = blocks
+
+    def batches_per_epoch(self) -> int:
+        for block in self.blocks:
+            block.drop_last = self.drop_last
+        return sum(block.batches_per_epoch() for block in self.blocks)
+
+    def epoch(self, number: int, seed: int, shuffle: bool = True):
+        self.batches_per_epoch()  # hands drop_last on
+        batches = [(index, batch) for index, block in enumerate(self.blocks)
+                   for batch in range(block.batches_per_epoch())]
+        if shuffle:
+            batches = [batches[i] for i in np.random.default_rng([seed, number, 1]).permutation(len(batches))]
+        streams = [block.epoch(number, seed, shuffle) for block in self.blocks]
+        cached: dict[int, list] = {}
+        for index, _ in batches:  # each block's batches come in its own order; blocks interleave
+            pending = cached.setdefault(index, [])
+            if not pending:
+                pending.append(next(streams[index]))
+            yield pending.pop()
+
+    def sample_dims(self) -> None:
+        return None
 
 
 class ImageData(TrainingData):
@@ -282,18 +316,28 @@ def _arrays(inputs, files: list[Path], labels_key: str, description: str, batch_
                     label_parts.append(npz[labels_key])
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise OnnxPruneError(f"{file}: not a readable .npz file ({first_line(exc)})") from None
-    arrays = {}
     for spec in inputs:
         rank = None if spec.dims is None else len(spec.dims)
         for part, file in zip(parts[spec.name], files):
             if rank is not None and part.ndim != rank:
                 raise OnnxPruneError(f"{file}: input {spec.name!r} is {spec.describe()}: expected samples stacked on "
                                      f"axis 0 (rank {rank}), got shape {list(part.shape)}")
-        arrays[spec.name] = np.concatenate(parts[spec.name]) if len(files) > 1 else parts[spec.name][0]
-    label_array = None
-    if with_labels:
-        label_array = np.concatenate(label_parts) if len(label_parts) > 1 else label_parts[0]
-    if limit:
-        arrays = {name: a[:limit] for name, a in arrays.items()}
-        label_array = label_array[:limit] if label_array is not None else None
-    return ArrayData(inputs, arrays, label_array, description, batch_size)
+    # files whose samples have the same dims are joined; different dims make separate blocks
+    by_dims: dict[tuple, list[int]] = {}
+    for index in range(len(files)):
+        by_dims.setdefault(tuple(parts[spec.name][index].shape[1:] for spec in inputs), []).append(index)
+    blocks, left = [], limit
+    for indices in by_dims.values():
+        arrays = {spec.name: np.concatenate([parts[spec.name][i] for i in indices]) for spec in inputs}
+        label_array = np.concatenate([label_parts[i] for i in indices]) if with_labels else None
+        if left is not None:
+            arrays = {name: a[:left] for name, a in arrays.items()}
+            label_array = label_array[:left] if label_array is not None else None
+            left -= len(next(iter(arrays.values())))
+        if len(next(iter(arrays.values()))):
+            blocks.append(ArrayData(inputs, arrays, label_array, description, batch_size))
+        if left is not None and left <= 0:
+            break
+    if len(blocks) == 1:
+        return blocks[0]
+    return BlockData(blocks, f"{description}, {len(blocks)} sample shapes")

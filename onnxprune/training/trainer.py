@@ -92,12 +92,15 @@ UNFOLD_MIN_BATCH = 8
 
 class FineTuner:
     def __init__(self, model: onnx.ModelProto, config: TrainingConfig, teacher: onnx.ModelProto | None = None,
-                 kept_channels: dict[str, np.ndarray] | None = None) -> None:
+                 kept_channels: dict[str, np.ndarray] | None = None, masker=None) -> None:
         self.model = model
+        # gradual pruning's ChannelMasker (masks.py): channels held at zero, growing on a schedule
+        self.masker = masker
         self.config = config
         self.teacher = teacher
         # tensor -> the teacher's channels each of the model's channels is (a pruning plan's survivors)
         self.kept_channels = kept_channels or {}
+        self.mse_on_labels = False  # set with the loss: mse against labels (no teacher to match)
         self._stop = None  # the signal that asked to stop
 
     # -- the run ----------------------------------------------------------------------------------
@@ -362,9 +365,11 @@ class _Run:
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> FineTuneOutcome:
         config = self.config
+        masker = self.tuner.masker
+        updates = set(masker.schedule(self.total or 0)) if masker is not None else set()
         if self.before is None:
             self.before = self.evaluate()
-            if self.before is not None:  # the weights as they came compete too: fine-tuning may not help
+            if self.before is not None and masker is None:  # the weights as they came compete too
                 self.best = {"epoch": 0, "score": self.before.score(), "metrics": self.before.to_json(),
                              "weights": self._weights()}
         self.module.train()
@@ -380,6 +385,10 @@ class _Run:
                         if self.total is not None and self.step >= self.total:
                             break
                         loss = self._step(feed, labels)
+                        if masker is not None:
+                            if self.step in updates:
+                                masker.update(self.step, self.total, self.state.parameters)
+                            masker.apply(self.state.parameters)
                         losses.append(loss)
                         self.batch = index + 1
                         bar.update(1)
@@ -421,7 +430,10 @@ class _Run:
         if self.val_data is not None:
             metrics = self.evaluate()
             entry["val"] = metrics.to_json()
-            if self.best is None or metrics.score() > self.best["score"]:
+            if self.tuner.masker is not None:  # masks grow: only the last weights have all of them
+                self.best = {"epoch": self.epoch + 1, "score": metrics.score(), "metrics": metrics.to_json(),
+                             "weights": None}
+            elif self.best is None or metrics.score() > self.best["score"]:
                 self.best = {"epoch": self.epoch + 1, "score": metrics.score(), "metrics": metrics.to_json(),
                              "weights": self._weights()}
             self.module.train()
@@ -467,7 +479,8 @@ class _Run:
         return {name: np.array(params[name].data, copy=True) for name in self.graph.written_back}
 
     def _finish(self) -> FineTuneOutcome:
-        chosen = self.best["weights"] if self.best is not None else self._weights()
+        chosen = self.best["weights"] if self.best is not None and self.best["weights"] is not None \
+            else self._weights()
         model = write_back(self.tuner.model, chosen, self.graph)
         report = {
             "steps": self.step, "epochs": len(self.history), "batch_size": self.train_data.batch_size or None,
@@ -508,9 +521,10 @@ class _Run:
                     "before": self.before.to_json() if self.before else None,
                     "best": None if self.best is None else {k: v for k, v in self.best.items() if k != "weights"},
                     "step_seconds": self.step_seconds, "samples_seen": self.samples_seen,
-                    "epoch_losses": self.epoch_losses}
+                    "epoch_losses": self.epoch_losses,
+                    "masks": None if self.tuner.masker is None else self.tuner.masker.removed()}
         (staging / "progress.json").write_text(json.dumps(progress))
-        if self.best is not None:
+        if self.best is not None and self.best["weights"] is not None:
             np.savez(staging / "best.npz", **{f"w{i}": v for i, v in enumerate(self.best["weights"].values())})
         final = self.state_dir / name
         shutil.rmtree(final, ignore_errors=True)
@@ -529,9 +543,14 @@ class _Run:
         self.epoch_losses = list(saved["epoch_losses"])
         self.before = Metrics(**saved["before"]) if saved.get("before") else None
         if saved.get("best") is not None:
-            with np.load(saved["path"] / "best.npz") as npz:
-                weights = {name: npz[f"w{i}"] for i, name in enumerate(self.graph.written_back)}
+            weights = None
+            if (saved["path"] / "best.npz").exists():
+                with np.load(saved["path"] / "best.npz") as npz:
+                    weights = {name: npz[f"w{i}"] for i, name in enumerate(self.graph.written_back)}
             self.best = {**saved["best"], "score": tuple(saved["best"]["score"]), "weights": weights}
+        if saved.get("masks") is not None and self.tuner.masker is not None:
+            for key, channels in saved["masks"].items():
+                self.tuner.masker.masked[key] = np.asarray(channels, np.int64)
         self.resumed_from = self.step
         log.info("fine-tuning resumed at step %d (epoch %d, batch %d)", self.step, self.epoch + 1, self.batch)
 

@@ -63,7 +63,9 @@ def test_frozen_batchnorm_is_its_affine_map():
     assert "BatchNormalization" not in {n.op_type for n in graph.model.graph.node}
     assert {"S", "Bb"} <= set(graph.trainable) and {"M", "V"} <= set(graph.frozen)
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+
     for a, b in zip(run(graph.model), run(model)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -300,3 +302,20 @@ def test_finetune_command_help_and_missing_flavour(tmp_path):
     done = _cli("finetune", model, "--data", tmp_path / "d.npz")
     assert done.returncode == 2 and "onnxprune[training]" in done.stderr
     assert not (tmp_path / "m.finetuned.onnx").exists() and not (tmp_path / "m.finetuned.onnx.ckpt").exists()
+
+
+def test_token_files_of_different_lengths_make_blocks(tmp_path):
+    model = text_model("""
+    g (int64[N,S] ids) => (float[N,S,4] y) {
+      y = Gather(E, ids)
+    }""", {"E": (10, 4)})
+    for length, count in ((5, 3), (7, 2), (5, 1)):
+        np.savez(tmp_path / f"len{length}_{count}.npz", ids=np.full((count, length), length, np.int64))
+    data = load_training_data(tmp_path, model, batch_size=2)
+    assert data.samples == 6 and data.sample_dims() is None
+    assert data.batches_per_epoch() == 3  # the four length-5 samples in 2 batches, the two length-7 ones in 1
+    for epoch in range(3):
+        batches = list(data.epoch(epoch, seed=0))
+        assert len(batches) == 3
+        assert sorted(f["ids"].shape for f, _ in batches) == [(2, 5), (2, 5), (2, 7)]
+        assert all(len(set(f["ids"].ravel())) == 1 for f, _ in batches)  # never a mixed batch

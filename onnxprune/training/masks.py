@@ -1,0 +1,105 @@
+"""Gradual pruning: channels masked during training, on Zhu & Gupta's cubic schedule.
+
+A masked channel has every weight coupled to it (producer filters, biases, normalisation
+scale and shift, consumers' input weights) held at zero after every optimizer step, variances
+and divisors at one, as planted-dead channels are in the tests. At the end such a channel
+carries nothing, and removing it physically leaves the function as it is.
+
+The number of masked channels of a group follows the cubic schedule: at step t of a ramp of T
+steps, the fraction of the final count is 1 - (1 - t/T)^3, updated `updates` times over the
+ramp; each update masks, among the group's unmasked channels, those whose producer weights
+have the smallest L2 norm now. Masks only grow.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..core.dependency import Analysis, Group
+from ..core.plan import candidate_groups, group_key
+
+NEUTRAL = {"bn_var": 1.0, "divisor": 1.0}  # roles whose neutral value is one, not zero
+
+
+def cubic_fraction(step: int, ramp: int) -> float:
+    """Share of the final sparsity reached after `step` of `ramp` steps."""
+    if ramp <= 0:
+        return 1.0
+    progress = min(1.0, max(0.0, step / ramp))
+    return 1.0 - (1.0 - progress) ** 3
+
+
+class ChannelMasker:
+    """Masks for the groups of `analysis` (of the model being trained: its tensor names are the
+    training copy's parameter names), growing to `final` ({group key: channels removed})."""
+
+    def __init__(self, analysis: Analysis, final: dict[str, int], ramp_fraction: float = 0.75,
+                 updates: int = 20) -> None:
+        groups, _ = candidate_groups(analysis)
+        self.analysis = analysis
+        self.groups: dict[str, Group] = {group_key(analysis, g): g for g in groups
+                                          if final.get(group_key(analysis, g), 0) > 0}
+        self.final = {key: final[key] for key in self.groups}
+        self.masked: dict[str, np.ndarray] = {key: np.zeros(0, np.int64) for key in self.groups}
+        self.ramp_fraction = ramp_fraction
+        self.updates = updates
+        self.history: list[dict] = []
+        self.unwritable: set[str] = set()  # coupled tensors that are not parameters of the training graph
+
+    def schedule(self, total: int) -> list[int]:
+        """The steps after which masks grow (the last one reaches the final counts)."""
+        ramp = max(1, int(total * self.ramp_fraction))
+        every = max(1, math.ceil(ramp / self.updates))
+        return sorted({min(ramp, s) for s in range(every, ramp + every, every)})
+
+    def update(self, step: int, total: int, parameters) -> None:
+        """Grow the masks to where the schedule is after `step`, by current producer norms."""
+        ramp = max(1, int(total * self.ramp_fraction))
+        share = cubic_fraction(step, ramp)
+        for key, group in self.groups.items():
+            wanted = min(self.final[key], math.ceil(self.final[key] * share - 1e-9))
+            have = self.masked[key]
+            if wanted <= len(have):
+                continue
+            scores = self._producer_norms(group, parameters)
+            scores[have] = np.inf
+            extra = np.argsort(scores, kind="stable")[: wanted - len(have)]
+            self.masked[key] = np.sort(np.concatenate([have, extra]))
+        self.history.append({"step": step, "masked": int(sum(len(m) for m in self.masked.values()))})
+
+    def apply(self, parameters) -> None:
+        """Hold every masked channel's coupled weights at their neutral values."""
+        edits: dict[str, np.ndarray] = {}
+        for key, group in self.groups.items():
+            channels = self.masked[key]
+            if not len(channels):
+                continue
+            for att in group.members:
+                name = att.tensor.name
+                if name not in parameters:
+                    self.unwritable.add(name)
+                    continue
+                value = edits.get(name)
+                if value is None:
+                    value = edits[name] = np.array(parameters[name].data, copy=True)
+                index = [slice(None)] * value.ndim
+                index[att.axis] = self.analysis.channel_index(att, group, channels)
+                value[tuple(index)] = NEUTRAL.get(att.role, 0.0)
+        for name, value in edits.items():
+            parameters[name] = value
+
+    def _producer_norms(self, group: Group, parameters) -> np.ndarray:
+        total = np.zeros(group.channels)
+        for att in group.members:
+            if att.role != "weight_out" or att.tensor.name not in parameters:
+                continue
+            value = np.asarray(parameters[att.tensor.name].data, np.float64)
+            moved = np.moveaxis(value, att.axis, 0)
+            for channel in range(group.channels):
+                rows = self.analysis.channel_index(att, group, np.array([channel]))
+                total[channel] += float((moved[rows] ** 2).sum())
+        return total
+
+    def removed(self) -> dict[str, list[int]]:
+        return {key: [int(i) for i in channels] for key, channels in self.masked.items() if len(channels)}

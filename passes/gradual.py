@@ -1,0 +1,81 @@
+"""Gradual pruning: the plan's channels are not cut at once but masked during fine-tuning, more
+and more on the cubic schedule (onnxprune/training/masks.py), then removed physically.
+
+In the pipeline it takes the place of channel removal's first half: after planning (which
+gives every group's final count), it fine-tunes the unpruned model with growing masks, chosen
+again by weight norm at each update, then analyses the trained model and leaves the plan of
+the masked channels for channel removal. Those channels carry nothing by then, so removing
+them changes nothing: what verification checks afterwards is the trained model's function.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from onnxprune.core.dependency import analyze, with_input_shapes
+from onnxprune.core.errors import OnnxPruneError
+from onnxprune.core.graph import Graph
+from onnxprune.core.plan import plan_from_removed
+from onnxprune.core.shapes import complete_shapes
+from onnxprune.pipeline import Context, Pass, PassResult, require
+from onnxprune.settings import Flag, choice, setting
+
+from .finetune import FineTune, FineTuneSettings
+
+SCHEDULES = ("oneshot", "cubic")
+
+
+@dataclass
+class GradualSettings:
+    schedule: str = setting("oneshot", check=choice(SCHEDULES), cli=Flag(
+        "--schedule", "oneshot: remove the channels, then fine-tune; cubic: mask them during fine-tuning, more and "
+        "more on Zhu & Gupta's cubic schedule (full by 3/4 of the steps), and remove them at the end.",
+        choices=lambda: SCHEDULES, show_default=True))
+
+
+class GradualPruning(Pass):
+    name = "gradual"
+
+    def __init__(self, finetune: FineTuneSettings, image_spec: str | None = None) -> None:
+        self.finetune = finetune
+        self.image_spec = image_spec
+
+    def requires(self, model, context: Context) -> None:
+        require(context.plan is not None and context.analysis is not None, self.name, "a plan")
+        FineTune.check_runtime()
+
+    def run(self, model: onnx.ModelProto, context: Context) -> PassResult:
+        from onnxprune.training.masks import ChannelMasker
+
+        final = {d.key: len(d.removed) for d in context.plan.decisions if len(d.removed)}
+        if not final:
+            raise OnnxPruneError("schedule cubic: the plan removes nothing to mask")
+        working = context.analysis.graph.model  # the unpruned model the plan was made on (shapes fixed as asked)
+        masker = ChannelMasker(context.analysis, final)
+        settings = self.finetune
+        if settings.unfold_bn == "on":
+            raise OnnxPruneError("schedule cubic: masked channels and unfolded BatchNorms do not mix yet; "
+                                 "use unfold_bn off")
+        settings = _replace(settings, unfold_bn="off")
+        tuned = FineTune(settings, image_spec=self.image_spec, masker=masker)
+        result = tuned(working, context)
+        trained = result.model
+        if masker.unwritable:
+            context.notes.append(f"gradual: {len(masker.unwritable)} coupled tensor(s) are not trained parameters "
+                                 "and were not masked; removing the channels may change the output a little")
+        # the trained model, analysed afresh (same groups, same keys), with the masked channels as the plan
+        analysed = complete_shapes(with_input_shapes(trained, context.input_shapes, copy=True))
+        context.analysis = analyze(Graph(analysed), heads=context.analysis.heads)
+        plan = plan_from_removed(context.analysis, masker.removed())
+        plan.criterion, plan.notes = context.plan.criterion, context.plan.notes
+        context.plan = plan
+        report = {"gradual": {"schedule": "cubic", "updates": masker.history,
+                              "masked": {key: len(v) for key, v in masker.removed().items()}}}
+        return PassResult(analysed, report)
+
+
+def _replace(settings: FineTuneSettings, **changes) -> FineTuneSettings:
+    import dataclasses
+
+    return dataclasses.replace(settings, **changes)
