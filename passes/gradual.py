@@ -9,6 +9,7 @@ them changes nothing: what verification checks afterwards is the trained model's
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import onnx
@@ -57,7 +58,7 @@ class GradualPruning(Pass):
         if settings.unfold_bn == "on":
             raise OnnxPruneError("schedule cubic: masked channels and unfolded BatchNorms do not mix yet; "
                                  "use unfold_bn off")
-        settings = _replace(settings, unfold_bn="off")
+        settings = dataclasses.replace(settings, unfold_bn="off")
         tuned = FineTune(settings, image_spec=self.image_spec, masker=masker)
         result = tuned(working, context)
         trained = result.model
@@ -74,8 +75,3 @@ class GradualPruning(Pass):
                               "masked": {key: len(v) for key, v in masker.removed().items()}}}
         return PassResult(analysed, report)
 
-
-def _replace(settings: FineTuneSettings, **changes) -> FineTuneSettings:
-    import dataclasses
-
-    return dataclasses.replace(settings, **changes)
