@@ -186,8 +186,15 @@ class FineTune(Pass):
         teacher = s.teacher
         if isinstance(teacher, (str, Path)):
             teacher = load_model(teacher)
-        if teacher is None:
-            teacher = context.reference
+        if teacher is None and context.reference is not None:
+            # the unpruned model as the user's interface has it: --input-shape fixed its dims for
+            # the analysis only, and training batches need not have those dims
+            from onnxprune.core.shapes import restore_interface
+
+            teacher = onnx.ModelProto()
+            teacher.CopyFrom(context.reference)
+            restore_interface(teacher, context.interface, False)
+            del teacher.graph.value_info[:]
         config = TrainingConfig(loss=s.loss, epochs=s.epochs, steps=s.steps, lr=s.lr, weight_decay=s.weight_decay,
                                 lr_schedule=s.lr_schedule, warmup=s.warmup, clip_grad=s.clip_grad,
                                 temperature=s.temperature, kd_alpha=s.kd_alpha, batchnorm=s.batchnorm,

@@ -652,7 +652,11 @@ class _Teacher:
         self._last = None
 
     def __call__(self, feed: dict) -> np.ndarray:
-        value = self.session.run([self.tensor], feed)[0]
+        try:
+            value = self.session.run([self.tensor], feed)[0]
+        except Exception as exc:  # onnxruntime's own error types
+            raise OnnxPruneError(f"the teacher model does not run on the training data ({_ort_message(str(exc))})") \
+                from None
         self._last = (id(feed), value)
         return value.astype(np.float32)
 
@@ -688,7 +692,12 @@ def _with_output(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
 
 
 def _forward(model: onnx.ModelProto, tensor: str, feed: dict) -> np.ndarray:
-    return _session(model, tensor).run([tensor], feed)[0]
+    try:
+        return _session(model, tensor).run([tensor], feed)[0]
+    except OnnxPruneError:
+        raise
+    except Exception as exc:  # onnxruntime's own error types
+        raise OnnxPruneError(f"the model does not run on the training data ({_ort_message(str(exc))})") from None
 
 
 def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -452,3 +452,14 @@ def test_interrupted_gradual_pruning_resumes_with_its_masks(tmp_path, monkeypatc
     resumed = onnxprune.prune(model, **options, checkpoint=tmp_path / "b", resume=True)
     for name, value in weights(straight.model).items():
         np.testing.assert_allclose(weights(resumed.model)[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_input_shape_fixes_dims_for_the_analysis_only(tmp_path):
+    # --input-shape pins the batch at 1 for pruning; the teacher and the pruned model still take
+    # training batches of 16, as the user's model does
+    model = cnn()
+    train, val = task(tmp_path)
+    result = onnxprune.prune(model, filters=0.5, input_shapes={"input": [1, 3, 8, 8]}, finetune=train, val=val,
+                             loss="kd", epochs=1, lr=1e-2, batch_size=16)
+    assert result.report["finetune"]["steps"] == 15
+    assert result.model.graph.input[0] == model.graph.input[0]
