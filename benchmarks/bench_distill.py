@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 import calibration_data as cd  # noqa: E402
-from machine_info import machine  # noqa: E402
+from machine_info import machine, write_section  # noqa: E402
 from real_fidelity import MINILM, TOKEN_OUTPUT, cosine, mean_pool, minilm_tokenizer  # noqa: E402
 from real_models import fetch  # noqa: E402
 
@@ -109,17 +109,6 @@ def render(results: dict) -> str:
     return "\n".join(lines + [""])
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text()
-    start = doc.find(SECTION)
-    if start >= 0:
-        end = doc.find("\n## ", start + len(SECTION))
-        doc = doc[:start] + text + (doc[end + 1:] if end >= 0 else "")
-    else:
-        doc = doc.rstrip() + "\n\n" + text
-    DOC.write_text(doc)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=8)
@@ -133,7 +122,7 @@ def main() -> None:
         RESULTS.write_text(json.dumps(results, indent=1))
     print(render(results))
     if not args.no_write:
-        write_doc(render(results))
+        write_section(DOC, SECTION, render(results))
 
 
 if __name__ == "__main__":

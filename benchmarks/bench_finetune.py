@@ -35,7 +35,7 @@ from onnx import numpy_helper
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import fashion_mnist as fm  # noqa: E402
-from machine_info import machine  # noqa: E402
+from machine_info import machine, write_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "finetune.json"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -372,17 +372,6 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(text: str, section: str = SECTION) -> None:
-    doc = DOC.read_text()
-    start = doc.find(section)
-    if start >= 0:
-        end = doc.find("\n## ", start + len(section))
-        doc = doc[:start] + text + (doc[end + 1:] if end >= 0 else "")
-    else:
-        doc = doc.rstrip() + "\n\n" + text
-    DOC.write_text(doc)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ratios", default="0.5,0.7")
@@ -405,7 +394,7 @@ def main() -> None:
                 SCHEDULE_RESULTS.write_text(json.dumps(results, indent=1))
         print(render_schedules(results))
         if not args.no_write:
-            write_doc(render_schedules(results), SCHEDULE_SECTION)
+            write_section(DOC, SCHEDULE_SECTION, render_schedules(results))
         return
     if args.render:
         results = json.loads(RESULTS.read_text())
@@ -416,7 +405,7 @@ def main() -> None:
             RESULTS.write_text(json.dumps(results, indent=1))
     print(render(results))
     if not args.no_write:
-        write_doc(render(results))
+        write_section(DOC, SECTION, render(results))
 
 
 if __name__ == "__main__":

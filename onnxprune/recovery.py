@@ -282,7 +282,7 @@ def _fit_lsq(analysis, edit: LayerEdit, gram) -> None:
 def finish(analysis: Analysis, plan: Plan, recovery: Recovery) -> None:
     """After apply_plan: add each layer's bias change (sliced to its kept outputs), write refits."""
     atoms = analysis.atoms
-    kept = {atom: np.setdiff1d(np.arange(atoms.size(atom)), rem) for atom, rem in plan.removed_by_atom().items()}
+    kept = plan.kept_by_atom(atoms)
     graph = analysis.graph
     nonfinite = [edit for edit in recovery.edits.values() if not _finite(edit.weight, edit.bias_delta)]
     if nonfinite:  # NaN/inf in the data the fit came from: the layer keeps its plain slice

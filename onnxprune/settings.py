@@ -136,6 +136,32 @@ def optional_seconds(name, value):
     return value
 
 
+def positive(name, value):
+    """A finite number > 0 (a learning rate, a temperature)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise OptionError(name, value, "must be a positive number")
+    return float(value)
+
+
+def optional_positive(name, value):
+    return None if value is None else positive(name, value)
+
+
+def non_negative(name, value):
+    """A finite number >= 0 (a weight decay)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise OptionError(name, value, "must be a number >= 0")
+    return float(value)
+
+
+def closed_fraction(name, value):
+    """A fraction in [0, 1], both ends included (a share of the steps, a loss weight)."""
+    value = non_negative(name, value)
+    if value > 1:
+        raise OptionError(name, value, "must be in [0, 1]")
+    return value
+
+
 def ratio(name, value):
     """A fraction to remove, in [0, 1)."""
     value = _number(name, value, "a fraction in [0, 1)")

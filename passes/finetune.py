@@ -18,9 +18,13 @@ from onnxprune.pipeline import Context, Pass, PassResult
 from onnxprune.settings import (
     Flag,
     choice,
+    closed_fraction,
     integer,
+    non_negative,
     optional_path,
+    optional_positive,
     optional_text,
+    positive,
     setting,
     switch,
 )
@@ -31,29 +35,6 @@ from onnxprune.training.schedule import LR_SCHEDULES
 
 def _data(name, value):
     return value  # a path or Python batches: read when the pass runs
-
-
-def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
-        raise OptionError(name, value, "must be a positive number")
-    return float(value)
-
-
-def _non_negative(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-        raise OptionError(name, value, "must be a number >= 0")
-    return float(value)
-
-
-def _optional_positive(name, value):
-    return None if value is None else _positive(name, value)
-
-
-def _fraction(name, value):
-    value = _non_negative(name, value)
-    if value > 1:
-        raise OptionError(name, value, "must be in [0, 1]")
-    return value
 
 
 def _optional_loss(name, value):
@@ -92,9 +73,9 @@ class FineTuneSettings:
     teacher: object = setting(None, check=_teacher, cli=Flag(
         "--teacher", "The model mse/kd match (default in a prune run: the original model).", metavar="MODEL.onnx",
         parse=Path, reads=True))
-    temperature: float = setting(2.0, check=_positive, cli=Flag(
+    temperature: float = setting(2.0, check=positive, cli=Flag(
         "--temperature", "Distillation temperature.", parse=float, show_default=True))
-    kd_alpha: float = setting(0.5, check=_fraction, cli=Flag(
+    kd_alpha: float = setting(0.5, check=closed_fraction, cli=Flag(
         "--kd-alpha", "Weight of the distillation term when labels are given (the rest: ce).", parse=float,
         show_default=True))
     epochs: int = setting(1, check=integer(0), cli=Flag("--epochs", "Epochs of fine-tuning.", parse=int,
@@ -103,16 +84,16 @@ class FineTuneSettings:
         "--steps", "Stop after N optimizer steps in all.", metavar="N", parse=int))
     batch_size: int = setting(32, check=integer(1), cli=Flag("--batch-size", "Training batch size.", parse=int,
                                                             show_default=True))
-    lr: float = setting(1e-4, check=_positive, cli=Flag("--lr", "AdamW learning rate.", parse=float,
+    lr: float = setting(1e-4, check=positive, cli=Flag("--lr", "AdamW learning rate.", parse=float,
                                                        show_default=True))
-    weight_decay: float = setting(0.01, check=_non_negative, cli=Flag(
+    weight_decay: float = setting(0.01, check=non_negative, cli=Flag(
         "--weight-decay", "AdamW weight decay.", parse=float, show_default=True))
     lr_schedule: str = setting("cosine", check=choice(LR_SCHEDULES), cli=Flag(
         "--lr-schedule", "Decay after warm-up: cosine, step (x0.1 at 50% and 75%), constant.",
         choices=lambda: LR_SCHEDULES, show_default=True))
-    warmup: float = setting(0.05, check=_fraction, cli=Flag(
+    warmup: float = setting(0.05, check=closed_fraction, cli=Flag(
         "--warmup", "Linear warm-up over this fraction of the steps.", parse=float, show_default=True))
-    clip_grad: float | None = setting(None, check=_optional_positive, cli=Flag(
+    clip_grad: float | None = setting(None, check=optional_positive, cli=Flag(
         "--clip-grad", "Clip the global gradient norm to this.", metavar="NORM", parse=float))
     batchnorm: str = setting("train", check=choice(BATCHNORM_MODES), cli=Flag(
         "--batchnorm", "train: batch statistics, running statistics updated (as torch trains); frozen: running "
@@ -238,8 +219,7 @@ def kept_channels_of(analysis, plan) -> dict:
         return {}
     from onnxprune.core.layout import kept_positions
 
-    kept = {atom: np.setdiff1d(np.arange(analysis.atoms.size(atom)), removed)
-            for atom, removed in plan.removed_by_atom().items()}
+    kept = plan.kept_by_atom(analysis.atoms)
     found = {}
     for tensor, axes in analysis.layouts.items():
         if 1 in axes:

@@ -127,8 +127,7 @@ def make_target_plan(analysis: Analysis, crit: Criterion, metric: str, target: f
         order = np.argsort(scores[g.id], kind="stable")
         removed = np.sort(order[:counts[g.id]])
         plan.decisions.append(GroupDecision(group_key(analysis, g), g, removed, scores[g.id]))
-    kept = {atom: np.setdiff1d(np.arange(analysis.atoms.size(atom)), removed)
-            for atom, removed in plan.removed_by_atom().items()}
+    kept = plan.kept_by_atom(analysis.atoms)
     reached = cost_model.cost(kept)[metric] / cost_model.before[metric]
     plan.notes.extend(crit.notes)
     plan.notes.append(f"target {metric} {target:.2f}: reached {reached:.3f} of the original")

@@ -50,10 +50,7 @@ class Applier:
 def apply_plan(analysis: Analysis, plan: Plan) -> None:
     """Mutate analysis.graph so that the planned channels are gone."""
     atoms = analysis.atoms
-    kept = {}
-    for atom, removed in plan.removed_by_atom().items():
-        keep = np.setdiff1d(np.arange(atoms.size(atom)), removed)
-        kept[atom] = keep
+    kept = plan.kept_by_atom(atoms)
     if not kept:
         return
     applier = Applier(analysis, kept)

@@ -44,6 +44,11 @@ class Plan:
     def removed_by_atom(self) -> dict[int, np.ndarray]:
         return {d.group.atom: d.removed for d in self.decisions if len(d.removed)}
 
+    def kept_by_atom(self, atoms) -> dict[int, np.ndarray]:
+        """The channels that stay, for every leaf class that loses some."""
+        return {atom: np.setdiff1d(np.arange(atoms.size(atom)), removed)
+                for atom, removed in self.removed_by_atom().items()}
+
     def to_json(self) -> dict:
         return {
             "format": "onnxprune-plan/1",

@@ -32,11 +32,18 @@ import onnx
 from onnx import numpy_helper
 
 from ..core.errors import OnnxPruneError, first_line
-from ..core.progress import log, progress_bar
+from ..core.files import write_text
+from ..core.progress import log, progress, progress_bar
 from ..core.runtime import import_training_api
 from .data import GivenBatches, TrainingData
 from .losses import LABELS_INPUT, TEACHER_INPUT, LossSpec, loss_block, loss_terms
-from .prepare import MAX_IR, NotTrainable, TrainingGraph, convs_without_batchnorm, prepare
+from .prepare import (
+    MAX_IR,
+    NotTrainable,
+    TrainingGraph,
+    convs_without_batchnorm,
+    prepare,
+)
 from .schedule import learning_rate
 
 
@@ -145,7 +152,7 @@ class FineTuner:
                     notes.append(f"trained at a fixed batch of {static_batch} (onnxruntime-training fails on this "
                                  "graph with a dynamic batch); a last partial batch is left out of each epoch")
                 meta["static_batch"] = static_batch
-                (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+                write_text(folder / "meta.json", json.dumps(meta, indent=1), "checkpoint")
                 state = api.CheckpointState.load_checkpoint(str(artifacts / "checkpoint"))
             else:
                 static_batch = resumed["static_batch"]
@@ -452,7 +459,8 @@ class _Run:
             return None
         self.module.eval()
         losses, correct, labelled, cosines = [], 0, 0, []
-        for feed, labels in progress_bar_iter(self.val_data.epoch(0, self.config.seed, shuffle=False), "validating"):
+        for feed, labels in progress(self.val_data.epoch(0, self.config.seed, shuffle=False), "validating",
+                                     unit="batch"):
             if self.spec.labels and labels is None:
                 raise OnnxPruneError(f"{self.val_data.description}: the validation data has no labels, and the loss "
                                      "needs them")
@@ -529,9 +537,7 @@ class _Run:
         final = self.state_dir / name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        pointer = self.state_dir / ".latest.partial"
-        pointer.write_text(name)
-        os.replace(pointer, self.state_dir / "latest")
+        write_text(self.state_dir / "latest", name, "checkpoint")
         for old in self.state_dir.iterdir():
             if old.is_dir() and old.name.startswith("step-") and old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -589,27 +595,16 @@ class _Run:
 def _channel_moments(model: onnx.ModelProto, outputs: list[str], data: TrainingData, seed: int,
                      samples: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel (axis 1) mean and variance of `outputs` over the first `samples` samples."""
-    for name in outputs:
-        model = _with_output(model, name)
-    session = _session(model, outputs[0])
-    sums: dict[str, list] = {}
-    seen = 0
+    from ..calibration import collect_channel_stats
+
+    feeds, seen = [], 0
     for feed, _ in data.epoch(0, seed, shuffle=False):
-        for name, value in zip(outputs, session.run(outputs, feed)):
-            axes = (0,) + tuple(range(2, value.ndim))
-            value = value.astype(np.float64)
-            total = sums.setdefault(name, [0.0, 0.0, 0.0])
-            total[0] += value.sum(axis=axes)
-            total[1] += (value ** 2).sum(axis=axes)
-            total[2] += value.size / value.shape[1]
+        feeds.append(feed)
         seen += len(next(iter(feed.values())))
         if seen >= samples:
             break
-    moments = {}
-    for name, (first, second, count) in sums.items():
-        mean = first / count
-        moments[name] = (mean, np.maximum(second / count - mean ** 2, 0.0))
-    return moments
+    stats = collect_channel_stats(model, feeds, {name: 1 for name in outputs})
+    return {name: (stats[name].mean, stats[name].variance) for name in outputs}
 
 
 def _chunks(feed: dict, labels, size: int | None):
@@ -630,16 +625,6 @@ def _padded(feed: dict, labels, size: int | None):
         return feed, labels
     take = np.arange(size) % n
     return ({k: v[take] for k, v in feed.items()}, None if labels is None else np.asarray(labels)[take])
-
-
-def progress_bar_iter(iterable, desc: str):
-    bar = progress_bar(desc, unit="batch")
-    try:
-        for item in iterable:
-            yield item
-            bar.update(1)
-    finally:
-        bar.close()
 
 
 class _Teacher:
