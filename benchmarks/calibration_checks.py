@@ -1,6 +1,6 @@
 """The checks behind the "Reading it" paragraphs of docs/benchmarks.md's Calibration section.
 
-    .venv/bin/python benchmarks/calibration_checks.py [bn-fits] [cls-on-calibration] [minilm-plans] [plan-widths] [few-rows]
+    .venv/bin/python benchmarks/calibration_checks.py [bn-fits] [cls-on-calibration] [minilm-plans] [plan-widths] [few-rows] [refit]
 
 - bn-fits: for the Fashion-MNIST CNN and the PP-OCR classifier pruned uniformly (l2, act; bias,bn),
   the per-channel gain that BatchNorm correction fits and the correlation of each pruned channel
@@ -13,6 +13,8 @@
   group of the Fashion-MNIST CNN and the PP-OCR recognizer.
 - few-rows: lsq refits below 4 calibration rows per input (ridge 1e-4 to 1 towards the original
   weights) on MiniLM and the classifier, against the default fallback to bias.
+- refit: the sequential refit against lsq on all four models (uniform allocation, each
+  model's best data criterion of the table), with bn on top where the model has BatchNorms.
 Same data and settings as bench_calibration.py; nothing is written.
 """
 from __future__ import annotations
@@ -110,21 +112,32 @@ def plan_widths() -> None:
 def few_rows() -> None:
     """lsq below 4 calibration rows per input, with a stronger ridge towards the original weights,
     against the default (those layers fall back to bias)."""
-    from onnxprune import recovery
+    from onnxprune.recovery import compensate as recovery
 
-    default = recovery._LSQ_ROWS_PER_INPUT, recovery._RIDGE
+    default = recovery.LSQ_ROWS_PER_INPUT, recovery.RIDGE
     try:
         for case, crit, recover in ((bc.minilm_case(), "recon", "lsq"), (bc.cls_case(), "act", "lsq,bn")):
             for rows, ridge in ((4, 1e-4), (0, 1e-4), (0, 1e-2), (0, 1e-1), (0, 1.0)):
-                recovery._LSQ_ROWS_PER_INPUT, recovery._RIDGE = rows, ridge
+                recovery.LSQ_ROWS_PER_INPUT, recovery.RIDGE = rows, ridge
                 print(f"{case.key}: rows per input >= {rows}, ridge {ridge:g}:", end="", flush=True)
                 bc.run_variant(case, "uniform", crit, recover)
     finally:
-        recovery._LSQ_ROWS_PER_INPUT, recovery._RIDGE = default
+        recovery.LSQ_ROWS_PER_INPUT, recovery.RIDGE = default
+
+
+def refit() -> None:
+    """Sequential refit (layer after layer, against the original's outputs) next to lsq."""
+    for case, crit in ((bc.fashion_case(), "recon"), (bc.cls_case(), "act"), (bc.rec_case(), "recon"),
+                       (bc.minilm_case(), "recon")):
+        print(f"{case.key}: target MACs {case.target}", flush=True)
+        choices = ["lsq", "refit"] + (["lsq,bn", "refit,bn"] if "lsq,bn" in case.recoveries else [])
+        for recover in choices:
+            bc.run_variant(case, "uniform", crit, recover)
 
 
 CHECKS = {"bn-fits": bn_fits, "cls-on-calibration": cls_on_calibration, "minilm-plans": minilm_plans,
-          "plan-widths": plan_widths, "few-rows": few_rows}
+          "plan-widths": plan_widths, "few-rows": few_rows,
+          "refit": refit}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(CHECKS):

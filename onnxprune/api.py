@@ -85,11 +85,9 @@ def options_from(options=None, **kwargs):
         if options.finetune is None:
             raise OptionError("iterative", options.iterative, "needs {finetune} data: the rounds alternate pruning "
                               "and fine-tuning")
-        for name in ("layers", "drop_layers", "plan", "target_latency", "checkpoint"):
+        for name in ("layers", "drop_layers", "plan", "target_latency"):
             if getattr(options, name) not in (None, 0, 0.0, (), False):
                 raise OptionError("iterative", options.iterative, f"does not combine with {{{name}}}")
-        if options.resume:
-            raise OptionError("iterative", options.iterative, "does not combine with {resume}")
     elif options.rewind:
         raise OptionError("rewind", True, "applies to {iterative} rounds (give K > 1)")
     if options.target_latency is not None and (options.target_macs is not None or options.target_params is not None):
@@ -124,25 +122,29 @@ def pruning_pipeline(options) -> Pipeline:
             raise OptionError("finetune", None, "does not combine with {target_latency} yet")
         return Pipeline([TargetLatency(stage(options, LatencySettings), _latency_step(options))])
     if options.iterative > 1:
-        return Pipeline([IterativePruning(stage(options, IterativeSettings), *_iterative_steps(options))])
+        plan, round_, state = _iterative_steps(options)
+        return Pipeline([IterativePruning(stage(options, IterativeSettings), plan, round_, state,
+                                          checkpoint=options.checkpoint, resume=options.resume)])
     return Pipeline(passes)
 
 
 def _iterative_steps(options):
-    """The one-shot plan's counts, and one round (prune to counts, fine-tune a share) as prune() runs."""
+    """The one-shot plan's counts, one round (prune to counts, fine-tune a share) as prune() runs,
+    and the (save, load) pair for what the rounds carry over (the channels chosen so far)."""
     state = {"teacher": options.teacher, "origin": None}
+    untrained = dict(finetune=None, val=None, verify=False, latency_runs=0, checkpoint=None, resume=False)
 
     def plan(model: onnx.ModelProto) -> dict:
         if state["teacher"] is None:
             state["teacher"] = model
-        one_shot = prune(model, dataclasses.replace(options, iterative=1, rewind=False, finetune=None, val=None,
-                                                    verify=False, latency_runs=0))
+        one_shot = prune(model, dataclasses.replace(options, iterative=1, rewind=False, **untrained))
         state["channels"] = {d.key: d.group.channels for d in one_shot.plan.decisions}
         return {d.key: (d.group.channels, len(d.removed)) for d in one_shot.plan.decisions}
 
-    def round_(model: onnx.ModelProto, keep: dict, fraction: float):
+    def round_(model: onnx.ModelProto, keep: dict, fraction: float, checkpoint, resume: bool):
         base = dataclasses.replace(options, iterative=1, rewind=False, keep_counts=keep, target_macs=None,
-                                   target_params=None, teacher=state["teacher"], train_fraction=fraction)
+                                   target_params=None, teacher=state["teacher"], train_fraction=fraction,
+                                   checkpoint=checkpoint, resume=resume)
         if options.rewind:
             return named_teacher(rewound_round(model, base))
         result = prune(model, dataclasses.replace(base, channel_origin=state["origin"]))
@@ -159,8 +161,7 @@ def _iterative_steps(options):
     def rewound_round(model: onnx.ModelProto, base):
         """Choose this round's channels on `model`, then cut all channels chosen so far from the
         original and fine-tune that: the survivors start from the original's weights."""
-        chosen = prune(model, dataclasses.replace(base, finetune=None, val=None, teacher=None, verify=False,
-                                                  latency_runs=0))
+        chosen = prune(model, dataclasses.replace(base, teacher=None, **untrained))
         kept = state.setdefault("kept", {})  # group key -> the original's channels still there
         for decision in chosen.plan.decisions:
             before = kept.get(decision.key, np.arange(state["channels"][decision.key]))
@@ -172,7 +173,16 @@ def _iterative_steps(options):
         return prune(state["teacher"], dataclasses.replace(base, plan=plan, keep_counts=None, filters=0.0,
                                                            neurons=None, heads=None))
 
-    return plan, round_
+    def save() -> dict:
+        return {"origin": None if state["origin"] is None else {k: v.tolist() for k, v in state["origin"].items()},
+                "kept": {k: v.tolist() for k, v in state.get("kept", {}).items()}}
+
+    def load(saved: dict) -> None:
+        origin = saved.get("origin")
+        state["origin"] = None if origin is None else {k: np.asarray(v, np.int64) for k, v in origin.items()}
+        state["kept"] = {k: np.asarray(v, np.int64) for k, v in saved.get("kept", {}).items()}
+
+    return plan, round_, (save, load)
 
 
 def _latency_step(options):

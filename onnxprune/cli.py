@@ -194,7 +194,7 @@ def _default_checkpoint(given: dict, out_path: Path) -> Path | None:
     """Fine-tuning from the CLI always keeps a checkpoint, so an interrupted run can be resumed:
     in --checkpoint DIR if given (kept), else in OUTPUT.ckpt (removed once the model is written).
     Returns the folder to remove after success, if any."""
-    if given.get("finetune") is None or given.get("checkpoint") is not None or given.get("iterative", 1) > 1:
+    if given.get("finetune") is None or given.get("checkpoint") is not None:
         return None
     folder = out_path.with_name(out_path.name + ".ckpt")
     given["checkpoint"] = folder
@@ -205,7 +205,9 @@ def _default_checkpoint(given: dict, out_path: Path) -> Path | None:
 
 
 def _holds_state(folder: Path) -> bool:
-    return (folder / "state" / "latest").is_file()
+    """A fine-tuning checkpoint, or iterative pruning's (rounds in round-K/ folders)."""
+    return (folder / "state" / "latest").is_file() or (folder / "iterative.json").is_file() or \
+        any((round_ / "state" / "latest").is_file() for round_ in folder.glob("round-*"))
 
 
 def _remove_checkpoint(folder: Path | None, finished: bool = True) -> None:

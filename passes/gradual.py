@@ -9,7 +9,6 @@ them changes nothing: what verification checks afterwards is the trained model's
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import onnx
@@ -54,12 +53,7 @@ class GradualPruning(Pass):
             raise OnnxPruneError("schedule cubic: the plan removes nothing to mask")
         working = context.analysis.graph.model  # the unpruned model the plan was made on (shapes fixed as asked)
         masker = ChannelMasker(context.analysis, final)
-        settings = self.finetune
-        if settings.unfold_bn == "on":
-            raise OnnxPruneError("schedule cubic: masked channels and unfolded BatchNorms do not mix yet; "
-                                 "use unfold_bn off")
-        settings = dataclasses.replace(settings, unfold_bn="off")
-        tuned = FineTune(settings, image_spec=self.image_spec, masker=masker)
+        tuned = FineTune(self.finetune, image_spec=self.image_spec, masker=masker)
         result = tuned(working, context)
         trained = result.model
         if masker.unwritable:

@@ -1,12 +1,12 @@
 """Training-free recovery: make up, inside the graph, for what the removed channels gave
-(onnxprune/recovery.py has the methods: bias, lsq, bn).
+(onnxprune/recovery/ has the methods: bias, lsq, refit, bn).
 
 Compensation is measured on the original weights before the plan is applied and written
 after it, so this pass installs itself in the context (`context.compensation`) and channel
 removal calls it around applying a plan: `prepare` before slicing, `finish` after slicing,
-`after_export` on the exported model (BatchNorm correction needs both models). Verification
-re-applies part of a plan when it rolls groups back, and recovery runs again then, with the
-statistics measured the first time (`context.caches`). Its part of the report (`recovery`)
+`after_export` on the exported model (sequential refit and BatchNorm correction need both
+models). Verification re-applies part of a plan when it rolls groups back, and recovery runs
+again then, with the statistics measured the first time (`context.caches`). Its part of the report (`recovery`)
 describes the last application.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _methods(name, value):
 @dataclass
 class RecoverySettings:
     recover: tuple = setting((), check=_methods, cli=Flag(
-        "--recover", "Training-free recovery with --calib: bias, lsq and/or bn (comma-separated), or none.",
+        "--recover", "Training-free recovery with --calib: bias, lsq, refit and/or bn (comma-separated), or none.",
         metavar="METHODS"))
 
 
@@ -65,6 +65,12 @@ class Recover(Pass):
         result = self.result
         if result is None:
             return
+        if result.refit:
+            try:
+                result.refitted = recovery.refit_layers(pruned, original, result.refit, context.calibration,
+                                                        notes=result.notes)
+            except Exception as exc:  # a model that does not run is the safety net's business
+                result.notes.append(f"sequential refit skipped: {first_line(exc)}")
         if result.bn_nodes:
             try:
                 recovery.reestimate_batchnorm(pruned, original, result.bn_nodes, context.calibration)

@@ -193,3 +193,122 @@ def test_lsq_with_too_few_calibration_rows_falls_back_to_bias():
     bias, _ = _prune(model, [5], ("bias",), feeds)
     assert any("lsq refit skipped" in n for n in rec.notes)
     np.testing.assert_array_equal(_run(lsq, feeds), _run(bias, feeds))
+
+
+# -- sequential refit ----------------------------------------------------------------------------
+def _prune_refit(model, removed, methods, feeds, group=0):
+    """_prune, then the after-export steps (refit) as the recovery pass runs them."""
+    analysis = analyze_model(model)
+    groups, _ = candidate_groups(analysis)
+    plan = plan_from_removed(analysis, {group_key(analysis, groups[group]): removed})
+    rec = recovery.prepare(analysis, plan, methods, feeds)
+    apply_plan(analysis, plan)
+    recovery.finish(analysis, plan, rec)
+    pruned = analysis.graph.to_model()
+    rec.refitted = recovery.refit_layers(pruned, model, rec.refit, feeds, notes=rec.notes)
+    return pruned, rec
+
+
+DEEP_MLP = """
+g (float[16,4] x) => (float[16,3] y) {
+  h0 = MatMul(x, W1)
+  h1 = Add(h0, B1)
+  h = Relu(h1)
+  k0 = MatMul(h, W2)
+  k = Relu(k0)
+  y = Gemm <alpha=0.5, beta=2.0, transB=1> (k, W3, B3)
+}"""
+
+
+def test_refit_corrects_the_layers_after_the_pruned_one_too():
+    model = text_model(DEEP_MLP, {"W1": (4, 10), "B1": (10,), "W2": (10, 8), "W3": (3, 8), "B3": (3,)})
+    feeds = _feeds((16, 4), batches=8)
+    want = _run(model, feeds)
+    lsq, _ = _prune_refit(model, [0, 3, 7], ("lsq",), feeds)
+    refit, rec = _prune_refit(model, [0, 3, 7], ("refit",), feeds)
+    # The MatMul that lost inputs (its bias Add is new) and the Gemm after it; not the first layer.
+    assert rec.refitted == 2 and [t.output for t in rec.refit] == ["k0", "y"], (rec.refit, rec.notes)
+    w1 = {i.name: numpy_helper.to_array(i) for i in refit.graph.initializer}["W1"]
+    np.testing.assert_array_equal(w1, np.delete(numpy_helper.to_array(
+        next(i for i in model.graph.initializer if i.name == "W1")), [0, 3, 7], axis=1))
+    error = {name: float(np.square(_run(m, feeds) - want).mean()) for name, m in (("lsq", lsq), ("refit", refit))}
+    # On the calibration data the Gemm's refit is a least-squares fit from the inputs lsq left it.
+    assert error["refit"] < 0.9 * error["lsq"], error
+    held_out = _feeds((16, 4), batches=4, seed=9)
+    held = {name: float(np.square(_run(m, held_out) - _run(model, held_out)).mean())
+            for name, m in (("lsq", lsq), ("refit", refit))}
+    assert held["refit"] < held["lsq"], held
+
+
+def test_refit_reproduces_a_linear_chain_through_gemm_alpha_beta_and_transb():
+    linear = DEEP_MLP.replace("h = Relu(h1)", "h = Identity(h1)").replace("k = Relu(k0)", "k = Identity(k0)")
+    model = text_model(linear, {"W1": (4, 10), "B1": (10,), "W2": (10, 8), "W3": (3, 8), "B3": (3,)})
+    feeds = _feeds((16, 4), batches=8)
+    pruned, rec = _prune_refit(model, [1, 2, 4, 6], ("refit",), feeds)  # 6 hidden units still span x
+    assert rec.refitted == 2, rec.notes
+    want = _run(model, feeds)
+    assert np.linalg.norm(_run(pruned, feeds) - want) < 1e-3 * np.linalg.norm(want)
+
+
+CONV_CHAIN = """
+g (float[4,3,8,8] x) => (float[4,5,8,8] y) {
+  a = Conv <kernel_shape=[3,3], pads=[1,1,1,1]> (x, W1, B1)
+  r = Relu(a)
+  b = Conv <kernel_shape=[3,3], pads=[1,1,1,1]> (r, W2)
+  s = Relu(b)
+  y = Conv <kernel_shape=[3,3], pads=[1,1,1,1]> (s, W3, B3)
+}"""
+
+
+def test_refit_keeps_a_planted_dead_model_exact_and_improves_a_live_one():
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    b1 = rng.standard_normal(6).astype(np.float32)
+    w2 = rng.standard_normal((7, 6, 3, 3)).astype(np.float32)
+    weights = {"W1": w1, "B1": b1, "W2": w2, "W3": (5, 7, 3, 3), "B3": (5,)}
+    feeds = _feeds((4, 3, 8, 8), batches=8)
+    dead = dict(weights, W1=w1.copy(), B1=b1.copy(), W2=w2.copy())
+    dead["W1"][[1, 4]], dead["B1"][[1, 4]] = 0.0, 0.0
+    model = text_model(CONV_CHAIN, dead)
+    pruned, rec = _prune_refit(model, [1, 4], ("refit",), feeds)
+    assert rec.refitted == 2, rec.notes
+    np.testing.assert_allclose(_run(pruned, feeds), _run(model, feeds), atol=1e-4)
+    # The same channels, alive: refit does better than lsq on the data it saw.
+    model = text_model(CONV_CHAIN, weights)
+    want = _run(model, feeds)
+    errors = {m: float(np.square(_run(_prune_refit(model, [1, 4], (m,), feeds)[0], feeds) - want).mean())
+              for m in ("lsq", "refit")}
+    assert errors["refit"] < errors["lsq"], errors
+
+
+def test_refit_with_too_few_rows_leaves_the_layer_and_says_so():
+    model = text_model(DEEP_MLP, {"W1": (4, 10), "B1": (10,), "W2": (10, 8), "W3": (3, 8), "B3": (3,)})
+    feeds = _feeds((16, 4), batches=1)  # 16 rows: fewer than 4 per input of either layer
+    refit, rec = _prune_refit(model, [0, 3, 7], ("refit",), feeds)
+    bias, _ = _prune_refit(model, [0, 3, 7], ("bias",), feeds)
+    assert rec.refitted == 0 and any("refit skipped for 2 layer(s)" in n for n in rec.notes), rec.notes
+    np.testing.assert_array_equal(_run(refit, feeds), _run(bias, feeds))
+
+
+def test_refit_runs_layers_apart_when_their_moments_would_pass_the_budget(monkeypatch):
+    from onnxprune.recovery import refit
+
+    model = text_model(DEEP_MLP, {"W1": (4, 10), "B1": (10,), "W2": (10, 8), "W3": (3, 8), "B3": (3,)})
+    feeds = _feeds((16, 4), batches=8)
+    analysis = analyze_model(model)
+    groups, _ = candidate_groups(analysis)
+    plan = plan_from_removed(analysis, {group_key(analysis, groups[0]): [0, 3, 7]})
+    rec = recovery.prepare(analysis, plan, ("refit",), feeds)
+    apply_plan(analysis, plan)
+    recovery.finish(analysis, plan, rec)
+    pruned = analysis.graph.to_model()
+    copies = {}
+    for case, budget in (("one run", refit.MOMENT_BUDGET_BYTES), ("apart", 1)):
+        monkeypatch.setattr(refit, "MOMENT_BUDGET_BYTES", budget)
+        copies[case] = pruned.__class__()
+        copies[case].CopyFrom(pruned)
+        assert refit.refit_layers(copies[case], model, rec.refit, feeds, passes=1) == 2
+    by_layer = _prune_refit(model, [0, 3, 7], ("refit",), feeds)[0]  # 2 layers, up to 16 runs: one each
+    np.testing.assert_allclose(_run(copies["apart"], feeds), _run(by_layer, feeds), atol=1e-6)
+    # in one run the Gemm was fitted to the inputs the MatMul gave before its own refit
+    assert not np.allclose(_run(copies["one run"], feeds), _run(by_layer, feeds), atol=1e-6)

@@ -13,11 +13,12 @@ from .probe import (
            collect_gram,
            collect_grams,
            collect_into,
+           collect_paired_into,
            collect_paired_stats,
 )
 from .sources import load_calibration
-from .stats import ChannelStats, GramStats, PairedStats, PatchGramStats
+from .stats import ChannelStats, GramStats, PairedStats, PatchGramStats, RegressionStats
 
 __all__ = ["CalibrationData", "ChannelStats", "GramStats", "ImageSpec", "InputSpec", "PairedStats", "PatchGramStats",
-           "calibration_feeds", "collect_channel_stats", "collect_gram", "collect_grams", "collect_into",
-           "collect_paired_stats", "load_calibration", "model_inputs"]
+           "RegressionStats", "calibration_feeds", "collect_channel_stats", "collect_gram", "collect_grams",
+           "collect_into", "collect_paired_into", "collect_paired_stats", "load_calibration", "model_inputs"]

@@ -8,7 +8,8 @@ read straight from the feeds, and initializers are fetched like any other tensor
 ``collect_grams`` and ``collect_gram`` accumulate X^T X over a tensor's channel axis (the rows
 are all other positions) in the same way, for least-squares refits; ``PatchGramStats`` does it
 for a kxk convolution's input patches (a sample of output positions per image), and
-``collect_into`` feeds any such accumulators.
+``collect_into`` feeds any such accumulators, and ``collect_paired_into`` feeds accumulators
+that take a tensor of each of two models run on the same batches.
 
 Memory stays bounded. The requested tensors are split into chunks whose extra outputs for one
 batch fit in ``budget_bytes`` (default 2 GiB). Sizes are estimated by shape inference at the
@@ -120,6 +121,44 @@ def collect_paired_stats(reference: onnx.ModelProto, candidate: onnx.ModelProto,
                 accumulators[name].add(a, b)
         del run_a, run_b
     return accumulators
+
+
+def collect_paired_into(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds,
+                        pairs: list[tuple[str, str, object]], budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+    """Run both models on the same batches and give every (reference tensor, candidate tensor,
+    accumulator) triple both values: ``accumulator.add(reference_value, candidate_value)``.
+
+    The triples are split into chunks whose extra outputs of both models fit the budget; each
+    chunk is one pass over the data with one session per model."""
+    reference, candidate = as_model(reference), as_model(candidate)
+    data = calibration_feeds(feeds, reference)
+    _check_tensors(reference, {ref: 0 for ref, _, _ in pairs})
+    _check_tensors(candidate, {cand: 0 for _, cand, _ in pairs})
+    if not pairs:
+        return
+    ref_types, ref_sizes = _tensor_sizes(reference, data.first(), sorted({ref for ref, _, _ in pairs}))
+    cand_types, cand_sizes = _tensor_sizes(candidate, data.first(), sorted({cand for _, cand, _ in pairs}))
+    keys = [str(i) for i in range(len(pairs))]
+    sizes = {key: ref_sizes[ref] + cand_sizes[cand] for key, (ref, cand, _) in zip(keys, pairs)}
+    chunks = _chunks(keys, sizes, budget_bytes)
+    if len(chunks) > 1 and data.one_shot:
+        raise OnnxPruneError(f"{data.description}: {len(pairs)} tensor pairs need {len(chunks)} passes to stay "
+                             f"within {budget_bytes} bytes, and a one-shot iterator allows one; pass a list or a "
+                             "function that returns a fresh iterator")
+    inputs = {spec.name for spec in data.inputs}
+    for number, chunk in enumerate(chunks):
+        chosen = [pairs[int(key)] for key in chunk]
+        ref_names = [n for n in dict.fromkeys(ref for ref, _, _ in chosen) if n not in inputs]
+        cand_names = [n for n in dict.fromkeys(cand for _, cand, _ in chosen) if n not in inputs]
+        run_ref = _probe(reference, ref_names, ref_types) if ref_names else None
+        run_cand = _probe(candidate, cand_names, cand_types) if cand_names else None
+        batches = progress(data, f"paired statistics {number + 1}/{len(chunks)}", unit="batch")
+        for batch, feed in enumerate(batches, start=1):
+            ref_values = dict(feed, **dict(zip(ref_names, run_ref(feed, batch) if run_ref else [])))
+            cand_values = dict(feed, **dict(zip(cand_names, run_cand(feed, batch) if run_cand else [])))
+            for ref, cand, accumulator in chosen:
+                accumulator.add(ref_values[ref], cand_values[cand])
+        del run_ref, run_cand
 
 
 def _passes(model: onnx.ModelProto, data: CalibrationData, names: list[str], budget_bytes: int,

@@ -1,5 +1,6 @@
 """Streaming statistics of activations: per-channel moments, Gram matrices (of channels or
-of convolution input patches), and paired statistics of two models.
+of convolution input patches), and paired statistics of two models (per-channel, and the
+moments of a least-squares map from one model's tensor to the other's).
 
 Reductions convert at most ``_MAX_PIECE_ELEMENTS`` values to float64 at once.
 """
@@ -160,39 +161,44 @@ class PatchGramStats:
         self.gram = self.sum = None
 
     def add(self, values: np.ndarray) -> None:
-        values = np.asarray(values)
-        rank = len(self.kernel)
-        if values.ndim != rank + 2:
-            raise OnnxPruneError(f"tensor {self.name!r}: shape {list(values.shape)} does not fit a "
-                                 f"{rank}-d convolution's input")
-        padded = np.pad(values, [(0, 0), (0, 0)] + [(self.pads[i], self.pads[i + rank]) for i in range(rank)])
-        out = [(padded.shape[2 + i] - self.dilations[i] * (self.kernel[i] - 1) - 1) // self.strides[i] + 1
-               for i in range(rank)]
-        if min(out) <= 0:
-            return
-        per_sample = math.prod(out)
-        taken = min(per_sample, self.positions_per_sample)
-        for n in range(values.shape[0]):
-            flat = (self.rng.choice(per_sample, taken, replace=False) if taken < per_sample
-                    else np.arange(per_sample))
-            where = np.unravel_index(flat, out)
-            taps = np.unravel_index(np.arange(math.prod(self.kernel)), self.kernel)
-            index = [where[i][:, None] * self.strides[i] + taps[i][None, :] * self.dilations[i] for i in range(rank)]
-            patches = padded[n][(slice(None), *index)]  # [channels, rows, taps]
-            rows = np.moveaxis(patches, 1, 0).reshape(taken, -1).astype(np.float64)
+        for rows, _ in _patch_rows(np.asarray(values), self.kernel, self.strides, self.pads, self.dilations,
+                                   self.positions_per_sample, self.rng, self.name):
             if self.gram is None:
                 self.gram = np.zeros((rows.shape[1], rows.shape[1]))
                 self.sum = np.zeros(rows.shape[1])
             elif rows.shape[1] != len(self.sum):
-                raise OnnxPruneError(f"tensor {self.name!r}: {values.shape[1]} channels in one batch, "
-                                     f"{len(self.sum) // math.prod(self.kernel)} in an earlier one")
+                raise OnnxPruneError(f"tensor {self.name!r}: {rows.shape[1] // math.prod(self.kernel)} channels "
+                                     f"in one batch, {len(self.sum) // math.prod(self.kernel)} in an earlier one")
             self.gram += rows.T @ rows
             self.sum += rows.sum(axis=0)
-            self.count += taken
+            self.count += rows.shape[0]
 
     @property
     def mean(self) -> np.ndarray:
         return self.sum / self.count
+
+
+def _patch_rows(values: np.ndarray, kernel, strides, pads, dilations, per_sample_limit: int, rng, name: str):
+    """Per sample n: (rows, (n, where)), rows being float64 [positions, channels x taps] input
+    patches at up to `per_sample_limit` output positions drawn from `rng`, `where` those
+    positions (a tuple of index arrays over the output's spatial dims)."""
+    rank = len(kernel)
+    if values.ndim != rank + 2:
+        raise OnnxPruneError(f"tensor {name!r}: shape {list(values.shape)} does not fit a "
+                             f"{rank}-d convolution's input")
+    padded = np.pad(values, [(0, 0), (0, 0)] + [(pads[i], pads[i + rank]) for i in range(rank)])
+    out = [(padded.shape[2 + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(rank)]
+    if min(out) <= 0:
+        return
+    per_sample = math.prod(out)
+    taken = min(per_sample, per_sample_limit)
+    taps = np.unravel_index(np.arange(math.prod(kernel)), kernel)
+    for n in range(values.shape[0]):
+        flat = rng.choice(per_sample, taken, replace=False) if taken < per_sample else np.arange(per_sample)
+        where = np.unravel_index(flat, out)
+        index = [where[i][:, None] * strides[i] + taps[i][None, :] * dilations[i] for i in range(rank)]
+        patches = padded[n][(slice(None), *index)]  # [channels, rows, taps]
+        yield np.moveaxis(patches, 1, 0).reshape(taken, -1).astype(np.float64), (n, where)
 
 
 class PairedStats:
@@ -229,3 +235,75 @@ class PairedStats:
         flat = var_b <= 1e-12 * np.maximum(aa, 1e-30)
         gain = np.where(flat, 1.0, cov / np.where(flat, 1.0, var_b))
         return gain, mean_a - gain * mean_b
+
+
+class RegressionStats:
+    """Moments for a least-squares map from one tensor (x, a layer's input in the candidate
+    model) to another (y, the layer's output in the reference model), both run on the same
+    batches: the count, sum of x, X^T X, X^T Y and sum of y, in float64.
+
+    Rows are positions: every position but the channel axis for a 1x1 layer (`geometry`
+    None), or for a kxk convolution (`geometry` = (kernel, strides, pads, dilations)) a sample
+    of up to `positions_per_sample` output positions per sample, x being the input patch read
+    there and y the output at that position. `y_positions` picks the reference's output
+    channels that the candidate kept.
+    """
+
+    def __init__(self, x_axis: int, y_axis: int, geometry=None, y_positions: np.ndarray | None = None,
+                 name: str = "tensor", positions_per_sample: int = 256, seed: int = 0) -> None:
+        self.x_axis, self.y_axis, self.name = x_axis, y_axis, name
+        self.geometry, self.y_positions = geometry, y_positions
+        self.positions_per_sample = positions_per_sample
+        self.rng = np.random.default_rng(seed)
+        self.count = 0
+        self.xx = self.xy = self.x_sum = self.y_sum = None
+
+    def add(self, y: np.ndarray, x: np.ndarray) -> None:
+        y, x = np.asarray(y), np.asarray(x)
+        if self.y_positions is not None:
+            y = np.take(y, self.y_positions, axis=self.y_axis)
+        if self.geometry is None:
+            pieces = self._position_rows(y, x)
+        else:
+            kernel, strides, pads, dilations = self.geometry
+            rank = len(kernel)
+            if y.ndim != rank + 2 or y.shape[0] != x.shape[0]:
+                raise OnnxPruneError(f"tensor {self.name!r}: output shape {list(y.shape)} does not fit input "
+                                     f"shape {list(x.shape)}")
+            pieces = ((rows, y[n][(slice(None), *where)].T.astype(np.float64))
+                      for rows, (n, where) in _patch_rows(x, kernel, strides, pads, dilations,
+                                                          self.positions_per_sample, self.rng, self.name))
+        for x_rows, y_rows in pieces:
+            if x_rows.shape[0] != y_rows.shape[0]:
+                raise OnnxPruneError(f"tensor {self.name!r}: {x_rows.shape[0]} input positions, "
+                                     f"{y_rows.shape[0]} output positions")
+            if self.xx is None:
+                self.xx = np.zeros((x_rows.shape[1], x_rows.shape[1]))
+                self.xy = np.zeros((x_rows.shape[1], y_rows.shape[1]))
+                self.x_sum, self.y_sum = np.zeros(x_rows.shape[1]), np.zeros(y_rows.shape[1])
+            elif self.xy.shape != (x_rows.shape[1], y_rows.shape[1]):
+                raise OnnxPruneError(f"tensor {self.name!r}: {x_rows.shape[1]} inputs and {y_rows.shape[1]} "
+                                     f"outputs in one batch, {self.xy.shape} in an earlier one")
+            self.xx += x_rows.T @ x_rows
+            self.xy += x_rows.T @ y_rows
+            self.x_sum += x_rows.sum(axis=0)
+            self.y_sum += y_rows.sum(axis=0)
+            self.count += x_rows.shape[0]
+
+    def _position_rows(self, y: np.ndarray, x: np.ndarray):
+        """Both tensors as [positions, channels], in pieces cut along axis 0 at the same places."""
+        for axis, v in ((self.x_axis, x), (self.y_axis, y)):
+            if not -v.ndim <= axis < v.ndim:
+                raise OnnxPruneError(f"tensor {self.name!r}: channel axis {axis} is out of range for shape "
+                                     f"{list(v.shape)}")
+        x_axis, y_axis = self.x_axis % x.ndim, self.y_axis % y.ndim
+        if x_axis == 0 or y_axis == 0:
+            yield (np.moveaxis(x, x_axis, -1).reshape(-1, x.shape[x_axis]).astype(np.float64),
+                   np.moveaxis(y, y_axis, -1).reshape(-1, y.shape[y_axis]).astype(np.float64))
+            return
+        per_entry = max(1, x[:1].size, y[:1].size)
+        step = max(1, _MAX_PIECE_ELEMENTS // per_entry)
+        for start in range(0, x.shape[0], step):
+            a, b = x[start:start + step], y[start:start + step]
+            yield (np.moveaxis(a, x_axis, -1).reshape(-1, x.shape[x_axis]).astype(np.float64),
+                   np.moveaxis(b, y_axis, -1).reshape(-1, y.shape[y_axis]).astype(np.float64))

@@ -46,6 +46,14 @@ class ChannelMasker:
         self.updates = updates
         self.history: list[dict] = []
         self.unwritable: set[str] = set()  # coupled tensors that are not parameters of the training graph
+        self.unfolded: dict[str, tuple[str, str]] = {}  # conv weight -> scale, shift of its unfolded BatchNorm
+
+    def couple(self, unfolded) -> None:
+        """Mask the scale and shift of BatchNorms unfolded after convolutions (prepare.py's
+        UnfoldedBatchNorm) with the convolution's output channels: a masked channel's output is
+        then zero in training too (batch statistics of zeros, times a zero scale, plus a zero
+        shift), and folds back to an all-zero filter and bias."""
+        self.unfolded = {bn.weight: (bn.scale, bn.shift) for bn in unfolded}
 
     def schedule(self, total: int) -> list[int]:
         """The steps after which masks grow (the last one reaches the final counts)."""
@@ -86,6 +94,15 @@ class ChannelMasker:
                 index = [slice(None)] * value.ndim
                 index[att.axis] = self.analysis.channel_index(att, group, channels)
                 value[tuple(index)] = NEUTRAL.get(att.role, 0.0)
+                if att.role == "weight_out" and name in self.unfolded:
+                    for coupled in self.unfolded[name]:
+                        if coupled not in parameters:
+                            self.unwritable.add(coupled)
+                            continue
+                        extra = edits.get(coupled)
+                        if extra is None:
+                            extra = edits[coupled] = np.array(parameters[coupled].data, copy=True)
+                        extra[index[att.axis]] = 0.0
         for name, value in edits.items():
             parameters[name] = value
 

@@ -131,6 +131,8 @@ class FineTuner:
                            input_dims=input_dims, unfold=unfold)
 
         graph = build(None)
+        if self.masker is not None:
+            self.masker.couple(graph.unfolded)
         teacher = _Teacher(self.teacher, graph.loss_input if logits else graph.output) \
             if kind == "kd" or (kind == "mse" and not self.mse_on_labels) else None
         first_feed, first_labels = next(iter(train.epoch(0, config.seed)))

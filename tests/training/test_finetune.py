@@ -411,6 +411,21 @@ def test_gradual_pruning_masks_on_the_cubic_schedule_then_removes(tmp_path):
         onnxprune.prune(model, filters=0.5, schedule="cubic")
 
 
+def test_gradual_pruning_with_unfolded_batchnorms(tmp_path):
+    # a masked channel's unfolded BatchNorm is masked with it, so the channel folds back to a
+    # zero filter and removing it keeps what was trained
+    model = folded_cnn()
+    train, val = task(tmp_path)
+    result = onnxprune.prune(model, filters=0.5, neurons=0.0, finetune=train, val=val, epochs=2, lr=1e-2,
+                             batch_size=16, schedule="cubic", unfold_bn="on")
+    assert any("Conv(s) trained with a BatchNorm" in n for n in result.report["notes"]), result.report["notes"]
+    assert result.report["gradual"]["masked"] and result.verification.ort == "passed"
+    assert result.report["summary"]["channels_removed"] == sum(result.report["gradual"]["masked"].values())
+    data = np.load(val)
+    accuracy = (run(result.model, data["input"]).argmax(1) == data["labels"]).mean()
+    assert accuracy == pytest.approx(result.report["finetune"]["after"]["accuracy"])
+
+
 def test_iterative_rounds_with_rewinding(tmp_path):
     model = cnn()
     train, val = task(tmp_path)
@@ -452,6 +467,43 @@ def test_interrupted_gradual_pruning_resumes_with_its_masks(tmp_path, monkeypatc
     resumed = onnxprune.prune(model, **options, checkpoint=tmp_path / "b", resume=True)
     for name, value in weights(straight.model).items():
         np.testing.assert_allclose(weights(resumed.model)[name], value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("rewind", [False, True])
+def test_interrupted_iterative_pruning_resumes_after_the_finished_rounds(tmp_path, monkeypatch, rewind):
+    model = cnn()
+    train, _ = task(tmp_path)
+    options = dict(filters=0.5, neurons=0.0, finetune=train, epochs=2, lr=1e-2, batch_size=16, iterative=2,
+                   rewind=rewind)
+    straight = onnxprune.prune(model, **options, checkpoint=tmp_path / "a")
+    steps = straight.report["iterative"]["rounds"][0]["steps"]
+    original_step = trainer_module._Run._step
+    calls = {"n": 0}
+
+    def interrupting(self, feed, labels):
+        loss = original_step(self, feed, labels)
+        calls["n"] += 1
+        if calls["n"] == steps + 3:  # in round 2's fine-tuning
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(trainer_module._Run, "_step", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        onnxprune.prune(model, **options, checkpoint=tmp_path / "b")
+    monkeypatch.setattr(trainer_module._Run, "_step", original_step)
+    saved = json.loads((tmp_path / "b" / "iterative.json").read_text())
+    assert saved["done"] == 1 and (tmp_path / "b" / "round-2" / "state" / "latest").is_file()
+    calls["n"] = 0
+    monkeypatch.setattr(trainer_module._Run, "_step", lambda self, f, l: (calls.__setitem__("n", calls["n"] + 1),
+                                                                         original_step(self, f, l))[1])
+    resumed = onnxprune.prune(model, **options, checkpoint=tmp_path / "b", resume=True)
+    assert calls["n"] == straight.report["iterative"]["rounds"][1]["steps"] - 3  # round 1 not run again
+    assert resumed.report["iterative"]["rounds"] == straight.report["iterative"]["rounds"]
+    assert resumed.report["params"] == straight.report["params"]
+    for name, value in weights(straight.model).items():
+        np.testing.assert_allclose(weights(resumed.model)[name], value, rtol=1e-6, atol=1e-7)
+    with pytest.raises(OnnxPruneError, match="another iterative run"):
+        onnxprune.prune(model, **dict(options, iterative=4), checkpoint=tmp_path / "b", resume=True)
 
 
 def test_input_shape_fixes_dims_for_the_analysis_only(tmp_path):

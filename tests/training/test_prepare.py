@@ -277,8 +277,8 @@ def test_fine_tuning_options_are_checked_before_any_work(tmp_path):
         (["--filters", "0.3", "--val", tmp_path / "d.npz"], "applies to fine-tuning: give --finetune DATA"),
         (["--filters", "0.3", "--finetune", tmp_path / "d.npz", "--lr", "0"], "--lr 0.0: must be a positive number"),
         (["--filters", "0.3", "--finetune", tmp_path / "d.npz", "--unfold-bn", "maybe"], "--unfold-bn"),
-        (["--filters", "0.3", "--finetune", tmp_path / "d.npz", "--iterative", "2", "--checkpoint", tmp_path / "c"],
-         "--iterative 2: does not combine with --checkpoint"),
+        (["--filters", "0.3", "--finetune", tmp_path / "d.npz", "--schedule", "cubic", "--recover", "bias"],
+         "--schedule cubic: does not combine with --recover yet"),
     ]
     for args, message in cases:
         done = _cli(model, *args, "-o", tmp_path / "out.onnx")
