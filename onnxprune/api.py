@@ -36,7 +36,7 @@ STAGES = (InputSettings, CalibrationSettings, LayerSettings, PlanSettings, Recov
           FineTuneSettings, MeasureSettings, LatencySettings, IterativeSettings, GradualSettings)
 
 PruneOptions = combine("PruneOptions", STAGES, doc="""Every option of prune(), one field per setting of its passes:
-InputSettings (input_shapes, seed), CalibrationSettings (calib, image_spec, calib_limit, allow_nonfinite),
+InputSettings (input_shapes, seed), CalibrationSettings (calib, image_spec, calib_limit, allow_nonfinite, calib_mask),
 LayerSettings (layers, drop_layers, layer_importance), PlanSettings (filters, neurons, heads, importance,
 round_to, global_rank, exclude, plan, target_macs, target_params, min_keep, sensitivity), RecoverySettings
 (recover), VerifySettings (verify), FineTuneSettings (finetune, val, labels, loss, teacher, temperature,
@@ -222,7 +222,8 @@ def run_pruning(model: onnx.ModelProto, options, owned: bool = False) -> PruneRe
     return PruneResult(result.model, plan, context.analysis, context.verification, _ordered(context.report))
 
 
-_REPORT_ORDER = ("tool", "runtime", "criterion", "ratio", "heads_ratio", "neurons_ratio", "calibration",
+_REPORT_ORDER = ("tool", "runtime", "criterion", "ratio", "heads_ratio", "neurons_ratio", "head_dim_ratio",
+                 "calibration",
                  "input_shapes", "notes", "params", "macs", "file_bytes", "latency_ms", "latency_measured",
                  "verification", "finetune", "iterative", "gradual", "groups", "summary", "layers", "recovery",
                  "skipped", "rolled_back", "barriers", "seconds")

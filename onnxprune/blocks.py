@@ -168,12 +168,20 @@ def choose(blocks: list[Block], scores: dict[str, float], count: int, names=()) 
 
 
 def remove(graph: Graph, chosen: list[Block]) -> None:
-    """Send each chosen block's input where its output went; the branch becomes dead code."""
+    """Send each chosen block's input where its output went; the branch becomes dead code.
+
+    Adjacent blocks chain: a block whose input was a removed block's output takes that block's
+    input instead."""
+    replaced: dict[str, gs.Tensor] = {}
     for block in chosen:
         y = block.add.outputs[0]
+        skip = block.skip
+        while skip.name in replaced:
+            skip = replaced[skip.name]
         for consumer in list(y.outputs):
             for i, t in enumerate(consumer.inputs):
                 if t is y:
-                    consumer.inputs[i] = block.skip
+                    consumer.inputs[i] = skip
+        replaced[y.name] = skip
         block.add.outputs.clear()
     graph.gs.cleanup(remove_unused_graph_inputs=False)

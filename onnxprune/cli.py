@@ -137,7 +137,7 @@ def prune_command(input_path, output, report_path, plan_path, dry_run, no_verify
     from .report import summary_table
 
     given = _given(_PRUNE_FIELDS, values)
-    if not given.keys() & {"filters", "neurons", "heads", "layers", "drop_layers", "plan", "target_macs",
+    if not given.keys() & {"filters", "neurons", "heads", "head_dim", "layers", "drop_layers", "plan", "target_macs",
                            "target_params", "target_latency"}:
         raise click.UsageError("give --filters R, --neurons R, --heads R, --target-macs R and/or --layers N "
                                "(or --apply-plan FILE)")

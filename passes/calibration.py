@@ -27,6 +27,9 @@ class CalibrationSettings:
         "--calib-samples", "Use at most N calibration samples.", metavar="N", parse=int))
     allow_nonfinite: bool = setting(False, check=switch, cli=Flag(
         "--allow-nonfinite", "Accept calibration data holding NaN/inf (refused by default).", is_flag=True))
+    calib_mask: str | None = setting(None, check=optional_text, cli=Flag(
+        "--calib-mask", "The [batch, sequence] input whose zeros mark padding, left out of the statistics "
+        "(default: an input named like attention_mask; 'none' for none).", metavar="INPUT"))
 
 
 class LoadCalibration(Pass):
@@ -38,6 +41,9 @@ class LoadCalibration(Pass):
     def run(self, model: onnx.ModelProto, context: Context) -> PassResult:
         context.calibration = calibration_data(self.settings, model)
         described = context.calibration.description if context.calibration is not None else None
+        mask = context.calibration.mask_input if context.calibration is not None else None
+        if mask is not None:
+            context.notes.append(f"calibration statistics leave out padding: the positions where {mask!r} is 0")
         return PassResult(model, {"calibration": described}, modified=False)
 
 
@@ -53,8 +59,12 @@ def calibration_data(settings: CalibrationSettings, model: onnx.ModelProto, defa
 
     limit = settings.calib_limit if settings.calib_limit is not None else default_limit
     if isinstance(settings.calib, (str, Path)):
-        return load_calibration(settings.calib, model, image_spec=settings.image_spec, limit=limit,
+        data = load_calibration(settings.calib, model, image_spec=settings.image_spec, limit=limit,
                                 allow_nonfinite=settings.allow_nonfinite)
-    if isinstance(settings.calib, CalibrationData):
-        return settings.calib if limit is None else settings.calib.limited(limit)
-    return calibration_feeds(settings.calib, model, limit=limit, allow_nonfinite=settings.allow_nonfinite)
+    elif isinstance(settings.calib, CalibrationData):
+        data = settings.calib if limit is None else settings.calib.limited(limit)
+    else:
+        data = calibration_feeds(settings.calib, model, limit=limit, allow_nonfinite=settings.allow_nonfinite)
+    if settings.calib_mask is not None:
+        data.with_mask(None if settings.calib_mask.lower() == "none" else settings.calib_mask)
+    return data

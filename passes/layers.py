@@ -16,7 +16,7 @@ from onnxprune.core.shapes import (
     concrete_input_shapes,
     fix_input_shapes,
 )
-from onnxprune.core.verify import session
+from onnxprune.core.verify import Checker, session
 from onnxprune.pipeline import Context, Pass, PassResult, note_shapes
 from onnxprune.settings import Flag, choice, count_or_fraction, names, setting
 
@@ -70,11 +70,30 @@ class RemoveLayers(Pass):
         scores, criterion = self._scores(reference, graph, candidates, context)
         chosen = blocks.choose(candidates, scores, count, self.settings.drop_layers)
         blocks.remove(graph, chosen)
+        result = graph.to_model()
+        rolled_back = []
+        checker = Checker(reference, context.shapes, context.seed, guessed=bool(context.guessed))
+        failure = checker.failure(result)
+        if failure:  # keep the blocks whose removal the model survives, one after another
+            kept = []
+            for block in chosen:
+                trial = _without(reference, [b.key for b in [*kept, block]])
+                why = checker.failure(trial)
+                if why:
+                    rolled_back.append({"block": block.key, "reason": why})
+                else:
+                    kept.append(block)
+            chosen = kept
+            result = _without(reference, [b.key for b in chosen])
+            context.notes.append(f"--layers: {len(rolled_back)} block(s) kept, the model fails without them "
+                                 f"({rolled_back[0]['reason']})")
         context.owned = True  # the model handed on is a new one
         report = {"candidates": len(candidates),
                   "criterion": "named" if self.settings.drop_layers else criterion,
                   "removed": [b.key for b in chosen], "scores": {b.key: round(scores[b.key], 6) for b in candidates}}
-        return PassResult(graph.to_model(), {"layers": report})
+        if rolled_back:
+            report["rolled_back"] = rolled_back
+        return PassResult(result, {"layers": report})
 
     def _scores(self, model, graph, candidates, context: Context) -> tuple[dict, str]:
         if self.settings.layer_importance == "magnitude":
@@ -88,3 +107,11 @@ class RemoveLayers(Pass):
             where = f"{RANDOM_FEEDS} random inputs (no --calib)"
         scores = blocks.influence_scores(model, candidates, feeds, session)
         return scores, f"influence (1 - cos(x, block(x)) on {where})"
+
+
+def _without(reference: onnx.ModelProto, keys: list[str]) -> onnx.ModelProto:
+    """`reference` with the blocks named by `keys` removed (a fresh graph each time)."""
+    graph = Graph(complete_shapes(reference))
+    chosen = [b for b in blocks.find_blocks(graph) if b.key in set(keys)]
+    blocks.remove(graph, chosen)
+    return graph.to_model()

@@ -68,6 +68,9 @@ class PlanSettings:
         parse=float))
     heads: float | None = setting(None, check=optional_ratio, cli=Flag(
         "--heads", "Fraction of attention heads to remove (whole heads), in [0, 1).", parse=float))
+    head_dim: float | None = setting(None, check=optional_ratio, cli=Flag(
+        "--head-dim", "Fraction of the dims inside every attention head (q/k and v/o head_dim) to remove; "
+        "untouched by default.", metavar="R", parse=float))
     importance: str = setting("l2", check=choice(criteria_names), cli=Flag(
         "--importance", "How channels are scored.", choices=criteria_names, show_default=True))
     round_to: int = setting(1, check=integer(1), cli=Flag(
@@ -98,11 +101,14 @@ class PlanSettings:
     def cross_check(self) -> None:
         """Rules between settings, checked with the settings themselves."""
         if self.plan is not None:
-            given = [name for name in ("filters", "neurons", "heads", "target_macs", "target_params")
+            given = [name for name in ("filters", "neurons", "heads", "head_dim", "target_macs", "target_params")
                      if getattr(self, name)]
             if given:
                 raise OptionError("plan", None, "the plan says which channels go; drop "
                                   + ", ".join("{" + name + "}" for name in given))
+        if self.heads is not None and self.head_dim is not None:
+            raise OptionError("head_dim", self.head_dim, "give it or {heads}, not both: a head's dims are read as "
+                              "channels only when heads are not")
         if self.target_macs is not None and self.target_params is not None:
             raise OptionError("target_macs", self.target_macs, "give it or {target_params}, not both")
 
@@ -114,8 +120,8 @@ class PlanSettings:
 
     @property
     def channels_requested(self) -> bool:
-        return bool(self.filters or self.neurons or self.heads or self.plan is not None or self.target_macs
-                    or self.target_params)
+        return bool(self.filters or self.neurons or self.heads or self.head_dim or self.plan is not None
+                    or self.target_macs or self.target_params)
 
 
 class PlanChannels(Pass):
@@ -138,11 +144,13 @@ class PlanChannels(Pass):
             else:
                 context.plan = make_plan(analysis, s.filters, crit, round_to=s.round_to, global_rank=s.global_rank,
                                          exclude=s.exclude, heads=s.heads, neurons=s.neurons,
-                                         keep_counts=s.keep_counts)
+                                         head_dim=s.head_dim, keep_counts=s.keep_counts)
             context.plan.notes[:0] = notes
         context.notes.extend(context.plan.notes)
         report = {"criterion": context.plan.criterion, "ratio": s.filters, "heads_ratio": s.heads,
                   "neurons_ratio": s.neurons}
+        if s.head_dim is not None:
+            report["head_dim_ratio"] = s.head_dim
         return PassResult(model, report, modified=False)
 
     def _methods(self, context: Context) -> tuple[str, ...]:
@@ -170,7 +178,7 @@ class PlanChannels(Pass):
             if s.sensitivity is not None else (None, None)
         plan = make_target_plan(analysis, crit, metric, target, static_copy(analysis.graph.model, context.shapes),
                                 round_to=s.round_to, exclude=s.exclude, min_keep=s.min_keep,
-                                global_rank=s.global_rank, curves=curves)
+                                global_rank=s.global_rank, curves=curves, head_dim=bool(s.head_dim))
         if note:
             plan.notes.insert(0, note)
         return plan

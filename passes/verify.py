@@ -1,7 +1,10 @@
 """Verify the result against the unpruned model, and roll back what breaks it.
 
-The pruned model must pass the onnx checker and run in onnxruntime on the same random input
-as the original, with the same output shapes and no NaN/inf where the original has numbers.
+The pruned model must pass the onnx checker and run in onnxruntime on the same input as the
+original (the first calibration samples when there is calibration data, random ones
+otherwise, with integer inputs below the rows of the tables they index), with the same output
+shapes and no NaN/inf where the original has numbers; where input dims were left dynamic and
+guessed, also at a second set of dims (with the user's interface), so that it still takes any.
 If it does not, the groups responsible are found by bisection (each try a fresh analysis of
 the unpruned model with part of the plan applied), undone, and listed under `rolled_back`;
 the others are kept. The graph inputs and outputs then get back the types the user's model
@@ -16,12 +19,15 @@ import onnx
 from onnxprune.core.dependency import analyze_model
 from onnxprune.core.errors import VerificationError
 from onnxprune.core.plan import plan_from_removed
-from onnxprune.core.shapes import restore_interface
+from onnxprune.core.shapes import concrete_input_shapes, restore_interface
 from onnxprune.core.verify import Checker
 from onnxprune.pipeline import Context, Pass, PassResult, require
 from onnxprune.settings import setting, switch
 
 from .channels import group_json
+
+
+VERIFY_SAMPLES = 8  # calibration samples the result is compared on, when there are any
 
 
 @dataclass
@@ -40,8 +46,15 @@ class Verify(Pass):
         require(context.reference is not None, self.name, "a reference model (run an analysis or layer removal first)")
 
     def run(self, model: onnx.ModelProto, context: Context) -> PassResult:
+        alternate = None
+        if context.guessed:  # dims the user left dynamic: the result must still take other ones
+            alternate, _ = concrete_input_shapes(context.reference, context.input_shapes, alternate=True)
+        feeds = None
+        if context.calibration is not None and self.settings.verify:  # real inputs, where the user gave some
+            feeds = context.calibration.limited(VERIFY_SAMPLES).first()
         checker = Checker(context.reference, context.shapes, context.seed if self.settings.verify else None,
-                          guessed=bool(context.guessed))
+                          guessed=bool(context.guessed), alternate=alternate, interface=context.interface,
+                          feeds=feeds)
         context.checker = checker
         report: dict = {"rolled_back": []}
         plan = context.plan

@@ -13,27 +13,35 @@ import math
 
 import numpy as np
 import onnx
+from onnxprune.passes.analyze import analyze_dynamic
 
-from onnxprune.core.dependency import analyze_model
+from onnxprune import blocks as blk
+from onnxprune.core.dependency import with_input_shapes
+from onnxprune.core.graph import Graph
 from onnxprune.core.plan import candidate_groups, group_key
+from onnxprune.core.shapes import complete_shapes, concrete_input_shapes, restore_interface
 
 NEUTRAL = {"bn_var": 1.0, "divisor": 1.0}
 
 
 def plant_dead_channels(model: onnx.ModelProto, ratio: float, seed: int = 0, heads: bool = False,
-                        input_shapes: dict | None = None):
+                        input_shapes: dict | None = None, head_dim: bool = False):
     """Return (planted model, {group key: sorted dead channel indices}).
 
-    heads=True plants dead attention heads only (groups of whole heads).
+    heads=True plants dead attention heads only (groups of whole heads); head_dim=True dead
+    dims inside heads only; otherwise every other group (dims inside heads go only on request).
     """
-    analysis = analyze_model(model, input_shapes, heads=heads)
+    # the analysis a prune run makes: with dynamic dims, perhaps at the measuring dims
+    working = complete_shapes(with_input_shapes(model, input_shapes))
+    shapes, guessed = concrete_input_shapes(working, input_shapes)
+    analysis, _ = analyze_dynamic(working, shapes if guessed else None, heads)
     graph = analysis.graph
     groups, _ = candidate_groups(analysis)
     rng = np.random.default_rng(seed)
     values = {}
     truth = {}
     for group in groups:
-        if heads and group.kind != "heads":
+        if heads and group.kind != "heads" or head_dim != (group.kind == "head_dim"):
             continue
         n = math.floor(ratio * group.channels)
         if n == 0:
@@ -50,11 +58,15 @@ def plant_dead_channels(model: onnx.ModelProto, ratio: float, seed: int = 0, hea
             arr[tuple(index)] = NEUTRAL.get(att.role, 0.0)
     for (_, input_index), (node, arr) in values.items():
         graph.set_const_input(node, input_index, arr)
-    return graph.to_model(), truth
+    planted = graph.to_model()
+    # the analysis may have fixed dynamic dims: the planted model takes what the model took
+    restore_interface(planted, {vi.name: vi for vi in model.graph.input}, False)
+    return planted, truth
 
 
 def prune_planted(model: onnx.ModelProto, ratio: float, seed: int = 0, tolerance: float = 1e-4,
-                  atol: float = 1e-6, heads: bool = False, optimized: bool = True, **options):
+                  atol: float = 1e-6, heads: bool = False, optimized: bool = True, head_dim: bool = False,
+                  **options):
     """Plant dead channels, prune exactly that amount, and check the function is unchanged.
 
     Outputs must agree to `tolerance` relative to their largest magnitude; `atol` only
@@ -62,15 +74,18 @@ def prune_planted(model: onnx.ModelProto, ratio: float, seed: int = 0, tolerance
     largest value around 1e-6, where float32 summation order alone moves it by 1e-7).
     `optimized=False` compares the graphs as written, without onnxruntime's fusions (see run_model).
     """
+    from conftest import max_rel_diff, run_model
+
     from onnxprune import prune
     from onnxprune.core.metrics import random_inputs
     from onnxprune.core.shapes import concrete_input_shapes
 
-    from conftest import max_rel_diff, run_model
-
-    planted, truth = plant_dead_channels(model, ratio, seed, heads=heads, input_shapes=options.get("input_shapes"))
+    planted, truth = plant_dead_channels(model, ratio, seed, heads=heads, input_shapes=options.get("input_shapes"),
+                                         head_dim=head_dim)
     if heads:
         result = prune(planted, filters=0.0, heads=ratio, latency_runs=0, **options)
+    elif head_dim:
+        result = prune(planted, filters=0.0, head_dim=ratio, latency_runs=0, **options)
     else:
         result = prune(planted, filters=ratio, latency_runs=0, **options)
     assert result.verification.checker == "passed", result.verification.checker
@@ -84,3 +99,23 @@ def prune_planted(model: onnx.ModelProto, ratio: float, seed: int = 0, tolerance
                             atol=atol / tolerance)
         assert diff <= tolerance, f"pruned model differs from the planted original: rel {diff:.3g}"
     return result
+
+
+def plant_identity_blocks(model: onnx.ModelProto, count: int, first: int | None = None):
+    """Zero the last layer of `count` blocks' branches (and the per-channel constants after it),
+    so those blocks add exactly zero: every other block, or `count` adjacent ones from block
+    `first`. Returns (planted model, their keys)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = Graph(complete_shapes(copy))
+    blocks = blk.find_blocks(graph)
+    # every other block, not simply the first ones; or adjacent ones
+    chosen = blocks[1::2][:count] if first is None else blocks[first:first + count]
+    for block in chosen:
+        for node in blk.branch_tail(block):
+            for i, t in enumerate(node.inputs):  # any side: exporters write Add(bias, x) too
+                keep = (node.op == "BatchNormalization" and i == 4) or (node.op == "Div" and i == 1)
+                value = graph.const(t)
+                if value is not None and value.dtype.kind == "f" and not keep:
+                    graph.set_const_input(node, i, np.zeros_like(value))
+    return graph.to_model(), [b.key for b in chosen]

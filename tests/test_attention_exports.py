@@ -59,6 +59,6 @@ def test_dead_kv_heads_go_with_their_query_heads(tmp_path, opset, kv_heads, caus
 @pytest.mark.parametrize("opset,kv_heads,causal", CASES, ids=IDS)
 def test_dead_head_size_channels(tmp_path, opset, kv_heads, causal):
     torch.manual_seed(0)
-    result = prune_planted(_export(SdpaBlock(kv_heads=kv_heads, causal=causal), opset, tmp_path), 0.5)
+    result = prune_planted(_export(SdpaBlock(kv_heads=kv_heads, causal=causal), opset, tmp_path), 0.5, head_dim=True)
     # q/k share one head_size, v has its own
     assert sorted(d.group.channels for d in result.plan.decisions if len(d.removed)) == [8, 8]

@@ -1,8 +1,8 @@
 """--layers: whole residual blocks go; planted identity blocks must go exactly, outputs unchanged."""
 import numpy as np
-import onnx
 import pytest
 from conftest import max_rel_diff, run_model
+from planting import plant_identity_blocks
 from textmodel import text_model
 
 from onnxprune import OnnxPruneError, prune
@@ -10,24 +10,6 @@ from onnxprune import blocks as blk
 from onnxprune.core.graph import Graph
 from onnxprune.core.metrics import random_inputs
 from onnxprune.core.shapes import complete_shapes, concrete_input_shapes
-
-
-def plant_identity_blocks(model: onnx.ModelProto, count: int):
-    """Zero the last layer of `count` blocks' branches (and the per-channel constants after it),
-    so those blocks add exactly zero. Returns (planted model, their keys)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    graph = Graph(complete_shapes(copy))
-    blocks = blk.find_blocks(graph)
-    chosen = blocks[1::2][:count]  # every other block, not simply the first ones
-    for block in chosen:
-        for node in blk.branch_tail(block):
-            for i, t in enumerate(node.inputs[1:], start=1):
-                keep = (node.op == "BatchNormalization" and i == 4) or (node.op == "Div" and i == 1)
-                value = graph.const(t)
-                if value is not None and value.dtype.kind == "f" and not keep:
-                    graph.set_const_input(node, i, np.zeros_like(value))
-    return graph.to_model(), [b.key for b in chosen]
 
 
 def _same_function(a, b, seed=5):
@@ -96,3 +78,24 @@ def test_block_influence_is_measured_on_calibration_data_when_given():
     result = prune(planted, layers=1, layer_importance="influence", calib=feeds, latency_runs=0)
     assert result.report["layers"]["removed"] == keys
     assert "3 calibration samples" in result.report["layers"]["criterion"]
+
+
+def test_a_block_whose_removal_breaks_the_model_is_kept(monkeypatch):
+    import onnx_graphsurgeon as gs
+
+    model = text_model(PRE_LN, PRE_LN_WEIGHTS)
+    keys = [b.key for b in blk.find_blocks(Graph(complete_shapes(model)))]
+    original_remove = blk.remove
+
+    def breaking_remove(graph, chosen):  # removing the first block leaves a node reading nothing
+        original_remove(graph, chosen)
+        if any(b.key == keys[0] for b in chosen):
+            dangling = gs.Variable("never_produced", dtype=np.float32)
+            graph.gs.nodes.append(gs.Node("Relu", inputs=[dangling], outputs=[graph.gs.outputs[0]]))
+
+    monkeypatch.setattr(blk, "remove", breaking_remove)
+    result = prune(model, drop_layers=keys, latency_runs=0)
+    assert result.report["layers"]["removed"] == keys[1:]
+    assert [r["block"] for r in result.report["layers"]["rolled_back"]] == keys[:1]
+    assert result.verification.ort == "passed"
+    assert any("1 block(s) kept" in n for n in result.report["notes"])

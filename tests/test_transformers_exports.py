@@ -66,7 +66,7 @@ def test_whole_heads(tmp_path, name, dynamo):
 
 
 @pytest.mark.parametrize("name,dynamo", CASES, ids=[f"{n}-{'dynamo' if d else 'legacy'}" for n, d in CASES])
-def test_neurons_and_head_dims(tmp_path, name, dynamo):
+def test_neurons(tmp_path, name, dynamo):
     result = prune_planted(_export(name, dynamo, tmp_path), 0.25)
     kinds = [d.group.kind for d in result.plan.decisions if len(d.removed)]
     assert kinds.count("neurons") >= 2
@@ -75,7 +75,8 @@ def test_neurons_and_head_dims(tmp_path, name, dynamo):
 @pytest.mark.parametrize("name,dynamo", CASES, ids=[f"{n}-{'dynamo' if d else 'legacy'}" for n, d in CASES])
 def test_identity_layers(tmp_path, name, dynamo):
     """A sublayer whose output projection is zero adds nothing: --layers 1 must find and drop it exactly."""
-    from test_layers import _same_function, plant_identity_blocks
+    from planting import plant_identity_blocks
+    from test_layers import _same_function
 
     from onnxprune import prune
 

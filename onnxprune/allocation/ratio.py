@@ -11,24 +11,26 @@ import numpy as np
 from ..core.criteria import Criterion
 from ..core.dependency import Analysis
 from ..core.errors import OptionError
-from ..core.plan import GroupDecision, Plan, candidate_groups, group_key
+from ..core.plan import GroupDecision, Plan, candidate_groups, channel_step, group_key
 
 
-def _keep_count(channels: int, remove: int, round_to: int) -> int:
+def _keep_count(channels: int, remove: int, step: int) -> int:
     keep = max(channels - remove, 1)
-    if round_to > 1:
-        keep = min(channels, math.ceil(keep / round_to) * round_to)
+    if step > 1:
+        keep = min(channels, math.ceil(keep / step) * step)
     return keep
 
 
 def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: int = 1,
               global_rank: bool = False, exclude=(), heads: float | None = None,
-              neurons: float | None = None, keep_counts: dict[str, int] | None = None) -> Plan:
+              neurons: float | None = None, head_dim: float | None = None,
+              keep_counts: dict[str, int] | None = None) -> Plan:
     """`ratio` applies to every group; `neurons` (Gemm/MatMul hidden units) and `heads`
-    (whole attention heads), when given, override it for their kind of group. `keep_counts`
-    ({group key: channels to keep}) replaces all of that: each listed group keeps that many of
-    its best channels, the others keep all (iterative pruning's rounds)."""
-    for option, value in (("filters", ratio), ("heads", heads), ("neurons", neurons)):
+    (whole attention heads), when given, override it for their kind of group; the dims inside
+    attention heads go only with `head_dim`. `keep_counts` ({group key: channels to keep})
+    replaces all of that: each listed group keeps that many of its best channels, the others
+    keep all (iterative pruning's rounds)."""
+    for option, value in (("filters", ratio), ("heads", heads), ("neurons", neurons), ("head_dim", head_dim)):
         if value is not None and not 0.0 <= value < 1.0:
             raise OptionError(option, value, "must be in [0, 1)")
     if round_to < 1:
@@ -36,7 +38,7 @@ def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: in
     groups, skipped = candidate_groups(analysis, exclude)
     plan = Plan(skipped=skipped, criterion=crit.name)
     scores = {g.id: np.asarray(crit.scores(analysis, g), dtype=np.float64) for g in groups}
-    override = {"heads": heads, "neurons": neurons}
+    override = {"heads": heads, "neurons": neurons, "head_dim": head_dim or 0.0}
 
     def group_ratio(g):
         return ratio if override.get(g.kind) is None else override[g.kind]
@@ -47,12 +49,24 @@ def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: in
     if keep_counts is not None:
         counts = {g.id: max(0, g.channels - keep_counts.get(group_key(analysis, g), g.channels)) for g in groups}
         round_to = 1  # the counts already are what the rounds lead to
+    rounded_away = []
     for g in groups:
-        keep = _keep_count(g.channels, counts[g.id], round_to)
+        keep = _keep_count(g.channels, counts[g.id], channel_step(analysis, g, round_to))
+        if counts[g.id] and keep == g.channels:
+            rounded_away.append(g)
         order = np.argsort(scores[g.id], kind="stable")
         removed = np.sort(order[: g.channels - keep])
         plan.decisions.append(GroupDecision(group_key(analysis, g), g, removed, scores[g.id]))
     plan.notes.extend(crit.notes)
+    if rounded_away:
+        g = rounded_away[0]
+        plan.notes.append(f"--round-to {round_to} kept {len(rounded_away)} group(s) whole: rounding the kept width up "
+                          f"to a multiple of {round_to} left nothing to remove (e.g. {group_key(analysis, g)!r}, "
+                          f"{g.channels} {g.kind})")
+    untouched = [g for g in groups if g.kind == "head_dim"]
+    if untouched and head_dim is None and keep_counts is None:
+        plan.notes.append(f"{len(untouched)} group(s) of dims inside attention heads (q/k or v/o head_dim) keep "
+                          "their size: --head-dim R prunes them, --heads removes whole heads")
     return plan
 
 

@@ -21,7 +21,7 @@ from ..core.cost import METRICS, CostModel, RunningCost
 from ..core.criteria import Criterion
 from ..core.dependency import Analysis, Group
 from ..core.errors import OnnxPruneError, OptionError
-from ..core.plan import GroupDecision, Plan, candidate_groups, group_key
+from ..core.plan import GroupDecision, Plan, candidate_groups, channel_step, group_key
 
 
 def allocate(analysis: Analysis, groups: list[Group], scores: dict[int, np.ndarray], cost_model: CostModel,
@@ -74,14 +74,15 @@ def allocate_uniform(groups: list[Group], cost_model: CostModel, metric: str, ta
     if before <= 0:
         raise OptionError(f"target_{metric}", target, f"the model has no {metric} to reduce")
     goal = target * before
-    widths = {g.id: _Widths.of(g.channels, round_to, min_keep) for g in groups}
+    widths = {g.id: _Widths.of(g, round_to, min_keep) for g in groups}
 
     def removed_at(ratio: float) -> dict[int, int]:
         out = {}
         for g in groups:
             keep = max(g.channels - math.floor(ratio * g.channels), widths[g.id].floor)
-            if round_to > 1:
-                keep = min(g.channels, math.ceil(keep / round_to) * round_to)
+            step = widths[g.id].step
+            if step > 1:
+                keep = min(g.channels, math.ceil(keep / step) * step)
             out[g.id] = g.channels - keep
         return out
 
@@ -104,28 +105,32 @@ def allocate_uniform(groups: list[Group], cost_model: CostModel, metric: str, ta
 
 def make_target_plan(analysis: Analysis, crit: Criterion, metric: str, target: float,
                      static_model: onnx.ModelProto, round_to: int = 1, exclude=(), curves=None, *,
-                     min_keep: float = 0.0, global_rank: bool = True) -> Plan:
+                     min_keep: float = 0.0, global_rank: bool = True, head_dim: bool = False) -> Plan:
     """A plan that brings `metric` ("macs" or "params") to `target` of the original.
 
     `static_model` is static_copy(model, concrete_shapes) of the analysed model. Within each
     group the lowest-scored channels go; how many comes from allocate_by_sensitivity() when
     `curves` are given, else from allocate() (global ranking) or, with global_rank=False, from
     allocate_uniform(). A data-driven criterion must be prepared first. plan.notes records
-    the ratio reached.
+    the ratio reached. The dims inside attention heads are allocated only with `head_dim`.
     """
-    groups, skipped = candidate_groups(analysis, exclude)
-    scores = {g.id: np.asarray(crit.scores(analysis, g), dtype=np.float64) for g in groups}
+    if round_to < 1:
+        raise OptionError("round_to", round_to, "must be a positive integer")
+    every, skipped = candidate_groups(analysis, exclude)
+    groups = [g for g in every if head_dim or g.kind != "head_dim"]
+    scores = {g.id: np.asarray(crit.scores(analysis, g), dtype=np.float64) for g in every}
+    steps = {g.id: channel_step(analysis, g, round_to) for g in groups}
     cost_model = CostModel(analysis, static_model)
     if curves is None and not global_rank:
-        counts = allocate_uniform(groups, cost_model, metric, target, round_to, min_keep=min_keep)
+        counts = allocate_uniform(groups, cost_model, metric, target, steps, min_keep=min_keep)
     elif curves is None:
-        counts = allocate(analysis, groups, scores, cost_model, metric, target, round_to, min_keep=min_keep)
+        counts = allocate(analysis, groups, scores, cost_model, metric, target, steps, min_keep=min_keep)
     else:
-        counts = allocate_by_sensitivity(groups, curves, cost_model, metric, target, round_to, min_keep=min_keep)
+        counts = allocate_by_sensitivity(groups, curves, cost_model, metric, target, steps, min_keep=min_keep)
     plan = Plan(skipped=skipped, criterion=crit.name)
-    for g in groups:
+    for g in every:  # head_dim groups left out of the allocation keep all their channels
         order = np.argsort(scores[g.id], kind="stable")
-        removed = np.sort(order[:counts[g.id]])
+        removed = np.sort(order[:counts.get(g.id, 0)])
         plan.decisions.append(GroupDecision(group_key(analysis, g), g, removed, scores[g.id]))
     kept = plan.kept_by_atom(analysis.atoms)
     reached = cost_model.cost(kept)[metric] / cost_model.before[metric]
@@ -143,9 +148,12 @@ class _Widths:
     floor: int
 
     @classmethod
-    def of(cls, channels: int, round_to: int, min_keep: float) -> "_Widths":
+    def of(cls, group: Group, round_to, min_keep: float) -> "_Widths":
+        """`round_to`: an int for every group, or {group id: step} (core.plan.channel_step)."""
+        step = round_to.get(group.id, 1) if isinstance(round_to, dict) else round_to
+        channels = group.channels
         least = max(1, math.ceil(min_keep * channels))
-        return cls(channels, round_to, min(channels, math.ceil(least / round_to) * round_to))
+        return cls(channels, step, min(channels, math.ceil(least / step) * step))
 
     def down(self, keep: int) -> int | None:
         narrower = (keep - 1) // self.step * self.step
@@ -165,7 +173,7 @@ def _allocate(groups, damage, cost_model: CostModel, metric: str, target: float,
     if before <= 0:
         raise OptionError(f"target_{metric}", target, f"the model has no {metric} to reduce")
     goal = target * before
-    widths = {g.id: _Widths.of(g.channels, round_to, min_keep) for g in groups}
+    widths = {g.id: _Widths.of(g, round_to, min_keep) for g in groups}
     least = cost_model.cost_of_counts({g.atom: widths[g.id].floor for g in groups})[metric]
     if least > goal:
         raise OptionError(f"target_{metric}", target, "unreachable, with every prunable group at its "
@@ -309,7 +317,7 @@ def _check_request(metric: str, target: float, round_to: int, min_keep: float) -
         raise OnnxPruneError(f"target metric {metric!r}: choose one of {', '.join(METRICS)}")
     if not 0.0 < target <= 1.0:
         raise OptionError(f"target_{metric}", target, "must be in (0, 1]")
-    if round_to < 1:
+    if (min(round_to.values(), default=1) if isinstance(round_to, dict) else round_to) < 1:
         raise OptionError("round_to", round_to, "must be a positive integer")
     if not 0.0 <= min_keep < 1.0:
         raise OnnxPruneError(f"minimum kept fraction {min_keep}: must be in [0, 1)")

@@ -156,6 +156,8 @@ class CalibrationData:
         self.one_shot = one_shot
         self.notes = list(notes)
         self.allow_nonfinite = allow_nonfinite
+        # the input whose zeros mark padding ([batch, sequence]): statistics leave those rows out
+        self.mask_input = _attention_mask(inputs)
         self._produce = produce
         self._used = False
         self._resume = None  # a one-shot source's iterator after first() peeked at it
@@ -193,8 +195,27 @@ class CalibrationData:
 
     def limited(self, limit: int | None) -> CalibrationData:
         """The same data capped at `limit` samples."""
-        return CalibrationData(self.inputs, self._produce, self.description, limit, self.one_shot, self.notes,
+        data = CalibrationData(self.inputs, self._produce, self.description, limit, self.one_shot, self.notes,
                                self.allow_nonfinite)
+        data.mask_input = self.mask_input
+        return data
+
+    def with_mask(self, name: str | None) -> CalibrationData:
+        """Padding marked by the input `name` (None: no padding), instead of the attention mask
+        found by name."""
+        if name is not None:
+            spec = next((s for s in self.inputs if s.name == name), None)
+            if spec is None or spec.dims is None or len(spec.dims) != 2:
+                raise OnnxPruneError(f"calibration mask {name!r}: not a [batch, sequence] input of the model "
+                                     f"(inputs: {', '.join(s.name for s in self.inputs)})")
+        self.mask_input = name
+        return self
+
+    def positions(self, feed: dict[str, np.ndarray]) -> np.ndarray | None:
+        """Which [batch, sequence] positions of this batch are real tokens (None: all)."""
+        if self.mask_input is None or self.mask_input not in feed:
+            return None
+        return np.asarray(feed[self.mask_input]) != 0
 
     def spread(self, samples: int) -> CalibrationData:
         """About `samples` samples taken evenly from all of the data: every k-th batch, cut at
@@ -208,8 +229,10 @@ class CalibrationData:
             return self
         step = -(-total // samples)  # batches of equal size: every step-th one gives about `samples`
         produce, count = self._produce, len(sizes)
-        return CalibrationData(self.inputs, lambda: itertools.islice(produce(), 0, count, step), self.description,
+        data = CalibrationData(self.inputs, lambda: itertools.islice(produce(), 0, count, step), self.description,
                                samples, notes=self.notes, allow_nonfinite=self.allow_nonfinite)
+        data.mask_input = self.mask_input
+        return data
 
     def _samples(self, feed: dict[str, np.ndarray]) -> int:
         lead = feed[self.inputs[0].name] if self.inputs else None
@@ -242,6 +265,15 @@ def calibration_feeds(feeds, model: onnx.ModelProto | str | Path, limit: int | N
     one_shot = iter(feeds) is feeds
     return CalibrationData(inputs, lambda: _numbered(feeds), "calibration feeds", limit, one_shot=one_shot,
                            allow_nonfinite=allow_nonfinite)
+
+
+def _attention_mask(inputs: list[InputSpec]) -> str | None:
+    """The input named like an attention mask, integer or bool, [batch, sequence]."""
+    for spec in inputs:
+        if "attention_mask" in spec.name.lower() and spec.dims is not None and len(spec.dims) == 2 \
+                and (spec.dtype == np.bool_ or np.issubdtype(spec.dtype, np.integer)):
+            return spec.name
+    return None
 
 
 def _numbered(feeds: Iterable) -> Iterator[tuple[str, Mapping]]:

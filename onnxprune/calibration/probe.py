@@ -69,7 +69,8 @@ def collect_into(model, feeds, accumulators: list[tuple[str, object]],
                  budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
     """Give every (tensor name, accumulator) pair the tensor's values, batch by batch.
 
-    An accumulator is anything with `add(values)`; several may share a tensor.
+    An accumulator is anything with `add(values, keep=...)` (`keep`: the batch's real-token
+    positions, or None); several may share a tensor.
     """
     model = as_model(model)
     data = calibration_feeds(feeds, model)
@@ -88,14 +89,15 @@ def collect_into(model, feeds, accumulators: list[tuple[str, object]],
         run = _probe(model, chunk, elem_types) if chunk else None
         batches = progress(data, f"calibration pass {number + 1}/{passes}", unit="batch")
         for batch, feed in enumerate(batches, start=1):
+            keep = data.positions(feed)
             if number == 0:
                 for name in from_feeds:
                     for accumulator in by_tensor[name]:
-                        accumulator.add(feed[name])
+                        accumulator.add(feed[name], keep=keep)
             if run is not None:
                 for name, values in zip(chunk, run(feed, batch)):
                     for accumulator in by_tensor[name]:
-                        accumulator.add(values)
+                        accumulator.add(values, keep=keep)
         del run  # one session at a time
 
 
@@ -117,8 +119,9 @@ def collect_paired_stats(reference: onnx.ModelProto, candidate: onnx.ModelProto,
         run_a, run_b = _probe(reference, chunk, elem_types), _probe(candidate, chunk, elem_types)
         batches = progress(data, f"paired statistics {number + 1}/{len(chunks)}", unit="batch")
         for batch, feed in enumerate(batches, start=1):
+            keep = data.positions(feed)
             for name, a, b in zip(chunk, run_a(feed, batch), run_b(feed, batch)):
-                accumulators[name].add(a, b)
+                accumulators[name].add(a, b, keep=keep)
         del run_a, run_b
     return accumulators
 
@@ -156,8 +159,9 @@ def collect_paired_into(reference: onnx.ModelProto, candidate: onnx.ModelProto, 
         for batch, feed in enumerate(batches, start=1):
             ref_values = dict(feed, **dict(zip(ref_names, run_ref(feed, batch) if run_ref else [])))
             cand_values = dict(feed, **dict(zip(cand_names, run_cand(feed, batch) if run_cand else [])))
+            keep = data.positions(feed)
             for ref, cand, accumulator in chosen:
-                accumulator.add(ref_values[ref], cand_values[cand])
+                accumulator.add(ref_values[ref], cand_values[cand], keep=keep)
         del run_ref, run_cand
 
 

@@ -3,6 +3,9 @@ of convolution input patches), and paired statistics of two models (per-channel,
 moments of a least-squares map from one model's tensor to the other's).
 
 Reductions convert at most ``_MAX_PIECE_ELEMENTS`` values to float64 at once.
+
+`keep` (a boolean [batch, sequence] array, from an attention mask) leaves padding out: where
+a tensor's positions start with those two axes, only the rows of real tokens count.
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ class Accumulator:
         self.name = name
         self.count = 0  # values seen per channel (rows)
 
-    def add(self, values: np.ndarray) -> None:
-        for rows in _channel_rows(np.asarray(values), self.axis, self.name):
+    def add(self, values: np.ndarray, keep: np.ndarray | None = None) -> None:
+        for rows in _channel_rows(np.asarray(values), self.axis, self.name, keep):
             self._check_channels(rows.shape[1])
             self._add_rows(rows)
             self.count += rows.shape[0]
@@ -44,21 +47,38 @@ class Accumulator:
         raise NotImplementedError
 
 
-def _channel_rows(values: np.ndarray, axis: int, name: str) -> Iterator[np.ndarray]:
-    """`values` as float64 [positions, channels] pieces of bounded size (channel axis last)."""
+def _channel_rows(values: np.ndarray, axis: int, name: str, keep: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """`values` as float64 [positions, channels] pieces of bounded size (channel axis last),
+    without the padding rows `keep` marks (see position_mask)."""
     if not -values.ndim <= axis < values.ndim:
         raise OnnxPruneError(f"tensor {name!r}: channel axis {axis} is out of range for its shape "
                              f"{list(values.shape)}")
     axis %= values.ndim
     channels = values.shape[axis]
+    rows_kept = position_mask(values.shape, axis, keep)
     if axis == 0 or values.ndim == 1:
-        yield np.moveaxis(values, axis, -1).reshape(-1, channels).astype(np.float64)
+        rows = np.moveaxis(values, axis, -1).reshape(-1, channels)
+        yield (rows if rows_kept is None else rows[rows_kept.reshape(-1)]).astype(np.float64)
         return
     per_entry = max(1, values[:1].size)
     step = max(1, _MAX_PIECE_ELEMENTS // per_entry)
     for start in range(0, values.shape[0], step):  # slices of axis 0 bound the float64 copies
-        piece = values[start:start + step]
-        yield np.moveaxis(piece, axis, -1).reshape(-1, channels).astype(np.float64)
+        rows = np.moveaxis(values[start:start + step], axis, -1).reshape(-1, channels)
+        if rows_kept is not None:
+            rows = rows[rows_kept[start:start + step].reshape(-1)]
+        yield rows.astype(np.float64)
+
+
+def position_mask(shape: tuple, axis: int, keep: np.ndarray | None) -> np.ndarray | None:
+    """Which positions of a tensor (its shape without the channel axis) are real tokens: `keep`
+    ([batch, sequence]) broadcast over the other axes, when the positions start with those two
+    axes; None (all of them) otherwise."""
+    if keep is None or len(shape) < 3:
+        return None
+    rest = tuple(d for i, d in enumerate(shape) if i != axis % len(shape))
+    if rest[:2] != tuple(keep.shape):
+        return None
+    return np.broadcast_to(np.asarray(keep, bool).reshape(keep.shape + (1,) * (len(rest) - 2)), rest)
 
 
 class ChannelStats(Accumulator):
@@ -160,7 +180,8 @@ class PatchGramStats:
         self.count = 0
         self.gram = self.sum = None
 
-    def add(self, values: np.ndarray) -> None:
+    def add(self, values: np.ndarray, keep: np.ndarray | None = None) -> None:
+        """`keep` is not used: convolution patches are not token positions."""
         for rows, _ in _patch_rows(np.asarray(values), self.kernel, self.strides, self.pads, self.dilations,
                                    self.positions_per_sample, self.rng, self.name):
             if self.gram is None:
@@ -213,15 +234,15 @@ class PairedStats:
         self.count = 0
         self.sums = None  # rows: a, b, a*a, b*b, a*b
 
-    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+    def add(self, a: np.ndarray, b: np.ndarray, keep: np.ndarray | None = None) -> None:
         a = np.asarray(a)
         if self.positions is not None:
             a = np.take(a, self.positions, axis=self.axis)
         if a.shape != np.shape(b):
             raise OnnxPruneError(f"tensor {self.name!r}: shape {list(np.shape(b))} in the pruned model, "
                                  f"{list(a.shape)} expected from the original")
-        for rows_a, rows_b in zip(_channel_rows(a, self.axis, self.name), _channel_rows(np.asarray(b), self.axis,
-                                                                                        self.name)):
+        for rows_a, rows_b in zip(_channel_rows(a, self.axis, self.name, keep),
+                                  _channel_rows(np.asarray(b), self.axis, self.name, keep)):
             part = np.stack([rows_a.sum(0), rows_b.sum(0), np.einsum("ij,ij->j", rows_a, rows_a),
                              np.einsum("ij,ij->j", rows_b, rows_b), np.einsum("ij,ij->j", rows_a, rows_b)])
             self.sums = part if self.sums is None else self.sums + part
@@ -258,12 +279,12 @@ class RegressionStats:
         self.count = 0
         self.xx = self.xy = self.x_sum = self.y_sum = None
 
-    def add(self, y: np.ndarray, x: np.ndarray) -> None:
+    def add(self, y: np.ndarray, x: np.ndarray, keep: np.ndarray | None = None) -> None:
         y, x = np.asarray(y), np.asarray(x)
         if self.y_positions is not None:
             y = np.take(y, self.y_positions, axis=self.y_axis)
         if self.geometry is None:
-            pieces = self._position_rows(y, x)
+            pieces = self._position_rows(y, x, keep)
         else:
             kernel, strides, pads, dilations = self.geometry
             rank = len(kernel)
@@ -290,20 +311,30 @@ class RegressionStats:
             self.y_sum += y_rows.sum(axis=0)
             self.count += x_rows.shape[0]
 
-    def _position_rows(self, y: np.ndarray, x: np.ndarray):
-        """Both tensors as [positions, channels], in pieces cut along axis 0 at the same places."""
+    def _position_rows(self, y: np.ndarray, x: np.ndarray, keep: np.ndarray | None = None):
+        """Both tensors as [positions, channels], in pieces cut along axis 0 at the same places
+        (padding rows left out, as in _channel_rows)."""
         for axis, v in ((self.x_axis, x), (self.y_axis, y)):
             if not -v.ndim <= axis < v.ndim:
                 raise OnnxPruneError(f"tensor {self.name!r}: channel axis {axis} is out of range for shape "
                                      f"{list(v.shape)}")
         x_axis, y_axis = self.x_axis % x.ndim, self.y_axis % y.ndim
+        kept = position_mask(x.shape, x_axis, keep)
+        if kept is not None and position_mask(y.shape, y_axis, keep) is None:
+            kept = None  # input and output positions must be cut alike
         if x_axis == 0 or y_axis == 0:
-            yield (np.moveaxis(x, x_axis, -1).reshape(-1, x.shape[x_axis]).astype(np.float64),
-                   np.moveaxis(y, y_axis, -1).reshape(-1, y.shape[y_axis]).astype(np.float64))
+            a = np.moveaxis(x, x_axis, -1).reshape(-1, x.shape[x_axis])
+            b = np.moveaxis(y, y_axis, -1).reshape(-1, y.shape[y_axis])
+            if kept is not None:
+                a, b = a[kept.reshape(-1)], b[kept.reshape(-1)]
+            yield a.astype(np.float64), b.astype(np.float64)
             return
         per_entry = max(1, x[:1].size, y[:1].size)
         step = max(1, _MAX_PIECE_ELEMENTS // per_entry)
         for start in range(0, x.shape[0], step):
-            a, b = x[start:start + step], y[start:start + step]
-            yield (np.moveaxis(a, x_axis, -1).reshape(-1, x.shape[x_axis]).astype(np.float64),
-                   np.moveaxis(b, y_axis, -1).reshape(-1, y.shape[y_axis]).astype(np.float64))
+            a = np.moveaxis(x[start:start + step], x_axis, -1).reshape(-1, x.shape[x_axis])
+            b = np.moveaxis(y[start:start + step], y_axis, -1).reshape(-1, y.shape[y_axis])
+            if kept is not None:
+                rows = kept[start:start + step].reshape(-1)
+                a, b = a[rows], b[rows]
+            yield a.astype(np.float64), b.astype(np.float64)

@@ -85,7 +85,10 @@ def _rewrite_literals(analysis: Analysis, applier: Applier) -> None:
         by_input[(id(node), index)].append((node, element, layout))
     for (_, index), items in by_input.items():
         node = items[0][0]
-        value = np.array(analysis.graph.const(node.inputs[index]), copy=True)
+        value = analysis.graph.const(node.inputs[index])
+        if value is None:  # a dim read at run time that equals the channel count: a literal takes its place
+            value = np.array([layout_size(items[0][2], analysis.atoms)], dtype=np.int64)
+        value = np.array(value, copy=True)
         before = value.copy()
         for _, element, layout in items:
             value.flat[element] = applier.new_size(layout)

@@ -60,7 +60,9 @@ class Group:
     members: list[Attachment] = field(default_factory=list)
     fixed_reasons: list[str] = field(default_factory=list)
     origins: list[str] = field(default_factory=list)
-    kind: str = "filters"  # "filters" (conv), "neurons" (Gemm/MatMul) or "heads" (attention heads)
+    # "filters" (conv), "neurons" (Gemm/MatMul), "heads" (attention heads) or "head_dim" (the
+    # dims inside each head: a Gemm/MatMul output split into heads x head_dim)
+    kind: str = "filters"
 
     @property
     def prunable(self) -> bool:
@@ -132,12 +134,15 @@ class Context:
         return sum(self.atoms.size(s.atom) * s.expand for s in layout)
 
     # -- declaring -------------------------------------------------------------------
-    def new_channels(self, count: int, heads: bool = False) -> Layout:
-        """Fresh channels created by this node (heads=True: attention heads, for --heads)."""
+    def new_channels(self, count: int, heads: bool = False, head_dim: bool = False) -> Layout:
+        """Fresh channels created by this node (heads=True: attention heads, for --heads;
+        head_dim=True: the dims inside each head, for --head-dim)."""
         atom = self.atoms.new(int(count), self.node.name)
         self._new_atoms.append(atom)
         if heads:
             self._a.head_atoms.add(atom)
+        if head_dim:
+            self._a.head_dim_atoms.add(atom)
         return (Segment(atom),)
 
     def set_layout(self, tensor: gs.Tensor, axis: int, layout: Layout) -> None:
@@ -228,6 +233,7 @@ class Analysis:
         # with heads=True the outer axis carries the channels, so whole heads go.
         self.heads = heads
         self.head_atoms: set[int] = set()
+        self.head_dim_atoms: set[int] = set()
         self.atoms = Atoms()
         self.layouts: dict[str, dict[int, Layout]] = {}
         self.attachments: list[Attachment] = []
@@ -243,6 +249,7 @@ class Analysis:
 
     def run(self) -> "Analysis":
         g = self.graph.gs
+        self._own_reshape_targets()
         g.toposort()
         for node in g.nodes:
             self._fix_subgraph_captures(node, node)
@@ -326,6 +333,28 @@ class Analysis:
                                 self.atoms.fix(seg.atom, f"{owner.op} {owner.name!r}: read inside a subgraph")
                     self._fix_subgraph_captures(inner, owner)
 
+    def _own_reshape_targets(self) -> None:
+        """Give every Reshape (and Expand) its own copy of a Concat-built shape that several read.
+
+        Exporters build `[B, S, heads, head_dim]` once and reshape every layer's q/k/v with it
+        (and expand every layer's kv heads with one `[B, kv, n_rep, S, D]`); a literal rewritten
+        for one reader changes it for all, which would tie every layer's heads together. A
+        Concat per reader (its inputs still shared) lets each layer keep its own heads; the
+        copies compute the same values.
+        """
+        for tensor in list(self.graph.gs.tensors().values()):
+            concat = tensor.inputs[0] if tensor.inputs else None
+            if concat is None or concat.op != "Concat" or tensor in self.graph.gs.outputs:
+                continue
+            readers = [n for n in tensor.outputs if n.op in ("Reshape", "Expand") and len(n.inputs) > 1
+                       and n.inputs[1] is tensor]
+            for reader in readers[1:] if len(readers) == len(tensor.outputs) else readers:
+                copy = gs.Variable(self.graph.fresh_name(tensor.name), dtype=tensor.dtype, shape=tensor.shape)
+                self.graph.gs.nodes.append(gs.Node("Concat", name=self.graph.fresh_name(concat.name or "Concat"),
+                                                   attrs=dict(concat.attrs), inputs=list(concat.inputs),
+                                                   outputs=[copy]))
+                reader.inputs[1] = copy
+
     def _build_groups(self) -> None:
         atoms = self.atoms
         by_leaf: dict[int, Group] = {}
@@ -347,6 +376,7 @@ class Analysis:
                 if leaf in by_leaf and origin and origin not in origins.setdefault(leaf, []):
                     origins[leaf].append(origin)
         head_leaves = {atoms.find(leaf) for a in self.head_atoms for leaf in atoms.leaves(a)}
+        head_dim_leaves = {atoms.find(leaf) for a in self.head_dim_atoms for leaf in atoms.leaves(a)}
         for leaf, grp in by_leaf.items():
             grp.fixed_reasons = list(atoms.fixed.get(leaf, []))
             grp.origins = origins.get(leaf, [])
@@ -354,7 +384,9 @@ class Analysis:
             if leaf in head_leaves:
                 grp.kind = "heads"
             elif producers and producers <= {"Gemm", "MatMul", "Attention"}:
-                grp.kind = "neurons"
+                # dims inside attention heads (a Linear's output split into heads x head_dim) are
+                # not what users mean by neurons: they go only with --head-dim
+                grp.kind = "head_dim" if leaf in head_dim_leaves else "neurons"
         self.groups = sorted(by_leaf.values(), key=lambda g: g.id)
 
     # -- helpers for importance, planting and reports ----------------------------------

@@ -12,9 +12,12 @@ from .progress import progress
 
 
 def random_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs to run `model` on: normal floats, masks of ones, and integers (token ids, token
+    types, positions) below the row count of every table the graph looks them up in."""
     rng = np.random.default_rng(seed)
     feeds = {}
     inits = {i.name for i in model.graph.initializer}
+    bounds = _index_bounds(model.graph)
     for inp in model.graph.input:
         if inp.name in inits:
             continue
@@ -25,8 +28,33 @@ def random_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], seed: in
         elif dtype == np.bool_ or "mask" in inp.name.lower():
             feeds[inp.name] = np.ones(shape, dtype=dtype)  # attention masks: attend everywhere
         else:
-            feeds[inp.name] = rng.integers(0, 100, size=shape).astype(dtype)  # token ids, indices
+            high = max(1, min(100, bounds.get(inp.name, 100)))
+            feeds[inp.name] = rng.integers(0, high, size=shape).astype(dtype)  # token ids, indices
     return feeds
+
+
+def _index_bounds(graph: onnx.GraphProto) -> dict[str, int]:
+    """{graph input: the fewest rows of a constant table that a Gather indexes with it}
+    (through Cast/Identity/Unsqueeze/Reshape/Squeeze/Flatten on the way)."""
+    sizes = {i.name: list(i.dims) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            sizes[node.output[0]] = list(node.attribute[0].t.dims)
+    origin = {i.name: i.name for i in graph.input}
+    for node in graph.node:  # nodes are in topological order
+        if node.op_type in ("Cast", "Identity", "Unsqueeze", "Reshape", "Squeeze", "Flatten") and node.input \
+                and node.input[0] in origin:
+            origin[node.output[0]] = origin[node.input[0]]
+    bounds: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2 or node.input[1] not in origin:
+            continue
+        table = sizes.get(node.input[0])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table and -len(table) <= axis < len(table):
+            name = origin[node.input[1]]
+            bounds[name] = min(bounds.get(name, table[axis]), table[axis])
+    return bounds
 
 
 def measure_latency(session, feeds, runs: int = 20, warmup: int = 3, budget_s: float | None = None) -> float:

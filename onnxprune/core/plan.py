@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,6 +86,24 @@ def candidate_groups(analysis: Analysis, exclude=()) -> tuple[list[Group], list[
         else:
             prunable.append(group)
     return prunable, skipped
+
+
+def channel_step(analysis: Analysis, group: Group, round_to: int) -> int:
+    """The step in channels that keeps every width the hardware sees a multiple of `round_to`.
+
+    A channel is one position of a weight's output axis for filters and neurons, but a whole
+    head (heads x head_dim positions) for heads: 12 heads of 64 dims are 768 wide, a multiple
+    of 8 whatever the head count, so --round-to 8 constrains nothing there."""
+    if round_to <= 1:
+        return 1
+    step = 1
+    for att in group.members:
+        if att.role != "weight_out":
+            continue
+        for _, expand, _ in analysis.positions(att, group):
+            need = round_to // math.gcd(round_to, int(expand))
+            step = step * need // math.gcd(step, need)
+    return step
 
 
 def _skip(analysis, group, reason):

@@ -4,7 +4,8 @@ Exporters often compute Reshape targets from the shapes of other tensors. Each e
 such a target is evaluated symbolically as one of:
 
 - `Lit`: a literal, with the constant it came from (so a plan can rewrite it);
-- `Dim`: "the size of axis a of tensor t", read at run time, so it follows pruning;
+- `Dim`: "the size of axis a of tensor t", read at run time, so it follows pruning (with the
+  Concat input it fills, when it fills one alone, so a plan can replace it by a literal);
 - `Opaque`: anything else (arithmetic on dims), with the dims it depends on.
 
 With this a rule can tell whether a run-time target stays consistent after pruning
@@ -13,7 +14,7 @@ literal rewritten, or must be refused.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -30,6 +31,10 @@ class Lit:
 class Dim:
     tensor: gs.Tensor
     axis: int
+    # (Concat node, input index, 0) when the dim is that input's only element, so a plan can put
+    # a literal in its place; `shared` as for Lit (tensors from the Concat on that others read)
+    slot: tuple | None = None
+    shared: tuple = ()
 
     def __hash__(self):
         return hash((self.tensor.name, self.axis))
@@ -82,6 +87,8 @@ def entries(graph, tensor: gs.Tensor, consumer=None, index: int = 0, depth: int 
             part = sub(i)
             if part is None:
                 return None
+            if len(part) == 1 and isinstance(part[0], Dim) and part[0].slot is None:
+                part = [replace(part[0], slot=(node, i, 0), shared=shared)]
             out.extend(part)
         return out
     if op == "Gather":
@@ -159,10 +166,12 @@ def static_value(graph, entry):
     return None
 
 
-def reshape_output(graph, target, data, in_shape, allowzero=0):
+def reshape_output(graph, target, data, in_shape, allowzero=0, symbols=None):
     """Output shape from target entries; unknown input dims read back by the target cancel out.
 
-    x.view(x.size(0), -1) on [N, C, H, W] gives [N, C*H*W] even with N unknown.
+    x.view(x.size(0), -1) on [N, C, H, W] gives [N, C*H*W] even with N unknown. With
+    `symbols` (a name per input axis, or None), an unknown input dim that the output copies
+    is given as its name instead of None.
     """
     if in_shape is None:
         return None
@@ -178,6 +187,13 @@ def reshape_output(graph, target, data, in_shape, allowzero=0):
                 return value
             if entry.tensor.name == data.name:
                 return ("in", entry.axis)
+            # another tensor's dim with the same symbolic name as one of the input's (the batch
+            # and sequence dims HF attention reads off the hidden states)
+            named = _symbol(entry.tensor, entry.axis)
+            if named is not None:
+                same = [j for j in range(len(in_shape)) if _symbol(data, j) == named]
+                if len(same) == 1:
+                    return ("in", same[0])
         return None
 
     out = [symbol(e, i) for i, e in enumerate(target)]
@@ -197,4 +213,27 @@ def reshape_output(graph, target, data, in_shape, allowzero=0):
         if bottom <= 0 or top % bottom:
             return None
         out[out.index(-1)] = top // bottom
-    return tuple(None if isinstance(v, tuple) else v for v in out)
+
+    def named(v):
+        if not isinstance(v, tuple):
+            return v
+        return symbols[v[1]] if symbols is not None and v[1] < len(symbols) else None
+
+    return tuple(named(v) for v in out)
+
+
+def symbolic_shape(tensor, shape) -> list | None:
+    """`shape` (ints, None where unknown) with the symbolic names shape inference gave the
+    unknown dims of `tensor` (batch, sequence) in their place."""
+    if shape is None:
+        return None
+    return [d if d is not None else _symbol(tensor, i) for i, d in enumerate(shape)]
+
+
+def _symbol(tensor, axis: int) -> str | None:
+    """The symbolic name shape inference gave a tensor's dim, if any."""
+    shape = getattr(tensor, "shape", None)
+    if shape is None or not -len(shape) <= axis < len(shape):
+        return None
+    dim = shape[axis]
+    return dim if isinstance(dim, str) and dim else None

@@ -1,6 +1,8 @@
 """Shape inference, and fixing dynamic input dims (`--input-shape name:1,3,224,224`)."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 
@@ -9,6 +11,9 @@ from .modelio import copy_without_initializers
 
 DEFAULT_DYNAMIC_DIM = 1  # batch-like dims; other unknown dims get DEFAULT_SPATIAL_DIM
 DEFAULT_SPATIAL_DIM = 64
+# the other unknown dims of integer inputs (token ids: a sequence), and of every input sharing
+# such a dim by name: short enough for the position tables of small text models
+DEFAULT_SEQUENCE_DIM = 16
 
 
 def parse_input_shapes(specs) -> dict[str, list[int]]:
@@ -44,10 +49,22 @@ def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> No
             tensor_type.shape.dim.add().dim_value = d
 
 
-def concrete_input_shapes(model: onnx.ModelProto, given=None) -> tuple[dict[str, list[int]], list[str]]:
-    """A concrete shape for every input: given ones, static ones, and defaults for the rest."""
+# a second set of defaults, to check that a pruned model still takes other dims
+ALTERNATE_DIMS = {"batch": 2, "sequence": 13, "spatial": 96}
+
+
+def concrete_input_shapes(model: onnx.ModelProto, given=None, alternate: bool = False
+                          ) -> tuple[dict[str, list[int]], list[str]]:
+    """A concrete shape for every input: given ones, static ones, and defaults for the rest
+    (`alternate`: other defaults, ALTERNATE_DIMS)."""
     given = given or {}
+    batch, seq, spatial = ((ALTERNATE_DIMS["batch"], ALTERNATE_DIMS["sequence"], ALTERNATE_DIMS["spatial"])
+                           if alternate else (DEFAULT_DYNAMIC_DIM, DEFAULT_SEQUENCE_DIM, DEFAULT_SPATIAL_DIM))
     shapes, guessed = {}, []
+    sequence = set()  # names of dims that integer inputs have after the batch axis
+    for inp in graph_inputs(model):
+        if inp.name not in given and _is_integer(inp):
+            sequence.update(d.dim_param for d in list(inp.type.tensor_type.shape.dim)[1:] if d.dim_param)
     for inp in graph_inputs(model):
         if inp.name in given:
             shapes[inp.name] = list(given[inp.name])
@@ -57,10 +74,20 @@ def concrete_input_shapes(model: onnx.ModelProto, given=None) -> tuple[dict[str,
             if d.HasField("dim_value") and d.dim_value > 0:
                 dims.append(d.dim_value)
             else:
-                dims.append(DEFAULT_DYNAMIC_DIM if i == 0 else DEFAULT_SPATIAL_DIM)
+                if i == 0:
+                    dims.append(batch)
+                elif _is_integer(inp) or (d.dim_param and d.dim_param in sequence):
+                    dims.append(seq)
+                else:
+                    dims.append(spatial)
                 guessed.append(f"{inp.name}[{i}]")
         shapes[inp.name] = dims
     return shapes, guessed
+
+
+def _is_integer(inp: onnx.ValueInfoProto) -> bool:
+    elem = inp.type.tensor_type.elem_type
+    return bool(elem) and np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(elem), np.integer)
 
 
 _SKELETON_MIN_ELEMENTS = 64  # initializers this large are shape-only for inference purposes
@@ -131,6 +158,7 @@ def complete_shapes(model: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto
     from .rules import rule_for
 
     infer_shapes(model)
+    _symbolic_shapes(model)
     for _ in range(rounds):
         known = {vi.name for vi in model.graph.value_info if _fully_known(vi)}
         known |= {o.name for o in model.graph.output if _fully_known(o)}
@@ -159,6 +187,47 @@ def complete_shapes(model: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto
         model.graph.value_info.extend(kept + added)
         infer_shapes_keep(model)
     return model
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> None:
+    """Where onnx shape inference left dims it could not name, use onnxruntime's symbolic
+    shape inference (when onnxruntime is installed), in place.
+
+    onnx gives up on shapes computed at run time, e.g. an attention mask expanded to
+    Where(Equal(shape, -1), ones, shape): its heads axis is unknown, although it is 1 for any
+    batch and sequence, and a head cannot be pruned past it. The symbolic inference computes
+    such shapes in terms of the input dims. Its result replaces onnx's only when it covers every
+    tensor onnx did, so that one naming of the symbolic dims holds throughout.
+    """
+    if not any(_unnamed(d) for vi in model.graph.value_info for d in vi.type.tensor_type.shape.dim):
+        return
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except Exception:  # no onnxruntime (or an old one): onnx's shapes stay
+        return
+    light = skeleton(model)
+    del light.graph.value_info[:]
+    logger = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # it logs every op it cannot read; onnx's shapes cover those
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
+    except Exception:
+        return
+    finally:
+        logger.setLevel(level)
+    if inferred is None:
+        return
+    found = {vi.name: vi for vi in inferred.graph.value_info if vi.type.tensor_type.HasField("shape")}
+    if any(vi.name not in found for vi in model.graph.value_info if vi.type.tensor_type.HasField("shape")):
+        return
+    known = {vi.name for vi in model.graph.value_info}
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(vi for name, vi in found.items() if name in known or not name.startswith("_"))
+
+
+def _unnamed(dim) -> bool:
+    return not dim.HasField("dim_value") and (not dim.dim_param or dim.dim_param.startswith("unk__"))
 
 
 def infer_shapes_keep(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -104,9 +104,16 @@ class Checker:
     pruned model could never be told good against it.
     """
 
-    def __init__(self, working: onnx.ModelProto, shapes: dict, seed: int | None, guessed: bool = False) -> None:
+    def __init__(self, working: onnx.ModelProto, shapes: dict, seed: int | None, guessed: bool = False,
+                 alternate: dict | None = None, interface: dict | None = None, feeds: dict | None = None) -> None:
+        """`alternate` (other dims for the inputs whose dims were guessed) with `interface` (the
+        user's declared inputs and outputs): candidates are also run at those dims, with their
+        interface given back first, so a model that must take any batch or length still does.
+        `feeds` (real inputs, e.g. a calibration batch) replace the random ones at `shapes`."""
         self.notes: list[str] = []
         self.session = self.feeds = self.outputs = None
+        self.alternate = self.alt_feeds = self.alt_outputs = None
+        self.interface = interface
         self.last_session = self.last_outputs = None
         self._last_model = None
         self._verdict: tuple = (None, "not run")  # (model, checker verdict) of the last model checked
@@ -118,8 +125,16 @@ class Checker:
             return
         try:
             self.session = session(working)
-            self.feeds = metrics.random_inputs(working, shapes, seed)
-            self.outputs = self.session.run(None, self.feeds)
+            self.feeds, self.outputs = None, None
+            if feeds is not None:
+                try:
+                    self.outputs = self.session.run(None, feeds)
+                    self.feeds = feeds
+                except Exception:  # the real inputs do not fit the analysed dims: random ones at them
+                    self.outputs = None
+            if self.feeds is None:
+                self.feeds = metrics.random_inputs(working, shapes, seed)
+                self.outputs = self.session.run(None, self.feeds)
         except Exception as exc:  # custom ops, unsupported opsets: nothing to compare against
             if _invalid_model(exc, self.session is not None, guessed, self.feeds):
                 raise OnnxPruneError(f"the input model does not run in onnxruntime ({first_line(exc)[:300]}); "
@@ -130,6 +145,13 @@ class Checker:
                               "checked with the onnx checker only")
             return
         self._check_original_outputs(working)
+        if alternate and interface and alternate != shapes:
+            try:
+                self.alt_feeds = metrics.random_inputs(working, alternate, seed + 1)
+                self.alt_outputs = self.session.run(None, self.alt_feeds)
+                self.alternate = alternate
+            except Exception:  # the original does not take those dims either: nothing to hold candidates to
+                self.alt_feeds = self.alt_outputs = None
 
     def _check_original_outputs(self, working: onnx.ModelProto) -> None:
         """Refuse outputs that are NaN/inf everywhere; note those that are in part."""
@@ -169,7 +191,28 @@ class Checker:
                 return f"output {meta.name!r} changed shape {np.shape(before)} -> {np.shape(after)}"
             if _new_nonfinite(before, after):
                 return f"output {meta.name!r} is NaN/inf where the original's is finite"
+        if self.alternate is not None:
+            failure = self._alternate_failure(model)
+            if failure is not None:
+                return failure
         self._last_model, self.last_session, self.last_outputs = model, sess, outputs
+        return None
+
+    def _alternate_failure(self, model: onnx.ModelProto) -> str | None:
+        """The candidate, with the user's interface, at the other input dims."""
+        from .shapes import restore_interface
+
+        relaxed = onnx.ModelProto()
+        relaxed.CopyFrom(model)
+        restore_interface(relaxed, self.interface, keep_value_info=False)
+        dims = ", ".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in self.alternate.items())
+        try:
+            outputs = session(relaxed).run(None, self.alt_feeds)
+        except Exception as exc:
+            return f"at input dims {dims}: onnxruntime {first_line(exc)[:300]}"
+        for before, after in zip(self.alt_outputs, outputs):
+            if np.shape(before) != np.shape(after):
+                return f"at input dims {dims}: an output changed shape {np.shape(before)} -> {np.shape(after)}"
         return None
 
     def _refuse_failing_input(self) -> None:

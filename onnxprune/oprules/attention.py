@@ -61,7 +61,7 @@ def _hidden_structure(ctx, q_heads, kv_heads, qk_size, v_size, inputs=None):
         hidden = (expand(kv, g * qk_size), expand(kv, qk_size), expand(kv, v_size))
         out = expand(kv, g * v_size)
     else:
-        heads.qk_dim, heads.v_dim = ctx.new_channels(qk_size), ctx.new_channels(v_size)
+        heads.qk_dim, heads.v_dim = ctx.new_channels(qk_size, head_dim=True), ctx.new_channels(v_size, head_dim=True)
         hidden = (tile(heads.qk_dim, q_heads), tile(heads.qk_dim, kv_heads), tile(heads.v_dim, kv_heads))
         out = tile(heads.v_dim, q_heads)
     for tensor, structure in zip(inputs or (), hidden):

@@ -16,23 +16,73 @@ import numpy as np
 
 from onnxprune.core.layout import expand, tile
 from onnxprune.core.rules import OpRule, Refuse, register
-from onnxprune.core.shape_exprs import Dim, Lit, deps, entries, reshape_output
+from onnxprune.core.shape_exprs import (
+    Dim,
+    Lit,
+    deps,
+    entries,
+    reshape_output,
+    static_value,
+    symbolic_shape,
+)
 
 from ._common import norm_axis
 
 
+class _Product:
+    """A product of dims: an int times named symbolic dims (dims shape inference knows only by
+    name, such as batch and sequence). Two products are equal, or one divides the other, when
+    that holds for any values of the symbols."""
+
+    __slots__ = ("coef", "symbols")
+
+    def __init__(self, coef: int, symbols: tuple = ()) -> None:
+        self.coef, self.symbols = int(coef), tuple(sorted(symbols))
+
+    def times(self, dim) -> "_Product":
+        if isinstance(dim, str):
+            return _Product(self.coef, self.symbols + (dim,))
+        return _Product(self.coef * int(dim), self.symbols)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Product) and (self.coef, self.symbols) == (other.coef, other.symbols)
+
+    def __hash__(self) -> int:
+        return hash((self.coef, self.symbols))
+
+    def over(self, other: "_Product") -> "_Product | None":
+        """self / other when that is a product of dims, else None."""
+        if other.coef == 0 or self.coef % other.coef:
+            return None
+        rest = list(self.symbols)
+        for symbol in other.symbols:
+            if symbol not in rest:
+                return None
+            rest.remove(symbol)
+        return _Product(self.coef // other.coef, tuple(rest))
+
+    def value(self) -> int | None:
+        return None if self.symbols else self.coef
+
+
 def _suffix_products(dims):
-    """out[k] = prod(dims[k:]); None where an unknown dim is involved."""
-    out = [1]
+    """out[k] = prod(dims[k:]) as _Product; None where an unknown dim (None) is involved.
+    A dim is an int, a symbol name (str) or None."""
+    out = [_Product(1)]
     for d in reversed(dims):
-        out.append(None if d is None or out[-1] is None else out[-1] * d)
+        out.append(None if d is None or out[-1] is None else out[-1].times(d))
     return out[::-1]
+
+
+def _divides(a, b) -> bool:
+    return a is not None and b is not None and b.over(a) is not None
 
 
 def map_merged_axes(ctx, layouts, in_shape, out_shape, out_tensor):
     """Set the output layouts; return {input axis: (output axis, output layout)}.
 
-    Products are taken from the right, so an unknown batch dim in front does not matter.
+    Products are taken from the right, so an unknown batch dim in front does not matter;
+    dims known only by a symbolic name (str) take part as symbols.
     """
     if in_shape is None or out_shape is None:
         raise Refuse("unknown rank")
@@ -51,24 +101,31 @@ def map_merged_axes(ctx, layouts, in_shape, out_shape, out_tensor):
             o = real[-2] if ctx.heads_mode else real[-1]
             if any(o == other for other, _ in placed.values()):
                 raise Refuse("two channel axes merge into one")
+            inner = _Product(1)
+            for k in range(o + 1, o_last + 1):
+                inner = inner.times(out_shape[k])
             count = out_shape[o]
-            inner = int(np.prod([out_shape[k] for k in range(o + 1, o_last + 1)], dtype=np.int64))
-            outer = hi // lo // count // inner
-            carrier = ctx.new_channels(count, heads=ctx.heads_mode)
-            ctx.unify(layout, tile(expand(carrier, inner), outer))
+            repeats = hi.over(lo)
+            repeats = repeats.over(_Product(count)) if repeats is not None and isinstance(count, int) else None
+            outer = repeats.over(inner) if repeats is not None else None
+            if outer is None or outer.value() is None or inner.value() is None:
+                raise Refuse("channel axis splits into axes of unknown size")
+            carrier = ctx.new_channels(count, heads=ctx.heads_mode, head_dim=not ctx.heads_mode)
+            ctx.unify(layout, tile(expand(carrier, inner.value()), outer.value()))
             ctx.set_layout(out_tensor, o, carrier)
             placed[t] = (o, carrier)
             continue
         # The output axis holding the channel axis: its element stride divides the channel
         # axis's inner block, and its extent is a whole number of channel periods.
         o = next((k for k in range(len(out_shape))
-                  if rout[k] is not None and rout[k + 1] is not None and out_shape[k] != 1
-                  and rout[k] >= hi and rout[k + 1] <= lo and rout[k] % hi == 0 and lo % rout[k + 1] == 0), None)
+                  if out_shape[k] != 1 and _divides(hi, rout[k]) and _divides(rout[k + 1], lo)), None)
         if o is None:
             raise Refuse(f"channel axis {t} is split across output axes")
         if any(o == other for other, _ in placed.values()):
             raise Refuse("two channel axes merge into one")
-        outer, inner = rout[o] // hi, lo // rout[o + 1]
+        outer, inner = rout[o].over(hi).value(), lo.over(rout[o + 1]).value()
+        if outer is None or inner is None:
+            raise Refuse("channel axis merges with axes of unknown size")
         merged = tile(expand(layout, inner), outer)
         ctx.set_layout(out_tensor, o, merged)
         placed[t] = (o, merged)
@@ -77,9 +134,11 @@ def map_merged_axes(ctx, layouts, in_shape, out_shape, out_tensor):
 
 def _split_axes(rin, rout, t, out_shape):
     """(outermost, innermost) output axes when input axis t splits exactly into several axes."""
+    if rin[t] is None or rin[t + 1] is None:
+        return None
     first = [k for k in range(len(out_shape)) if rout[k] == rin[t] and out_shape[k] != 1]
     last = [k for k in range(len(out_shape)) if rout[k + 1] == rin[t + 1] and out_shape[k] != 1]
-    if not first or not last or rin[t] is None or rin[t + 1] is None:
+    if not first or not last:
         return None
     o_first, o_last = min(first), max(last)
     if o_last <= o_first or any(rout[k] is None for k in range(o_first, o_last + 2)):
@@ -135,10 +194,12 @@ class ReshapeRule(OpRule):
         if target is None:
             raise Refuse("reshape target is computed at run time by ops onnxprune cannot follow")
         allowzero = int(ctx.attr("allowzero", 0))
-        in_shape = ctx.shape(ctx.input(0))
+        # dims known only by name (batch, sequence) take part as symbols
+        in_shape = symbolic_shape(ctx.input(0), ctx.shape(ctx.input(0)))
         out_shape = ctx.shape(node.outputs[0])
         if out_shape is None or None in out_shape:
-            out_shape = reshape_output(ctx.graph, target, ctx.input(0), in_shape, allowzero) or out_shape
+            out_shape = reshape_output(ctx.graph, target, ctx.input(0), ctx.shape(ctx.input(0)), allowzero,
+                                       symbols=in_shape) or out_shape
         placed = map_merged_axes(ctx, layouts, in_shape, out_shape, node.outputs[0])
         channel_axes = {o: (t, merged) for t, (o, merged) in placed.items()}
         for o, entry in enumerate(target):
@@ -167,10 +228,15 @@ class ReshapeRule(OpRule):
             return
         if isinstance(entry, Dim):
             source = ctx.layouts(entry.tensor).get(entry.axis)
-            if source is None or ctx.size(source) != ctx.size(merged):
-                raise Refuse("target reads a fixed dim where the channels go")
-            ctx.unify(source, merged)
-            return
+            if source is not None and ctx.size(source) == ctx.size(merged):
+                ctx.unify(source, merged)
+                return
+            if source is None and entry.slot is not None and static_value(ctx.graph, entry) == ctx.size(merged):
+                # `B, S, D = x.shape ... reshape(B, S, D)`: D reads a tensor whose channels stay, but
+                # the model is valid only while it equals the channel count, so the plan writes that
+                ctx.rewrite_literal(entry.slot, merged, entry.shared)
+                return
+            raise Refuse("target reads a fixed dim where the channels go")
         raise Refuse("target computes the channel count at run time")
 
 

@@ -47,9 +47,9 @@ def test_dead_heads_are_removed_with_their_reshape_constants():
 
 
 def test_without_heads_the_same_reshape_prunes_head_dim_in_every_head():
-    result = prune_planted(text_model(ATTENTION, WEIGHTS), 0.5)
+    result = prune_planted(text_model(ATTENTION, WEIGHTS), 0.5, head_dim=True)
     # q and k share head_dim through the scores; v has its own through the context
-    assert [(d.group.kind, d.group.channels) for d in result.plan.decisions] == [("neurons", D)] * 2
+    assert [(d.group.kind, d.group.channels) for d in result.plan.decisions] == [("head_dim", D)] * 2
 
 
 def test_heads_plan_round_trips_through_json():

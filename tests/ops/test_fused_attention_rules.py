@@ -55,8 +55,8 @@ def test_grouped_query_heads_go_with_their_kv_head():
 def test_head_size_pruning_keeps_the_implicit_scale():
     # Without the explicit scale the op would use 1/sqrt(new head_size) and the planted
     # model would no longer match.
-    result = prune_planted(_gqa(), 0.5)
-    assert sorted(_pruned(result)) == [("neurons", D, D // 2)] * 2
+    result = prune_planted(_gqa(), 0.5, head_dim=True)
+    assert sorted(_pruned(result)) == [("head_dim", D, D // 2)] * 2
     assert _attr(result.model, "Attention", "scale").f == pytest.approx(1 / np.sqrt(D))
 
 
@@ -94,7 +94,7 @@ g (float[1,{S},{E}] x) => (float[1,{S},{E}] y) {{
 def test_microsoft_multihead_attention_slices_its_packed_bias(heads):
     model = text_model(MHA, {"Wq": (E, E), "Wk": (E, E), "Wv": (E, E), "Wo": (E, E), "bias": (3 * E,)},
                        domains={"com.microsoft": 1})
-    result = prune_planted(model, 0.5, heads=heads)
+    result = prune_planted(model, 0.5, heads=heads, head_dim=not heads)
     assert _init(result.model, "bias").shape == (3 * E // 2,)
     if heads:
         assert _attr(result.model, "MultiHeadAttention", "num_heads").i == QH // 2
@@ -117,7 +117,7 @@ def test_microsoft_attention_prunes_its_packed_weight(heads, v_size):
     packed = 2 * E + QH * v_size
     model = text_model(MS_ATTENTION.replace("{sizes}", sizes),
                        {"W": (E, packed), "B": (packed,), "Wo": (QH * v_size, E)}, domains={"com.microsoft": 1})
-    result = prune_planted(model, 0.5, heads=heads)
+    result = prune_planted(model, 0.5, heads=heads, head_dim=not heads)
     assert _init(result.model, "W").shape == (E, packed // 2)
     if v_size != D:
         assert list(_attr(result.model, "Attention", "qkv_hidden_sizes").ints) == [E // 2, E // 2, QH * v_size // 2]

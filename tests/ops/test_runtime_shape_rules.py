@@ -1,5 +1,6 @@
 """Reshape targets computed at run time (Shape -> Gather/Slice -> Concat), as exporters write them."""
 import numpy as np
+import onnx
 from planting import prune_planted
 from textmodel import skipped_reasons, text_model
 
@@ -68,8 +69,9 @@ def test_pruned_dim_read_into_another_axis_is_refused():
     assert any("split across" in r or "reads a dim" in r for r in skipped_reasons(result))
 
 
-def test_target_shared_with_an_unpruned_reshape_is_not_rewritten():
-    # One Concat feeds two Reshapes; rewriting its literal would reshape the other tensor too.
+def test_target_shared_with_an_unpruned_reshape_gets_its_own_copy():
+    # One Concat feeds two Reshapes; the pruned one is given its own Concat, so rewriting its
+    # literal leaves the other Reshape's target as it was (prune_planted checks both outputs).
     m = text_model("""
     g (float[N,3,4,4] x, float[N,96] z) => (float[N,5] y, float[N,96] w) {
       a = Conv <kernel_shape=[1,1]> (x, W1)
@@ -81,8 +83,11 @@ def test_target_shared_with_an_unpruned_reshape_is_not_rewritten():
       w = Reshape(z, t)
     }""", {**WEIGHTS, "one": np.array([1], I64), "width": np.array([96], I64)})
     result = prune_planted(m, 0.5)
-    assert result.plan.decisions == []
-    assert any("also read by Reshape" in r for r in skipped_reasons(result))
+    assert [len(d.removed) for d in result.plan.decisions] == [3]
+    targets = [n.input[1] for n in result.model.graph.node if n.op_type == "Reshape"]
+    concats = {n.output[0]: n for n in result.model.graph.node if n.op_type == "Concat"}
+    values = {i.name: int(onnx.numpy_helper.to_array(i).reshape(-1)[0]) for i in result.model.graph.initializer}
+    assert sorted(values[concats[t].input[1]] for t in targets) == [48, 96]  # each reshape its own width
 
 
 def test_integer_shape_arithmetic_is_folded_so_heads_are_found():
