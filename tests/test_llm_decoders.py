@@ -94,3 +94,45 @@ def test_adjacent_identity_layers(decoder, name):
     assert result.report["layers"]["removed"] == keys
     feeds = random_inputs(planted, {"input_ids": [1, 9], "attention_mask": [1, 9]}, 3)
     assert max_rel_diff(run_model(planted, feeds), run_model(result.model, feeds)) <= 1e-5
+
+
+class _WithCache(torch.nn.Module):
+    """Logits and the present kv cache from input ids, mask and the past cache, as tensors."""
+
+    def __init__(self, model, layers):
+        super().__init__()
+        self.model, self.layers = model, layers
+
+    def forward(self, input_ids, attention_mask, past):
+        cache = transformers.DynamicCache()
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        present = [t for layer in out.past_key_values.layers[:self.layers] for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
+
+
+def test_llama_with_a_kv_cache(tmp_path):
+    import onnx
+
+    layers, past_len = 2, 5
+    names = ["input_ids", "attention_mask"] + [f"past_{i}_{kv}" for i in range(layers) for kv in ("key", "value")]
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", min=1, max=32)
+    total, past = torch.export.Dim("total", min=2, max=96), torch.export.Dim("past", min=1, max=64)
+    example = (torch.randint(0, 100, (1, 3)), torch.ones(1, past_len + 3, dtype=torch.long),
+               tuple(torch.randn(1, 2, past_len, 16) for _ in range(2 * layers)))
+    path = tmp_path / "llama_kv.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_WithCache(_build("llama"), layers), example, str(path), dynamo=True, input_names=names,
+                          dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: total},
+                                          tuple({0: batch, 2: past} for _ in range(2 * layers))))
+    model = onnx.load(str(path))
+    # the cache's length must match the mask's: the dims a random run needs are the user's to give
+    shapes = {"input_ids": [1, 3], "attention_mask": [1, 8], **{n: [1, 2, 5, 16] for n in names[2:]}}
+    neurons = prune_planted(model, 0.5, input_shapes=shapes)
+    assert _removed(neurons) == [("neurons", 128, 64)] * 2
+    # the cache is an interface: its kv heads stay, and the report says why
+    heads = prune(model, filters=0.0, heads=0.5, input_shapes=shapes, latency_runs=0)
+    assert _removed(heads) == []
+    assert any("(a graph input: an interface, such as a kv cache)" in s["reason"] for s in heads.report["skipped"])

@@ -28,7 +28,10 @@ class ConcatRule(OpRule):
             for other in tracked[1:]:
                 ctx.unify(tracked[0], other)
             if len(tracked) < len(inputs):
-                ctx.fix(tracked[0], "concatenated with a tensor whose channels are fixed")
+                fixed = next(t for t in inputs if k not in ctx.layouts(t))
+                interface = " (a graph input: an interface, such as a kv cache)" \
+                    if not fixed.inputs and not ctx.graph.is_const(fixed) else ""
+                ctx.fix(tracked[0], f"concatenated with {fixed.name!r}, whose channels are fixed{interface}")
             ctx.set_layout(out, k, tracked[0])
         if not any(axis in ctx.layouts(t) for t in inputs):
             return
