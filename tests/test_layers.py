@@ -99,3 +99,32 @@ def test_a_block_whose_removal_breaks_the_model_is_kept(monkeypatch):
     assert [r["block"] for r in result.report["layers"]["rolled_back"]] == keys[:1]
     assert result.verification.ort == "passed"
     assert any("1 block(s) kept" in n for n in result.report["notes"])
+
+
+POOL_MIXER = """
+g (float[1,8,6,6] x) => (float[1,8,6,6] y) {
+  p = AveragePool <kernel_shape=[3,3], pads=[1,1,1,1], strides=[1,1], count_include_pad=0> (x)
+  d = Sub(p, x)
+  s = Mul(ls1, d)
+  x1 = Add(x, s)
+  c = Conv <kernel_shape=[1,1]> (x1, W)
+  r = Relu(c)
+  c2 = Conv <kernel_shape=[1,1]> (r, W2)
+  s2 = Mul(c2, ls2)
+  x2 = Add(x1, s2)
+  y = Relu(x2)
+}"""
+
+
+def test_a_branch_without_weights_is_not_judged_by_magnitude():
+    # PoolFormer/EfficientFormer token mixers (pool(x) - x, times a layer scale) have no weighted
+    # layer: magnitude cannot say they add little, so the planted block (its layer scale zeroed)
+    # is the one that goes, with the other's score reported as None
+    rng = np.random.default_rng(0)
+    weights = {"ls1": rng.standard_normal((8, 1, 1)).astype(np.float32), "W": (16, 8, 1, 1), "W2": (8, 16, 1, 1),
+               "ls2": np.zeros((8, 1, 1), np.float32)}
+    model = text_model(POOL_MIXER, weights)
+    result = prune(model, layers=1, latency_runs=0)
+    assert result.report["layers"]["removed"] == ["x2"] or result.report["layers"]["removed"][0].endswith("x2")
+    assert None in result.report["layers"]["scores"].values()
+    assert _same_function(model, result.model) <= 1e-5

@@ -222,7 +222,7 @@ g (float[16,4] x) => (float[16,3] y) {
 
 def test_refit_corrects_the_layers_after_the_pruned_one_too():
     model = text_model(DEEP_MLP, {"W1": (4, 10), "B1": (10,), "W2": (10, 8), "W3": (3, 8), "B3": (3,)})
-    feeds = _feeds((16, 4), batches=8)
+    feeds = _feeds((16, 4), batches=32)
     want = _run(model, feeds)
     lsq, _ = _prune_refit(model, [0, 3, 7], ("lsq",), feeds)
     refit, rec = _prune_refit(model, [0, 3, 7], ("refit",), feeds)
@@ -233,7 +233,7 @@ def test_refit_corrects_the_layers_after_the_pruned_one_too():
         next(i for i in model.graph.initializer if i.name == "W1")), [0, 3, 7], axis=1))
     error = {name: float(np.square(_run(m, feeds) - want).mean()) for name, m in (("lsq", lsq), ("refit", refit))}
     # On the calibration data the Gemm's refit is a least-squares fit from the inputs lsq left it.
-    assert error["refit"] < 0.9 * error["lsq"], error
+    assert error["refit"] < error["lsq"], error
     held_out = _feeds((16, 4), batches=4, seed=9)
     held = {name: float(np.square(_run(m, held_out) - _run(model, held_out)).mean())
             for name, m in (("lsq", lsq), ("refit", refit))}
@@ -271,14 +271,37 @@ def test_refit_keeps_a_planted_dead_model_exact_and_improves_a_live_one():
     dead["W1"][[1, 4]], dead["B1"][[1, 4]] = 0.0, 0.0
     model = text_model(CONV_CHAIN, dead)
     pruned, rec = _prune_refit(model, [1, 4], ("refit",), feeds)
-    assert rec.refitted == 2, rec.notes
+    # nothing to gain: a refit does no better on the other half of the data than the weights as
+    # they are, so they stay (or come back equal, up to rounding)
+    assert len(rec.refit) == 2
     np.testing.assert_allclose(_run(pruned, feeds), _run(model, feeds), atol=1e-4)
-    # The same channels, alive: refit does better than lsq on the data it saw.
+    # The same channels, alive: the second convolution is refitted as lsq would (its inputs are
+    # the original's); the last one only where that carries over to unseen data
     model = text_model(CONV_CHAIN, weights)
     want = _run(model, feeds)
     errors = {m: float(np.square(_run(_prune_refit(model, [1, 4], (m,), feeds)[0], feeds) - want).mean())
-              for m in ("lsq", "refit")}
-    assert errors["refit"] < errors["lsq"], errors
+              for m in ("none", "lsq", "refit")}
+    assert errors["refit"] <= 1.001 * errors["lsq"] and errors["refit"] < 0.5 * errors["none"], errors
+
+
+def test_refit_that_does_not_carry_over_to_unseen_data_is_left_out():
+    # 4 batches of 16 rows: each half has 32 rows for 9 inputs of the Gemm, and the pruned
+    # network's inputs follow the original's loosely; a layer whose fit on one half does worse
+    # on the other half than its weights as they are keeps them, and the notes say so
+    model = text_model(DEEP_MLP, {"W1": (4, 10), "B1": (10,), "W2": (10, 8), "W3": (3, 8), "B3": (3,)})
+    feeds = _feeds((16, 4), batches=4)
+    from onnxprune.recovery import refit
+
+    original = refit._carries_over
+    verdicts = []
+    refit._carries_over = lambda *args: verdicts.append(original(*args)) or verdicts[-1]
+    try:
+        pruned, rec = _prune_refit(model, [0, 3, 7], ("refit",), feeds)
+    finally:
+        refit._carries_over = original
+    assert len(verdicts) == 2 and rec.refitted == sum(verdicts)
+    if not all(verdicts):
+        assert any("did worse on the other half" in n for n in rec.notes), rec.notes
 
 
 def test_refit_with_too_few_rows_leaves_the_layer_and_says_so():
@@ -294,7 +317,7 @@ def test_refit_runs_layers_apart_when_their_moments_would_pass_the_budget(monkey
     from onnxprune.recovery import refit
 
     model = text_model(DEEP_MLP, {"W1": (4, 10), "B1": (10,), "W2": (10, 8), "W3": (3, 8), "B3": (3,)})
-    feeds = _feeds((16, 4), batches=8)
+    feeds = _feeds((16, 4), batches=32)
     analysis = analyze_model(model)
     groups, _ = candidate_groups(analysis)
     plan = plan_from_removed(analysis, {group_key(analysis, groups[0]): [0, 3, 7]})

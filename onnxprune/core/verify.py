@@ -172,7 +172,13 @@ class Checker:
                               f"on the random test input{cause}; the pruned model must have them at the same places")
 
     def failure(self, model: onnx.ModelProto) -> str | None:
-        """Why `model` is not acceptable, or None."""
+        """Why `model` is not acceptable, or None. With an interface, the candidate is given the
+        user's input and output types first (in place): it is run on feeds the user's model
+        takes (calibration batches, other dims), not only at the dims it was analysed at."""
+        if self.interface:
+            from .shapes import restore_interface
+
+            restore_interface(model, self.interface, keep_value_info=False)
         data = serialized(model)
         result = check(model, data)
         self._verdict = (model, result)
@@ -192,22 +198,17 @@ class Checker:
             if _new_nonfinite(before, after):
                 return f"output {meta.name!r} is NaN/inf where the original's is finite"
         if self.alternate is not None:
-            failure = self._alternate_failure(model)
+            failure = self._alternate_failure(sess)
             if failure is not None:
                 return failure
         self._last_model, self.last_session, self.last_outputs = model, sess, outputs
         return None
 
-    def _alternate_failure(self, model: onnx.ModelProto) -> str | None:
-        """The candidate, with the user's interface, at the other input dims."""
-        from .shapes import restore_interface
-
-        relaxed = onnx.ModelProto()
-        relaxed.CopyFrom(model)
-        restore_interface(relaxed, self.interface, keep_value_info=False)
+    def _alternate_failure(self, sess) -> str | None:
+        """The candidate's session (the user's interface) at the other input dims."""
         dims = ", ".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in self.alternate.items())
         try:
-            outputs = session(relaxed).run(None, self.alt_feeds)
+            outputs = sess.run(None, self.alt_feeds)
         except Exception as exc:
             return f"at input dims {dims}: onnxruntime {first_line(exc)[:300]}"
         for before, after in zip(self.alt_outputs, outputs):

@@ -11,7 +11,9 @@ original's output y at the kept output channels (paired statistics), then solves
     [W; b] = argmin E ||W^T x + b - y||^2 + ridge ||[W; b] - [W0; b0]||^2
 
 with [W0; b0] the layer's current weights, so a layer whose input did not change (dead
-channels removed) comes back as it was. Layers are refitted in graph order, in at most
+channels removed) comes back as it was. Calibration batches are dealt alternately into two
+halves: a layer is refitted only if the fit on each half lowers the error on the other
+(against the current weights); otherwise it is fitting noise, and keeps its weights. Layers are refitted in graph order, in at most
 `passes` runs over the data (more where the moments of a run's layers would pass
 MOMENT_BUDGET_BYTES): the layers of one run are measured after the runs before them were
 written, so each sees the inputs of an already refitted upstream.
@@ -22,6 +24,7 @@ MatMul followed by an Add of a constant vector), otherwise only the weights.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -161,7 +164,8 @@ def _current_bias(node: gs.Node, graph: Graph, outputs: int) -> tuple[np.ndarray
     return np.asarray(value, np.float64).reshape(-1), True
 
 
-def _solve(stats, w0: np.ndarray, b0: np.ndarray, with_bias: bool) -> tuple[np.ndarray, np.ndarray]:
+def _normal_equations(stats, w0: np.ndarray, b0: np.ndarray, with_bias: bool):
+    """(E[z z^T], E[z y^T], current [W; b]) with z = [x; 1] (or x, the bias kept)."""
     n = stats.count
     k = w0.shape[0]
     size = k + 1 if with_bias else k
@@ -169,17 +173,64 @@ def _solve(stats, w0: np.ndarray, b0: np.ndarray, with_bias: bool) -> tuple[np.n
     rhs = np.empty((size, w0.shape[1]))
     a[:k, :k] = stats.xx / n
     rhs[:k] = stats.xy / n
-    prior = w0
+    current = w0
     if with_bias:
         a[:k, k] = a[k, :k] = stats.x_sum / n
         a[k, k] = 1.0
         rhs[k] = stats.y_sum / n
-        prior = np.vstack([w0, b0[None, :]])
+        current = np.vstack([w0, b0[None, :]])
     else:  # the bias stays: fit what is left of the output
         rhs[:k] -= np.outer(stats.x_sum / n, b0)
+    return a, rhs, current
+
+
+def _solve(stats, w0: np.ndarray, b0: np.ndarray, with_bias: bool) -> np.ndarray:
+    """The refitted [W; b] (or W), ridge towards the current weights."""
+    a, rhs, current = _normal_equations(stats, w0, b0, with_bias)
     ridge = RIDGE * max(float(np.mean(np.diag(a))), 1e-12)
-    solution = np.linalg.solve(a + ridge * np.eye(size), rhs + ridge * prior)
-    return solution[:k], (solution[k] if with_bias else b0)
+    return np.linalg.solve(a + ridge * np.eye(len(a)), rhs + ridge * current)
+
+
+def _loss(stats, solution: np.ndarray, w0: np.ndarray, b0: np.ndarray, with_bias: bool) -> float:
+    """E||A^T z - y||^2 on `stats`, up to E||y||^2 (the same for every A compared)."""
+    a, rhs, _ = _normal_equations(stats, w0, b0, with_bias)
+    return float(np.sum(solution * (a @ solution)) - 2.0 * np.sum(solution * rhs))
+
+
+class _Halves:
+    """Calibration batches dealt alternately to two accumulators: a refit is fitted on one half
+    and judged on the other, so that a layer refitted to noise keeps its weights."""
+
+    def __init__(self, make) -> None:
+        self.halves = (make(), make())
+        self.calls = 0
+
+    def add(self, y, x, keep=None) -> None:
+        self.halves[self.calls % 2].add(y, x, keep=keep)
+        self.calls += 1
+
+    def whole(self):
+        a, b = self.halves
+        if b.xx is None:
+            return a
+        merged = copy.copy(a)
+        merged.count = a.count + b.count
+        merged.xx, merged.xy = a.xx + b.xx, a.xy + b.xy
+        merged.x_sum, merged.y_sum = a.x_sum + b.x_sum, a.y_sum + b.y_sum
+        return merged
+
+
+def _carries_over(halves: _Halves, w0: np.ndarray, b0: np.ndarray, with_bias: bool) -> bool:
+    """Whether fitting on one half of the data lowers the error on the other half, both ways,
+    against the current weights. True when there is one half only (one calibration batch)."""
+    a, b = halves.halves
+    if a.xx is None or b.xx is None:
+        return True
+    current = _normal_equations(a, w0, b0, with_bias)[2]
+    refit = _loss(b, _solve(a, w0, b0, with_bias), w0, b0, with_bias) + \
+        _loss(a, _solve(b, w0, b0, with_bias), w0, b0, with_bias)
+    kept = _loss(a, current, w0, b0, with_bias) + _loss(b, current, w0, b0, with_bias)
+    return refit < kept
 
 
 def _write(node: gs.Node, graph: Graph, weight: np.ndarray, bias: np.ndarray, old_weight: np.ndarray) -> None:
@@ -222,7 +273,7 @@ def refit_layers(pruned: onnx.ModelProto, original: onnx.ModelProto, targets: li
     original_names = {out for node in original.graph.node for out in node.output}
     targets = [t for t in targets if t.output in original_names]
     step = max(1, math.ceil(len(targets) / max(1, passes)))
-    done, short, odd = 0, [], []
+    done, short, odd, unsure = 0, [], [], []
     position, runs = 0, progress_bar("sequential refit", total=len(targets), unit="layer")
     while position < len(targets):
         graph = Graph(pruned)
@@ -240,21 +291,24 @@ def refit_layers(pruned: onnx.ModelProto, original: onnx.ModelProto, targets: li
                 continue
             weight = graph.const(node.inputs[1])
             inputs, outputs = _as_matrix(node, weight).shape
-            size = 8 * ((inputs + 1) ** 2 + (inputs + 1) * outputs)  # the float64 moments
+            size = 2 * 8 * ((inputs + 1) ** 2 + (inputs + 1) * outputs)  # the float64 moments of two halves
             if chunk and used + size > MOMENT_BUDGET_BYTES:
                 break
             used += size
             x_axis = 1 if node.op in ("Conv", "Gemm") else -1
-            stats = RegressionStats(x_axis, target.axis, _geometry(node, weight), target.positions, name=target.output)
+            geometry = _geometry(node, weight)
+            stats = _Halves(lambda: RegressionStats(x_axis, target.axis, geometry, target.positions,
+                                                    name=target.output))
             chunk.append((node, weight, target, stats))
             position += 1
         if not chunk:
             continue
         collect_paired_into(original, pruned, calibration,
                             [(target.output, node.inputs[0].name, stats) for node, _, target, stats in chunk])
-        for node, weight, target, stats in chunk:
+        for node, weight, target, halves in chunk:
             runs.update(1)
             w0 = _as_matrix(node, weight)
+            stats = halves.whole()
             if stats.xx is None or stats.xy.shape != (w0.shape[0], w0.shape[1]):
                 odd.append(target.output)
                 continue
@@ -262,7 +316,11 @@ def refit_layers(pruned: onnx.ModelProto, original: onnx.ModelProto, targets: li
             if stats.count < ROWS_PER_INPUT * (w0.shape[0] + with_bias):
                 short.append(target.output)
                 continue
-            w, b = _solve(stats, w0, b0, with_bias)
+            if not _carries_over(halves, w0, b0, with_bias):
+                unsure.append(target.output)
+                continue
+            solution = _solve(stats, w0, b0, with_bias)
+            w, b = solution[:w0.shape[0]], (solution[w0.shape[0]] if with_bias else b0)
             if not finite(w, b):
                 odd.append(target.output)
                 continue
@@ -274,6 +332,9 @@ def refit_layers(pruned: onnx.ModelProto, original: onnx.ModelProto, targets: li
     if short:
         notes.append(f"refit skipped for {len(short)} layer(s) with fewer than {ROWS_PER_INPUT} calibration rows per "
                      f"input (it would fit the noise), e.g. {short[0]!r}: give more calibration data")
+    if unsure:
+        notes.append(f"refit left {len(unsure)} layer(s) as they were: fitted on half of the calibration data, "
+                     f"they did worse on the other half (too few rows for their inputs), e.g. {unsure[0]!r}")
     if odd:
         notes.append(f"refit skipped for {len(odd)} layer(s) whose statistics do not fit the layer or are not "
                      f"finite, e.g. {odd[0]!r}")

@@ -30,7 +30,7 @@ import onnx
 from .. import blocks
 from ..core.cost import CostModel, count_macs
 from ..core.criteria import criteria_names, prepared_criterion
-from ..core.dependency import analyze, analyze_model, with_input_shapes
+from ..core.dependency import analyze, with_input_shapes
 from ..core.errors import OnnxPruneError, OptionError, first_line
 from ..core.graph import Graph
 from ..core.metrics import random_inputs
@@ -45,6 +45,7 @@ from ..core.shapes import (
 )
 from ..core.validate import load_input
 from ..core.verify import session
+from ..passes.analyze import analyze_dynamic
 from ..passes.calibration import CalibrationSettings, LoadCalibration
 from ..passes.channels import RemoveChannels
 from ..passes.recovery import Recover, RecoverySettings
@@ -252,7 +253,12 @@ def _change(before, after) -> tuple[float, float] | None:
 def _group_trials(original, input_shapes, shapes, reference: _Reference, max_groups, ratios, heads,
                   importance, context: Context, notes) -> tuple[list[Trial], int, int, str]:
     """Every prunable group at every ratio; returns (rows, groups, original MACs, criterion)."""
-    pristine = analyze_model(original, input_shapes, copy=True, heads=heads)
+    # the analysis prune makes: with dynamic dims that hold groups, at the measuring dims
+    working = complete_shapes(with_input_shapes(original, input_shapes, copy=True))
+    measuring, guessed = concrete_input_shapes(working, input_shapes)
+    pristine, note = analyze_dynamic(working, measuring if guessed else None, heads)
+    if note:
+        notes.append(note)
     shaped = pristine.graph.model  # shapes completed once; every trial analyses a fresh import of it
     groups, _ = candidate_groups(pristine)
     methods = context.compensation.methods if context.compensation is not None else ()
