@@ -196,15 +196,9 @@ def test_lsq_with_too_few_calibration_rows_falls_back_to_bias():
 
 
 # -- sequential refit ----------------------------------------------------------------------------
-def _prune_refit(model, removed, methods, feeds, group=0):
+def _prune_refit(model, removed, methods, feeds):
     """_prune, then the after-export steps (refit) as the recovery pass runs them."""
-    analysis = analyze_model(model)
-    groups, _ = candidate_groups(analysis)
-    plan = plan_from_removed(analysis, {group_key(analysis, groups[group]): removed})
-    rec = recovery.prepare(analysis, plan, methods, feeds)
-    apply_plan(analysis, plan)
-    recovery.finish(analysis, plan, rec)
-    pruned = analysis.graph.to_model()
+    pruned, rec = _prune(model, removed, methods, feeds)
     rec.refitted = recovery.refit_layers(pruned, model, rec.refit, feeds, notes=rec.notes)
     return pruned, rec
 
@@ -318,13 +312,7 @@ def test_refit_runs_layers_apart_when_their_moments_would_pass_the_budget(monkey
 
     model = text_model(DEEP_MLP, {"W1": (4, 10), "B1": (10,), "W2": (10, 8), "W3": (3, 8), "B3": (3,)})
     feeds = _feeds((16, 4), batches=32)
-    analysis = analyze_model(model)
-    groups, _ = candidate_groups(analysis)
-    plan = plan_from_removed(analysis, {group_key(analysis, groups[0]): [0, 3, 7]})
-    rec = recovery.prepare(analysis, plan, ("refit",), feeds)
-    apply_plan(analysis, plan)
-    recovery.finish(analysis, plan, rec)
-    pruned = analysis.graph.to_model()
+    pruned, rec = _prune(model, [0, 3, 7], ("refit",), feeds)
     copies = {}
     for case, budget in (("one run", refit.MOMENT_BUDGET_BYTES), ("apart", 1)):
         monkeypatch.setattr(refit, "MOMENT_BUDGET_BYTES", budget)

@@ -85,26 +85,28 @@ class ChannelMasker:
                 continue
             for att in group.members:
                 name = att.tensor.name
-                if name not in parameters:
-                    self.unwritable.add(name)
-                    continue
-                value = edits.get(name)
+                value = self._editable(edits, parameters, name)
                 if value is None:
-                    value = edits[name] = np.array(parameters[name].data, copy=True)
+                    continue
                 index = [slice(None)] * value.ndim
                 index[att.axis] = self.analysis.channel_index(att, group, channels)
                 value[tuple(index)] = NEUTRAL.get(att.role, 0.0)
                 if att.role == "weight_out" and name in self.unfolded:
                     for coupled in self.unfolded[name]:
-                        if coupled not in parameters:
-                            self.unwritable.add(coupled)
-                            continue
-                        extra = edits.get(coupled)
-                        if extra is None:
-                            extra = edits[coupled] = np.array(parameters[coupled].data, copy=True)
-                        extra[index[att.axis]] = 0.0
+                        extra = self._editable(edits, parameters, coupled)
+                        if extra is not None:
+                            extra[index[att.axis]] = 0.0
         for name, value in edits.items():
             parameters[name] = value
+
+    def _editable(self, edits: dict, parameters, name: str) -> np.ndarray | None:
+        """A writable copy of parameter `name`, made once per apply (None: not a parameter)."""
+        if name not in parameters:
+            self.unwritable.add(name)
+            return None
+        if name not in edits:
+            edits[name] = np.array(parameters[name].data, copy=True)
+        return edits[name]
 
     def _producer_norms(self, group: Group, parameters) -> np.ndarray:
         total = np.zeros(group.channels)

@@ -160,6 +160,25 @@ def test_constant_node_weights_are_trained_in_place(tmp_path):
                               numpy_helper.to_array(model.graph.node[0].attribute[0].t))
 
 
+def _interrupt(monkeypatch, at_step: int, run) -> None:
+    """Run `run()` with a SIGINT sent after training step `at_step`: it must stop with
+    KeyboardInterrupt (the trainer saves its state first); the step is restored afterwards."""
+    original_step = trainer_module._Run._step
+    calls = {"n": 0}
+
+    def interrupting(self, feed, labels):
+        loss = original_step(self, feed, labels)
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(trainer_module._Run, "_step", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(trainer_module._Run, "_step", original_step)
+
+
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     model = cnn()
     train, val = task(tmp_path)
@@ -168,20 +187,9 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     config = dict(epochs=2, lr=1e-2, clip_grad=1.0)
     straight = FineTuner(model, TrainingConfig(**config, checkpoint=tmp_path / "a")).fit(data, val_data)
 
-    original_step = trainer_module._Run._step
-    calls = {"n": 0}
-
-    def interrupting(self, feed, labels):
-        loss = original_step(self, feed, labels)
-        calls["n"] += 1
-        if calls["n"] == 20:  # mid-epoch 2 (15 batches per epoch)
-            os.kill(os.getpid(), signal.SIGINT)
-        return loss
-
-    monkeypatch.setattr(trainer_module._Run, "_step", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        FineTuner(model, TrainingConfig(**config, checkpoint=tmp_path / "b")).fit(data, val_data)
-    monkeypatch.setattr(trainer_module._Run, "_step", original_step)
+    # mid-epoch 2 (15 batches per epoch)
+    _interrupt(monkeypatch, 20, lambda: FineTuner(model, TrainingConfig(**config, checkpoint=tmp_path / "b")).fit(
+        data, val_data))
     assert (tmp_path / "b" / "state" / "latest").read_text() == "step-00000020"
     with pytest.raises(OnnxPruneError, match="holds the checkpoint of an earlier run"):
         FineTuner(model, TrainingConfig(**config, checkpoint=tmp_path / "b")).fit(data, val_data)
@@ -448,20 +456,8 @@ def test_interrupted_gradual_pruning_resumes_with_its_masks(tmp_path, monkeypatc
     train, _ = task(tmp_path)
     options = dict(filters=0.5, neurons=0.0, finetune=train, epochs=2, lr=1e-2, batch_size=16, schedule="cubic")
     straight = onnxprune.prune(model, **options, checkpoint=tmp_path / "a")
-    original_step = trainer_module._Run._step
-    calls = {"n": 0}
-
-    def interrupting(self, feed, labels):
-        loss = original_step(self, feed, labels)
-        calls["n"] += 1
-        if calls["n"] == 4:  # some masks in place, not all
-            os.kill(os.getpid(), signal.SIGINT)
-        return loss
-
-    monkeypatch.setattr(trainer_module._Run, "_step", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        onnxprune.prune(model, **options, checkpoint=tmp_path / "b")
-    monkeypatch.setattr(trainer_module._Run, "_step", original_step)
+    # after step 4: some masks in place, not all
+    _interrupt(monkeypatch, 4, lambda: onnxprune.prune(model, **options, checkpoint=tmp_path / "b"))
     saved = json.loads((tmp_path / "b" / "state" / "step-00000004" / "progress.json").read_text())
     assert 0 < sum(len(v) for v in saved["masks"].values()) < 4
     resumed = onnxprune.prune(model, **options, checkpoint=tmp_path / "b", resume=True)
@@ -477,25 +473,17 @@ def test_interrupted_iterative_pruning_resumes_after_the_finished_rounds(tmp_pat
                    rewind=rewind)
     straight = onnxprune.prune(model, **options, checkpoint=tmp_path / "a")
     steps = straight.report["iterative"]["rounds"][0]["steps"]
-    original_step = trainer_module._Run._step
-    calls = {"n": 0}
-
-    def interrupting(self, feed, labels):
-        loss = original_step(self, feed, labels)
-        calls["n"] += 1
-        if calls["n"] == steps + 3:  # in round 2's fine-tuning
-            os.kill(os.getpid(), signal.SIGINT)
-        return loss
-
-    monkeypatch.setattr(trainer_module._Run, "_step", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        onnxprune.prune(model, **options, checkpoint=tmp_path / "b")
-    monkeypatch.setattr(trainer_module._Run, "_step", original_step)
+    # three steps into round 2's fine-tuning
+    _interrupt(monkeypatch, steps + 3, lambda: onnxprune.prune(model, **options, checkpoint=tmp_path / "b"))
     saved = json.loads((tmp_path / "b" / "iterative.json").read_text())
     assert saved["done"] == 1 and (tmp_path / "b" / "round-2" / "state" / "latest").is_file()
-    calls["n"] = 0
-    monkeypatch.setattr(trainer_module._Run, "_step", lambda self, f, l: (calls.__setitem__("n", calls["n"] + 1),
-                                                                         original_step(self, f, l))[1])
+    original_step, calls = trainer_module._Run._step, {"n": 0}
+
+    def counting(self, feed, labels):
+        calls["n"] += 1
+        return original_step(self, feed, labels)
+
+    monkeypatch.setattr(trainer_module._Run, "_step", counting)
     resumed = onnxprune.prune(model, **options, checkpoint=tmp_path / "b", resume=True)
     assert calls["n"] == straight.report["iterative"]["rounds"][1]["steps"] - 3  # round 1 not run again
     assert resumed.report["iterative"]["rounds"] == straight.report["iterative"]["rounds"]
