@@ -126,3 +126,34 @@ def test_round_to_counts_what_the_hardware_sees(encoder):
     result = prune(encoder, filters=0.0, heads=0.25, round_to=16, latency_runs=0)
     assert _removed_by_kind(result) == {}
     assert any("--round-to 16 kept 4 group(s) whole" in note for note in result.report["notes"])
+
+
+class SdpaAttention(Attention):
+    """torch's fused attention: the legacy exporter computes its default scale at run time,
+    1/sqrt(sqrt(head_dim)) on q and on k, from Shape(q)[-1]."""
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q, k, v = (p(x).view(B, S, self.heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(a.transpose(1, 2).reshape(B, S, D))
+
+
+def test_run_time_attention_scale_keeps_the_original_head_dim(tmp_path):
+    import onnx
+
+    torch.manual_seed(0)
+    net = Encoder(layers=2).eval()
+    for block in net.blocks:
+        old = block.attn
+        block.attn = SdpaAttention()
+        block.attn.load_state_dict(old.state_dict())
+    path = tmp_path / "sdpa.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(2, 5, 32),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch", 1: "seq"}})
+    model = onnx.load(str(path))
+    assert any(n.op_type == "Sqrt" for n in model.graph.node)  # the scale is computed in the graph
+    result = prune_planted(model, 0.25, head_dim=True)
+    assert [len(gone) for kind, gone in _removed_by_kind(result).items()] == [4]  # q/k and v/o, both layers
