@@ -11,14 +11,21 @@ import numpy as np
 import onnx
 
 from .core.dependency import Analysis
+from .core.disk_weights import has_disk_weights
 from .core.errors import OptionError
+from .core.modelio import save_model
 from .core.plan import Plan
 from .core.validate import load_input
 from .core.verify import Verification
 from .passes.analyze import Analyze
 from .passes.calibration import CalibrationSettings, LoadCalibration
 from .passes.channels import RemoveChannels
-from .passes.finetune import FineTune, FineTuneSettings, compose_origins, kept_channels_of
+from .passes.finetune import (
+    FineTune,
+    FineTuneSettings,
+    compose_origins,
+    kept_channels_of,
+)
 from .passes.gradual import GradualPruning, GradualSettings
 from .passes.iterative import IterativePruning, IterativeSettings
 from .passes.latency import LatencySettings, TargetLatency
@@ -53,6 +60,27 @@ class PruneResult:
     analysis: Analysis | None
     verification: Verification
     report: dict
+
+    def save(self, path: str | Path) -> Path:
+        """Write the pruned model atomically (with external data when large). A model whose
+        weights stayed on disk (weights='disk') can only be written this way: its weights are
+        read, sliced and written one at a time."""
+        return save_model(self.model, path)
+
+
+def weights_mode(options) -> str:
+    """Where the external data of a model read from a path stays for this run (read_model):
+    options that run the model (calibration, recovery, fine-tuning, sensitivity, latency
+    search) need the weights in memory."""
+    needs = [flag for flag, given in (("calib", options.calib is not None), ("recover", bool(options.recover)),
+                                      ("finetune", options.finetune is not None),
+                                      ("sensitivity", options.sensitivity is not None),
+                                      ("target_latency", options.target_latency is not None)) if given]
+    if not needs:
+        return options.weights
+    if options.weights == "disk":
+        raise OptionError("weights", "disk", f"{{{needs[0]}}} runs the model, which needs its weights in memory")
+    return "memory"
 
 
 def options_from(options=None, **kwargs):
@@ -200,7 +228,12 @@ def prune(model: onnx.ModelProto | str | Path, options=None, **kwargs) -> PruneR
     prune("m.onnx", filters=0.3). A model that fails verification raises VerificationError.
     """
     options = options_from(options, **kwargs)
-    model, owned = load_input(model)
+    mode = weights_mode(options)
+    model, owned = load_input(model, mode)
+    if mode == "memory" and has_disk_weights(model):  # read earlier with weights='disk'
+        weights_mode(dataclasses.replace(options, weights="disk"))  # names the option that needs them
+        raise OptionError("weights", options.weights, "the model's weights are on disk (it was read with "
+                                                      "weights='disk'); give its path instead")
     return run_pruning(model, options, owned=owned)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .api import STAGES, finetune, options_from, prune
+from .api import STAGES, finetune, options_from, prune, weights_mode
 from .core.errors import OnnxPruneError, OptionError, VerificationError, first_line
 from .core.files import STDOUT, RunFiles, write_text
 from .core.progress import showing_progress
@@ -160,8 +160,9 @@ def prune_command(input_path, output, report_path, plan_path, dry_run, no_verify
     files.write_folder("--checkpoint", given.get("checkpoint"))
     files.check()
     options = options_from(**given)  # checked before the model is read
+    weights = weights_mode(options)
     with _console(quiet, verbose):
-        source = read_model(input_path)
+        source = read_model(input_path, weights)
         for extra in source.files[1:]:
             files.read("input model's external data", extra)
         if not dry_run:

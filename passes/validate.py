@@ -21,7 +21,9 @@ from onnxprune.core.validate import (
     sort_nodes,
 )
 from onnxprune.pipeline import Context, Pass, PassResult
-from onnxprune.settings import Flag, integer, setting, shapes_dict
+from onnxprune.settings import Flag, choice, integer, setting, shapes_dict
+
+WEIGHT_MODES = ("auto", "memory", "disk")
 
 
 @dataclass
@@ -31,6 +33,14 @@ class InputSettings:
         parse=parse_input_shapes))
     seed: int = setting(0, check=integer(0, 2**32 - 1), cli=Flag(
         "--seed", "Seed for random inputs and the random criterion.", parse=int, show_default=True))
+    # Where external-data weights live while the model is pruned (read by load_input and the CLI
+    # before the pipeline starts): 'disk' streams them tensor by tensor (models larger than
+    # memory; no onnxruntime run), 'memory' loads them, 'auto' keeps them on disk only when
+    # loading them would not fit (modelio.weights_fit_in_memory).
+    weights: str = setting("auto", check=choice(WEIGHT_MODES), cli=Flag(
+        "--weights", "Where external-data weights stay while pruning: 'disk' streams them tensor by tensor "
+        "(models larger than memory; skips the onnxruntime check), 'memory' loads them, 'auto' keeps them on "
+        "disk only when they would not fit in memory.", choices=lambda: WEIGHT_MODES, show_default=True))
 
 
 class ValidateInput(Pass):

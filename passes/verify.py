@@ -26,7 +26,6 @@ from onnxprune.settings import setting, switch
 
 from .channels import group_json
 
-
 VERIFY_SAMPLES = 8  # calibration samples the result is compared on, when there are any
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .dependency import Analysis
+from .disk_weights import on_disk
 from .layout import Layout, kept_positions, layout_size
 from .plan import Plan
 
@@ -67,9 +68,10 @@ def apply_plan(analysis: Analysis, plan: Plan) -> None:
         node = nodes[use]
         index = use[1]
         source = node.inputs[index]
-        value = analysis.graph.const(source)
+        weight = on_disk(source)  # stays on disk: the slicing is recorded, and done as it is written
+        value = weight if weight is not None else analysis.graph.const(source)
         for axis, pos in sorted(by_axis.items()):
-            value = np.take(value, pos, axis=axis)
+            value = value.take(axis, pos) if weight is not None else np.take(value, pos, axis=axis)
         key = (source.name, tuple((axis, pos.tobytes()) for axis, pos in sorted(by_axis.items())))
         analysis.graph.set_const_input(node, index, value, key=key)
     _rewrite_literals(analysis, applier)

@@ -15,9 +15,12 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from .disk_weights import DiskValues, attach_to_graph, on_disk
+
 # graphsurgeon logs to stdout; onnxprune reports what matters itself, in one line on stderr.
 G_LOGGER.severity = G_LOGGER.CRITICAL + 10
 
+_UNCACHED_BYTES = 2**24  # with weights on disk, values computed from them above this are not cached
 _GENERATE_MIN_ELEMENTS = 32  # below this a ConstantOfShape node costs more bytes than the data
 _EVALUABLE = {"DequantizeLinear": None, "Mul": np.multiply, "Div": np.divide, "Add": np.add,
               "Sub": np.subtract, "Cast": None, "Identity": None, "Transpose": None}
@@ -42,6 +45,7 @@ class Graph:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         self.gs = gs.import_onnx(model)
+        self._weights_on_disk = attach_to_graph(self.gs)
         self._names = itertools.count()
         self._cow_cache: dict[tuple, gs.Tensor] = {}
         self._const_cache: dict[str, np.ndarray | None] = {}
@@ -86,12 +90,18 @@ class Graph:
         """
         if tensor is None or not self.is_const(tensor):
             return None
+        weight = on_disk(tensor)
+        if weight is not None:  # read from its file each time: holding them all is what disk mode avoids
+            return weight.load()
         key = tensor.name
         if key not in self._const_cache:
             try:
-                self._const_cache[key] = self._evaluate(tensor)
+                value = self._evaluate(tensor)
             except (ValueError, IndexError, TypeError, KeyError, ArithmeticError):  # a malformed constant
-                self._const_cache[key] = None
+                value = None
+            if value is not None and value.nbytes > _UNCACHED_BYTES and self._weights_on_disk:
+                return value  # computed from weights on disk: not kept either
+            self._const_cache[key] = value
         return self._const_cache[key]
 
     def _evaluate(self, tensor: gs.Tensor) -> np.ndarray | None:
@@ -173,11 +183,21 @@ class Graph:
         Nodes whose update has the same `key` (same source, same slicing) share one tensor.
         """
         old = node.inputs[index]
-        value = np.ascontiguousarray(value)
         self._const_cache.clear()
         if key is not None and key in self._cow_cache:
             node.inputs[index] = self._cow_cache[key]
             return
+        if isinstance(value, DiskValues):  # a weight on disk, sliced when it is written
+            if isinstance(old, gs.Constant) and len(old.outputs) == 1 and old not in self.gs.outputs:
+                new = old
+                old._values = value
+            else:
+                new = gs.Constant(self.fresh_name(old.name or "const"), value)
+            node.inputs[index] = new
+            if key is not None:
+                self._cow_cache[key] = new
+            return
+        value = np.ascontiguousarray(value)
         producer = self.producer(old) if not isinstance(old, gs.Constant) else None
         uniform = value.size > 0 and bool(np.all(value == value.reshape(-1)[0]))
         shape = np.array(value.shape, dtype=np.int64)

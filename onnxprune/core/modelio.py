@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from .disk_weights import disk_bytes, keep_on_disk, values_of, write_tensor_data
 from .errors import OnnxPruneError, first_line
 from .files import RunFiles, available_memory, mib, regular_file, write_files
 from .progress import log
@@ -35,10 +36,14 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return read_model(path).model
 
 
-def read_model(path: str | os.PathLike) -> ModelFile:
+def read_model(path: str | os.PathLike, weights: str = "memory") -> ModelFile:
     """Load a model with its external data, refusing in one line what cannot be loaded safely:
     anything but a regular file, more data than memory or protobuf can take, external data
-    that is missing, short, or outside the model's folder."""
+    that is missing, short, or outside the model's folder.
+
+    `weights`: 'memory' loads the external data; 'disk' leaves it in its files, read tensor by
+    tensor when needed (disk_weights); 'auto' does that only when loading it would not fit.
+    """
     p = regular_file(path)
     size = p.stat().st_size
     if size >= PROTOBUF_LIMIT:
@@ -53,13 +58,29 @@ def read_model(path: str | os.PathLike) -> ModelFile:
     if not model.graph.node:
         raise OnnxPruneError(f"{p}: not an ONNX model (no graph nodes)")
     external = _external_files(model, p.parent)
-    if external:
-        _check_memory(p, size + sum(f.stat().st_size for f in external))
+    if not external:
+        return ModelFile(p, model, [p])
+    data = sum(f.stat().st_size for f in external)
+    if weights == "disk" or (weights == "auto" and not weights_fit_in_memory(data)):
         try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
-        except Exception as exc:  # onnx raises several types for unreadable external data
-            raise OnnxPruneError(f"{p}: cannot read its external data ({first_line(exc)})") from None
+            kept = keep_on_disk(model, p.parent)
+        except ValueError as exc:
+            raise OnnxPruneError(f"{p}: {exc}") from None
+        log.info("%s of weights stay on disk, read tensor by tensor", mib(kept))
+        return ModelFile(p, model, [p, *external])
+    _check_memory(p, size + data)
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+    except Exception as exc:  # onnx raises several types for unreadable external data
+        raise OnnxPruneError(f"{p}: cannot read its external data ({first_line(exc)})") from None
     return ModelFile(p, model, [p, *external])
+
+
+def weights_fit_in_memory(data_bytes: int) -> bool:
+    """Whether pruning with the weights loaded fits: the original, the pruned copy and an
+    onnxruntime session of each are held at once, about three times the weights."""
+    available = available_memory()
+    return available is None or 3 * data_bytes <= available
 
 
 PROTOBUF_LIMIT = 2**31
@@ -70,7 +91,8 @@ def _check_memory(path: Path, size: int) -> None:
     available = available_memory()
     if available is not None and 2 * size > available:
         raise OnnxPruneError(f"{path}: {mib(size)} to load, and this machine has {mib(available)} of memory "
-                             "available (about twice the model is needed)")
+                             "available (about twice the model is needed; --weights disk keeps external "
+                             "data on disk)")
 
 
 def _external_files(model: onnx.ModelProto, base: Path) -> list[Path]:
@@ -109,7 +131,7 @@ def _external_files(model: onnx.ModelProto, base: Path) -> list[Path]:
 def output_files(out: str | os.PathLike, model: onnx.ModelProto) -> list[Path]:
     """The files save_model writes for `model` at `out` (with external data when it is large)."""
     out = Path(out)
-    if payload_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+    if payload_bytes(model) > EXTERNAL_DATA_THRESHOLD or disk_bytes(model):
         return [out, out.with_name(out.name + ".data")]
     return [out]
 
@@ -193,6 +215,15 @@ def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str,
     offset = 0
     with open(path.parent / data_name, "wb") as data:
         for tensor in graph.initializer:
+            on_disk = values_of(tensor)
+            if on_disk is not None:  # a weight still in the input's data file: streamed across, sliced
+                pad = (-offset) % 4096
+                data.write(b"\0" * pad)
+                offset += pad
+                length = write_tensor_data(on_disk, data)
+                light.graph.initializer.append(_external_stub(tensor, data_name, offset, length))
+                offset += length
+                continue
             raw = tensor.raw_data if tensor.HasField("raw_data") else None
             if raw is None and tensor.data_location != onnx.TensorProto.EXTERNAL:
                 raw = onnx.numpy_helper.to_array(tensor).astype(
@@ -204,20 +235,25 @@ def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str,
             data.write(b"\0" * pad)
             offset += pad
             data.write(raw)
-            stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
-                                    data_location=onnx.TensorProto.EXTERNAL)
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = stub.external_data.add()
-                entry.key, entry.value = key, value
-            light.graph.initializer.append(stub)
+            light.graph.initializer.append(_external_stub(tensor, data_name, offset, len(raw)))
             offset += len(raw)
     with open(path, "wb") as f:
         f.write(light.SerializeToString())
 
 
+def _external_stub(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
+    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                            data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = stub.external_data.add()
+        entry.key, entry.value = key, value
+    return stub
+
+
 def payload_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of initializer data (cheap: no serialisation); decides on external data."""
-    total = 0
+    """Bytes of initializer data (cheap: no serialisation); decides on external data.
+    Weights kept on disk count with their size."""
+    total = disk_bytes(model)
     for t in model.graph.initializer:
         total += len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
     return total
@@ -234,7 +270,7 @@ def model_bytes(model: onnx.ModelProto) -> int:
     light = copy_without_initializers(model)
     light_graph = light.graph.ByteSize()
     graph = light_graph + sum(_field_bytes(_tensor_bytes(t)) for t in model.graph.initializer)
-    return light.ByteSize() - _field_bytes(light_graph) + _field_bytes(graph)
+    return light.ByteSize() - _field_bytes(light_graph) + _field_bytes(graph) + disk_bytes(model)
 
 
 def _varint_bytes(n: int) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxPruneError
-from .modelio import ModelFile, load_model
+from .modelio import ModelFile, read_model
 
 
 def _itemsize(data_type: int) -> float | None:
@@ -197,12 +197,13 @@ def refuse_unsupported(model: onnx.ModelProto) -> None:
         raise OnnxPruneError(f"IR version {model.ir_version} is newer than this onnx package supports")
 
 
-def load_input(model) -> tuple[onnx.ModelProto, bool]:
-    """The model to work on, and whether it was loaded here (so free to change in place)."""
+def load_input(model, weights: str = "memory") -> tuple[onnx.ModelProto, bool]:
+    """The model to work on, and whether it was loaded here (so free to change in place).
+    `weights`: where a path's external data stays (modelio.read_model)."""
     if isinstance(model, ModelFile):
         return model.model, True
     if isinstance(model, (str, Path)):
-        return load_model(model), True
+        return read_model(model, weights).model, True
     if not isinstance(model, onnx.ModelProto):
         raise OnnxPruneError(f"model: expected a path or an onnx.ModelProto, got {type(model).__name__}")
     return model, False
