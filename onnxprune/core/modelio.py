@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 from .disk_weights import disk_bytes, keep_on_disk, values_of, write_tensor_data
 from .errors import OnnxPruneError, first_line
 from .files import RunFiles, available_memory, mib, regular_file, write_files
-from .progress import log
+from .progress import log, progress_bar
 
 # protobuf refuses to serialise a single message above 2 GiB; stay well clear of it.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
@@ -213,6 +213,8 @@ def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str,
     light = copy_without_initializers(model)
     graph = model.graph
     offset = 0
+    streamed = disk_bytes(model)  # weights read, sliced and written one by one: that takes a while
+    bar = progress_bar("writing weights", total=streamed, unit="B") if streamed else None
     with open(path.parent / data_name, "wb") as data:
         for tensor in graph.initializer:
             on_disk = values_of(tensor)
@@ -221,6 +223,7 @@ def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str,
                 data.write(b"\0" * pad)
                 offset += pad
                 length = write_tensor_data(on_disk, data)
+                bar.update(on_disk.nbytes)
                 light.graph.initializer.append(_external_stub(tensor, data_name, offset, length))
                 offset += length
                 continue
@@ -237,6 +240,8 @@ def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str,
             data.write(raw)
             light.graph.initializer.append(_external_stub(tensor, data_name, offset, len(raw)))
             offset += len(raw)
+    if bar is not None:
+        bar.close()
     with open(path, "wb") as f:
         f.write(light.SerializeToString())
 
