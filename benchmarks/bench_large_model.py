@@ -34,8 +34,9 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from fixtures.llama_decoder import PRESETS, write_decoder  # noqa: E402
 from machine_info import machine, write_section  # noqa: E402
+
+from fixtures.llama_decoder import PRESETS, write_decoder  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "benchmarks" / "results" / "large_model.json"
@@ -141,6 +142,7 @@ def render(rows: list[dict], meta: dict) -> str:
              f"pruned by the CLI with `{' '.join(FLAGS)}` at their static input [1, 16]. Wall time of the whole "
              "process and its peak RSS; the page cache was "
              f"{'dropped before each run (weights read from disk)' if meta['cold'] else 'not dropped'}.", "",
+             *([meta["note"], ""] if meta.get("note") else []),
              "| model | params | size | --weights | time | peak RSS | RSS / size | params after | written | "
              "onnxruntime check |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -169,13 +171,14 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default="1b,7b")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/onnxprune-large"))
     p.add_argument("--no-write", action="store_true", help="print the section, do not write docs/results")
+    p.add_argument("--note", default="", help="a line on the conditions of the run, added to the section")
     args = p.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = [run_preset(preset, args.workdir) for preset in args.presets.split(",")]
     meta = {"date": dt.date.today().isoformat(), "machine": machine(), "cold": all(
         r[m]["cold_cache"] for r in rows for m in ("disk", "memory") if m in r),
-        "seconds": round(time.time() - started)}
+        "seconds": round(time.time() - started), "note": args.note}
     text = render(rows, meta)
     print(text)
     if not args.no_write:

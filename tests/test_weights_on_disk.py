@@ -81,7 +81,7 @@ def test_ratio_zero_writes_the_same_weights(decoder, tmp_path):
 def test_auto_keeps_weights_on_disk_when_they_would_not_fit(decoder, monkeypatch):
     import onnxprune.core.modelio as modelio
 
-    monkeypatch.setattr(modelio, "available_memory", lambda: 1 << 20)  # 1 MiB: 0.4 MiB of weights x 3 won't fit
+    monkeypatch.setattr(modelio, "available_memory", lambda: 1 << 20)  # 1 MiB: 0.4 MiB of weights x 4.5 won't fit
     result = prune(decoder, neurons=0.25, latency_runs=0)
     assert any("stay on disk" in note for note in result.report["notes"])
     monkeypatch.setattr(modelio, "available_memory", lambda: 1 << 34)

@@ -39,6 +39,9 @@ _SHAPE_ARITHMETIC = {"Equal": np.equal, "Where": np.where, "Mul": np.multiply, "
                      "Greater": np.greater, "Max": np.maximum, "Min": np.minimum, "Neg": np.negative,
                      "Abs": np.abs}
 _SHAPE_ARITHMETIC_MAX_ELEMENTS = 1024
+# Assembling small integer constants (the legacy exporter builds Pad's pads with Concat, a
+# reversing Slice and a Transpose); folded on small integer values only, like the above.
+_SHAPE_ASSEMBLY = {"Concat", "Slice", "Gather"}
 
 
 class Graph:
@@ -150,7 +153,7 @@ class Graph:
             return True
         if node.op == "ConstantOfShape" or node.op in _FOLDABLE:
             return all(self.is_const(t, depth + 1) for t in node.inputs if t.name)
-        if node.op in _SHAPE_ARITHMETIC:
+        if node.op in _SHAPE_ARITHMETIC or node.op in _SHAPE_ASSEMBLY:
             return all(self.is_const(t, depth + 1) and _small_integers(self.const(t)) for t in node.inputs if t.name)
         return False
 
@@ -248,6 +251,12 @@ def _fold(node: gs.Node, args: list, opset: int) -> np.ndarray | None:
     op, attrs = node.op, node.attrs
     if op in _SHAPE_ARITHMETIC:
         return np.asarray(_SHAPE_ARITHMETIC[op](*args))
+    if op == "Concat":
+        return np.concatenate([np.asarray(a) for a in args], axis=int(attrs["axis"]))
+    if op == "Gather":
+        return np.take(x, args[1], axis=int(attrs.get("axis", 0)))
+    if op == "Slice":
+        return _slice(x, args[1:], attrs)
     if op == "Identity":
         return x
     if op == "Cast":
@@ -270,6 +279,23 @@ def _fold(node: gs.Node, args: list, opset: int) -> np.ndarray | None:
             x = np.expand_dims(x, a)
         return x
     return None
+
+
+def _slice(x: np.ndarray, params: list, attrs: dict) -> np.ndarray:
+    if "starts" in attrs:  # opset < 10
+        starts, ends, axes, steps = attrs["starts"], attrs["ends"], attrs.get("axes"), None
+    else:
+        starts, ends, axes, steps = (list(params) + [None] * 4)[:4]
+    starts, ends = [int(v) for v in np.reshape(starts, -1)], [int(v) for v in np.reshape(ends, -1)]
+    axes = list(range(len(starts))) if axes is None else [int(a) for a in np.reshape(axes, -1)]
+    steps = [1] * len(starts) if steps is None else [int(v) for v in np.reshape(steps, -1)]
+    index = [slice(None)] * x.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        dim = x.shape[axis]
+        if step < 0:  # numpy takes None for "before the first", ONNX a very negative end
+            start, end = min(start, dim - 1), (None if end < -dim else end)
+        index[axis] = slice(start, end, step)
+    return x[tuple(index)]
 
 
 def _dequantize(node: gs.Node, args: list) -> np.ndarray:

@@ -111,7 +111,7 @@ def entries(graph, tensor: gs.Tensor, consumer=None, index: int = 0, depth: int 
             steps = params[3] if len(params) > 3 and params[3] is not None else [1]
         start, end, step = int(np.reshape(starts, -1)[0]), int(np.reshape(ends, -1)[0]), int(np.reshape(steps, -1)[0])
         return data[slice(start, end, step)] if step != 0 else None
-    if op in ("Mul", "Add", "Sub", "Div"):
+    if op in ("Mul", "Add", "Sub", "Div", "Mod"):
         a, b = sub(0), sub(1)
         if a is None or b is None:
             return None
@@ -143,7 +143,7 @@ def _is_constant_node(tensor) -> bool:
 def _combine(op, x, y):
     if isinstance(x, Lit) and isinstance(y, Lit):
         fn = {"Mul": lambda p, q: p * q, "Add": lambda p, q: p + q, "Sub": lambda p, q: p - q,
-              "Div": lambda p, q: p // q if q else 0}[op]
+              "Div": lambda p, q: p // q if q else 0, "Mod": lambda p, q: p % q if q else 0}[op]
         return Lit(fn(x.value, y.value))
     return Opaque(deps(x) | deps(y))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxprune.core.rules import Refuse
+from onnxprune.core.shape_exprs import Lit, entries
 
 
 def norm_axis(axis: int, rank: int) -> int:
@@ -51,3 +52,13 @@ def axes_operand(ctx, attr: str = "axes", input_index: int = 1):
     if value is None:
         raise Refuse(f"{attr} input {tensor.name!r} is not a constant")
     return int_list(value)
+
+
+def run_time_list(ctx, tensor) -> list | None:
+    """A 1-D int tensor computed at run time (from Shape reads), entry by entry: the literals it
+    holds as ints and the rest as None; None when it cannot be followed. A rule may accept it
+    when the entries it needs (those of the channel axes) are literals."""
+    read = entries(ctx.graph, tensor)
+    if read is None:
+        return None
+    return [e.value if isinstance(e, Lit) else None for e in read]

@@ -82,7 +82,11 @@ class MatMulRule(OpRule):
             ctx.unify(ka, kb)
             ctx.consume(ka)
         elif ka is not None or kb is not None:
-            raise Refuse("contracts channels with an axis that keeps its size")
+            # One side's channels meet a fixed axis (multi-query attention: every query head
+            # against one shared key head): those channels stay; the other axes go on as usual.
+            kept = ka if ka is not None else kb
+            ctx.fix(kept, "contracted with an axis that keeps its size")
+            ctx.consume(kept)
         if len(sa) - 2 in la:
             ctx.set_layout(y, rank - 2, la[len(sa) - 2])
         if len(sb) - 1 in lb:

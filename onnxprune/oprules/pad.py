@@ -1,7 +1,7 @@
 """Pad: fine as long as the channel axes are not padded."""
 from onnxprune.core.rules import OpRule, Refuse, register
 
-from ._common import int_list, passthrough
+from ._common import int_list, passthrough, run_time_list
 
 
 @register
@@ -17,8 +17,10 @@ class PadRule(OpRule):
             pads = int_list(node.attrs["pads"])
         else:
             pads = int_list(ctx.const(ctx.input(1)))
-            if pads is None:
-                raise Refuse("pads are not a constant")
+            if pads is None:  # computed at run time (window padding from H and W): known where it matters?
+                pads = run_time_list(ctx, ctx.input(1))
+                if pads is None:
+                    raise Refuse("pads are not a constant")
         axes_in = ctx.input(3)
         if axes_in is not None:
             axes = int_list(ctx.const(axes_in))
@@ -29,6 +31,8 @@ class PadRule(OpRule):
         n = len(axes)
         for j, axis in enumerate(axes):
             axis = axis + rank if axis < 0 and rank is not None else axis
+            if axis in layouts and (pads[j] is None or pads[j + n] is None):
+                raise Refuse("pads the channel axis by an amount computed at run time")
             if axis in layouts and (pads[j] != 0 or pads[j + n] != 0):
                 raise Refuse("pads the channel axis")
         passthrough(ctx)

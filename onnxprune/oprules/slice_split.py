@@ -4,7 +4,7 @@ import numpy as np
 from onnxprune.core.layout import cut
 from onnxprune.core.rules import OpRule, Refuse, register
 
-from ._common import int_list, norm_axis
+from ._common import int_list, norm_axis, run_time_list
 
 
 @register
@@ -82,6 +82,8 @@ class SliceRule(OpRule):
         sliced = {}
         for j, axis in enumerate(axes):
             if axis in layouts:
+                if None in (starts[j], ends[j], steps[j]):
+                    raise Refuse("slices channels at bounds computed at run time")
                 if steps[j] != 1:
                     raise Refuse("slices channels with a step other than 1")
                 dim = ctx.size(layouts[axis])
@@ -128,10 +130,12 @@ class SliceRule(OpRule):
                 if t is None:
                     values.append(None)
                     continue
-                v = ctx.const(t)
+                v = int_list(ctx.const(t))
+                if v is None and i != 3:  # bounds or steps computed at run time: known where it matters?
+                    v = run_time_list(ctx, t)
                 if v is None:
                     raise Refuse(f"slice input {t.name!r} is not a constant")
-                values.append(int_list(v))
+                values.append(v)
             starts, ends, axes, steps = values
             axes = axes if axes is not None else list(range(len(starts)))
             steps = steps if steps is not None else [1] * len(starts)

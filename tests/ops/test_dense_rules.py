@@ -78,3 +78,18 @@ def test_activation_scaled_by_a_constant_is_not_mistaken_for_a_weight():
     result = prune_planted(m, 0.5)
     assert [(d.group.channels, len(d.removed)) for d in result.plan.decisions] == [(12, 6)]
     assert result.report["rolled_back"] == []
+
+
+def test_channels_contracted_with_a_fixed_axis_stay_and_the_rest_prunes():
+    # multi-query attention in small: a's 6 channels meet z's rows, which keep their size, so
+    # they stay; d's 5 channels pass through the product to the output projection and prune.
+    m = text_model("""
+    g (float[1,4,8] x, float[1,6,8] z) => (float[1,4,3] y) {
+      a = MatMul(x, Wa)
+      d = MatMul(z, Wd)
+      s = MatMul(a, d)
+      y = MatMul(s, Wo)
+    }""", {"Wa": (8, 6), "Wd": (8, 5), "Wo": (5, 3)})
+    result = prune_planted(m, 0.4)
+    assert [d.group.channels for d in result.plan.decisions] == [5]
+    assert any("contracted with an axis that keeps its size" in s["reason"] for s in result.report["skipped"])

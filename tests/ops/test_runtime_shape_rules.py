@@ -114,3 +114,90 @@ def test_integer_shape_arithmetic_is_folded_so_heads_are_found():
            "split": np.array([1, 5, -1, 8], I64), "merge": np.array([1, 5, 32], I64)})
     result = prune_planted(m, 0.5, heads=True)
     assert [(d.group.kind, d.group.channels, len(d.removed)) for d in result.plan.decisions] == [("heads", 4, 2)]
+
+
+def test_pads_computed_from_spatial_dims_keep_the_channels_prunable():
+    # window padding: pad W up to a multiple of 4 at run time (pads of the channel axis are literal 0)
+    m = text_model("""
+    g (float[1,3,4,6] x) => (float[1,5,4,8] y) {
+      a = Conv <kernel_shape=[1,1]> (x, W1)
+      s = Shape(a)
+      w = Gather(s, three)
+      r = Mod(w, four)
+      p = Sub(four, r)
+      pads = Concat <axis=0> (zeros3, zero, zeros3, p)
+      b = Pad(a, pads)
+      y = Conv <kernel_shape=[1,1]> (b, Wo)
+    }""", {**WEIGHTS, "three": np.array([3], I64), "four": np.array([4], I64), "zeros3": np.zeros(3, I64),
+           "Wo": (5, 6, 1, 1)})
+    result = prune_planted(m, 0.5)
+    assert [d.group.channels for d in result.plan.decisions] == [6]
+
+
+def test_pads_of_the_channel_axis_computed_at_run_time_are_refused():
+    m = text_model("""
+    g (float[1,3,4,4] x) => (float[1,5,4,4] y) {
+      a = Conv <kernel_shape=[1,1]> (x, W1)
+      s = Shape(a)
+      c = Gather(s, one)
+      r = Mod(c, four)
+      pads = Concat <axis=0> (zero, r, zero, zero, zero, zero, zero, zero)
+      b = Pad(a, pads)
+      d = Slice(b, zero, six, one)
+      y = Conv <kernel_shape=[1,1]> (d, Wo)
+    }""", {**WEIGHTS, "one": np.array([1], I64), "four": np.array([4], I64), "six": np.array([6], I64),
+           "Wo": (5, 6, 1, 1)})
+    result = prune_planted(m, 0.5)
+    assert result.plan.decisions == []
+    assert any("pads the channel axis by an amount computed at run time" in r for r in skipped_reasons(result))
+
+
+def test_slice_bounds_computed_from_spatial_dims_keep_the_channels_prunable():
+    # crop the padded window back: a[:, :, :, :W-2] with W read at run time
+    m = text_model("""
+    g (float[1,3,4,6] x) => (float[1,5,4,4] y) {
+      a = Conv <kernel_shape=[1,1]> (x, W1)
+      s = Shape(a)
+      w = Gather(s, three)
+      e = Sub(w, two)
+      b = Slice(a, zero, e, three)
+      y = Conv <kernel_shape=[1,1]> (b, Wo)
+    }""", {**WEIGHTS, "three": np.array([3], I64), "two": np.array([2], I64), "Wo": (5, 6, 1, 1)})
+    result = prune_planted(m, 0.5)
+    assert [d.group.channels for d in result.plan.decisions] == [6]
+
+
+def test_channel_count_cast_to_a_value_keeps_its_original_value():
+    # y = a * (1 / C) with C = Shape(a)[1] as a float: the pruned model must still divide by 6
+    m = text_model("""
+    g (float[1,3,4,4] x) => (float[1,5,4,4] y) {
+      a = Conv <kernel_shape=[1,1]> (x, W1)
+      s = Shape(a)
+      c = Gather(s, one)
+      f = Cast <to=1> (c)
+      b = Div(a, f)
+      y = Conv <kernel_shape=[1,1]> (b, Wo)
+    }""", {**WEIGHTS, "one": np.array([1], I64), "Wo": (5, 6, 1, 1)})
+    result = prune_planted(m, 0.5)
+    assert [d.group.channels for d in result.plan.decisions] == [6]
+
+
+def test_pads_assembled_from_constants_by_the_legacy_exporter_are_folded():
+    # F.pad(x, (1, 1)) exported by torch's legacy exporter: Concat, a reversing Slice and a
+    # Transpose turn torch's (last axis first) padding into ONNX order, all on constants.
+    m = text_model("""
+    g (float[1,3,4,4] x) => (float[1,5,4,6] y) {
+      a = Conv <kernel_shape=[1,1]> (x, W1)
+      z = ConstantOfShape <value = int64[1] {0}> (six)
+      c = Concat <axis=0> (torch_pads, z)
+      r = Reshape(c, pairs)
+      s = Slice(r, minus1, very_negative, zero, minus1)
+      t = Transpose <perm=[1,0]> (s)
+      f = Reshape(t, minus1)
+      p = Cast <to=7> (f)
+      b = Pad(a, p)
+      y = Conv <kernel_shape=[1,1]> (b, Wo)
+    }""", {**WEIGHTS, "six": np.array([6], I64), "torch_pads": np.array([1, 1], I64),
+           "pairs": np.array([-1, 2], I64), "very_negative": np.array([-(2**62)], I64), "Wo": (5, 6, 1, 1)})
+    result = prune_planted(m, 0.5)
+    assert [d.group.channels for d in result.plan.decisions] == [6]
