@@ -33,17 +33,20 @@ def nothing_removed_reason(options, plan, analysis) -> str:
               else options.filters, "heads": options.heads if options.heads is not None else options.filters}
     if options.target_macs is not None or options.target_params is not None:
         return "the target is met without removing channels"
-    if not any(ratios.get(d.group.kind, options.filters) for d in plan.decisions):
+    asked = [d for d in plan.decisions if ratios.get(d.group.kind, options.filters)]
+    if not asked:
         return "every ratio that applies to the model's groups is 0"
-    largest = max(plan.decisions, key=lambda d: d.group.channels)
-    ratio = ratios.get(largest.group.kind, options.filters)
+    largest = max(asked, key=lambda d: d.group.channels)  # among the groups a non-zero ratio applies to
+    kind = largest.group.kind
+    ratio = ratios.get(kind, options.filters)
     would_remove = math.floor(ratio * largest.group.channels)
     if would_remove and options.round_to > 1:
         return (f"--round-to {options.round_to}: rounding the kept channels up to a multiple of {options.round_to} "
                 f"keeps every channel (largest group: {largest.group.channels})")
     if not would_remove:
-        return (f"a ratio of {ratio:g} removes floor({ratio:g} x {largest.group.channels}) = 0 channels even from "
-                f"the largest group")
+        unit = "heads" if kind == "heads" else "channels"
+        return (f"--{kind.replace('_', '-')} {ratio:g} removes floor({ratio:g} x {largest.group.channels}) = 0 "
+                f"{unit} even from the largest {kind.replace('_', ' ')} group")
     return "every group keeps all its channels"
 
 

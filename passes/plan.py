@@ -86,7 +86,8 @@ class PlanSettings:
         parse=Path, reads=True))
     target_macs: float | None = setting(None, check=fraction_kept, cli=Flag(
         "--target-macs", "Keep this fraction of the MACs: one ratio for every group, or per-group with "
-        "--global/--sensitivity.", metavar="R", parse=float))
+        "--global/--sensitivity. --heads/--neurons ratios given with it are cut as given, the other groups "
+        "make up the rest.", metavar="R", parse=float))
     target_params: float | None = setting(None, check=fraction_kept, cli=Flag(
         "--target-params", "Keep this fraction of the parameters (as --target-macs).", metavar="R", parse=float))
     min_keep: float = setting(0.25, check=min_fraction, cli=Flag(
@@ -176,11 +177,19 @@ class PlanChannels(Pass):
         metric, target = ("macs", s.target_macs) if s.target_macs is not None else ("params", s.target_params)
         curves, note = self._sensitivity_curves(analysis, self._methods(context)) \
             if s.sensitivity is not None else (None, None)
+        # A heads or neurons ratio given with the target is cut as given; the allocation fills the
+        # rest of the target from the other groups (0 leaves that kind to the allocation too).
+        fixed = {kind: ratio for kind, ratio in (("heads", s.heads), ("neurons", s.neurons)) if ratio}
         plan = make_target_plan(analysis, crit, metric, target, static_copy(analysis.graph.model, context.shapes),
                                 round_to=s.round_to, exclude=s.exclude, min_keep=s.min_keep,
-                                global_rank=s.global_rank, curves=curves, head_dim=bool(s.head_dim))
+                                global_rank=s.global_rank, curves=curves, head_dim=bool(s.head_dim),
+                                fixed_ratios=fixed)
         if note:
             plan.notes.insert(0, note)
+        if fixed:
+            plan.notes.insert(0, "with the target: " + ", ".join(f"{kind} cut by {ratio:g} as given"
+                                                               for kind, ratio in fixed.items())
+                              + "; the other groups are allocated to reach it")
         return plan
 
     def _sensitivity_curves(self, analysis, methods: tuple[str, ...]) -> tuple[dict, str]:

@@ -157,3 +157,22 @@ def test_run_time_attention_scale_keeps_the_original_head_dim(tmp_path):
     assert any(n.op_type == "Sqrt" for n in model.graph.node)  # the scale is computed in the graph
     result = prune_planted(model, 0.25, head_dim=True)
     assert [len(gone) for kind, gone in _removed_by_kind(result).items()] == [4]  # q/k and v/o, both layers
+
+
+def test_heads_ratio_with_a_macs_target_is_cut_as_given(encoder):
+    # one head of four per layer, whatever the allocation would choose; the MLPs make up the rest
+    result = prune(encoder, target_macs=0.75, heads=0.25, latency_runs=0)
+    removed = _removed_by_kind(result)
+    assert removed["heads"] == [(4, 1)] * 4
+    assert removed.get("neurons")  # the heads alone do not reach the target
+    macs = result.report["macs"]
+    assert macs["after"] <= 0.75 * macs["before"]
+    assert any("heads cut by 0.25 as given" in note for note in result.report["notes"])
+
+
+def test_nothing_removed_names_the_ratio_that_rounds_to_zero(encoder):
+    # --heads 0.2 of 4 heads is no head; the MLP groups (64 wide) have no ratio and are not the reason
+    result = prune(encoder, filters=0.0, heads=0.2, latency_runs=0)
+    assert _removed_by_kind(result) == {}
+    assert result.report["summary"]["nothing_removed"] == (
+        "--heads 0.2 removes floor(0.2 x 4) = 0 heads even from the largest heads group")

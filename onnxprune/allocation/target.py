@@ -25,7 +25,8 @@ from ..core.plan import GroupDecision, Plan, candidate_groups, channel_step, gro
 
 
 def allocate(analysis: Analysis, groups: list[Group], scores: dict[int, np.ndarray], cost_model: CostModel,
-             metric: str, target: float, round_to: int = 1, *, min_keep: float = 0.0) -> dict[int, int]:
+             metric: str, target: float, round_to: int = 1, *, min_keep: float = 0.0,
+             fixed: dict | None = None) -> dict[int, int]:
     """{group.id: channels to remove} so that `metric` drops to `target` of its value.
 
     Channels go cheapest damage first: a channel's damage is its score relative to its
@@ -33,6 +34,7 @@ def allocate(analysis: Analysis, groups: list[Group], scores: dict[int, np.ndarr
     channels that cost little to keep stay longer. Every group keeps at least one channel
     (and `min_keep` of its width), kept counts are multiples of `round_to` or the full width,
     and the cost ends at or below target * before, as close to it as the steps allow.
+    `fixed` ({group id: channels to remove}) are cut as given first; the others share the rest.
     """
     _same_analysis(analysis, cost_model)
     ranked = {g.id: _ranked_scores(scores[g.id]) for g in groups}
@@ -41,12 +43,12 @@ def allocate(analysis: Analysis, groups: list[Group], scores: dict[int, np.ndarr
         cumulative = ranked[group.id]
         return float(cumulative[group.channels - keep_to] - cumulative[group.channels - keep_from])
 
-    return _allocate(groups, damage, cost_model, metric, target, round_to, min_keep)
+    return _allocate(groups, damage, cost_model, metric, target, round_to, min_keep, fixed)
 
 
 def allocate_by_sensitivity(groups: list[Group], curves: dict[int, list[tuple[float, float]]],
                             cost_model: CostModel, metric: str, target: float, round_to: int = 1, *,
-                            min_keep: float = 0.0) -> dict[int, int]:
+                            min_keep: float = 0.0, fixed: dict | None = None) -> dict[int, int]:
     """Like allocate(), with damage read from measured curves instead of channel scores.
 
     curves[group.id] lists (ratio, damage): how much the output changed when that group
@@ -55,18 +57,18 @@ def allocate_by_sensitivity(groups: list[Group], curves: dict[int, list[tuple[fl
     without a curve keep all their channels.
     """
     curve_of = {gid: _DamageCurve(gid, points) for gid, points in curves.items()}
-    measured = [g for g in groups if g.id in curve_of]
+    measured = [g for g in groups if g.id in curve_of or g.id in (fixed or {})]
 
     def damage(group: Group, keep_from: int, keep_to: int) -> float:
         curve = curve_of[group.id]
         return curve(1 - keep_to / group.channels) - curve(1 - keep_from / group.channels)
 
-    removed = _allocate(measured, damage, cost_model, metric, target, round_to, min_keep)
+    removed = _allocate(measured, damage, cost_model, metric, target, round_to, min_keep, fixed)
     return {g.id: removed.get(g.id, 0) for g in groups}
 
 
 def allocate_uniform(groups: list[Group], cost_model: CostModel, metric: str, target: float, round_to: int = 1,
-                     *, min_keep: float = 0.0) -> dict[int, int]:
+                     *, min_keep: float = 0.0, fixed: dict | None = None) -> dict[int, int]:
     """{group.id: channels to remove}: the same ratio in every group, the largest that meets
     the target (found by bisection; kept counts follow round_to and min_keep)."""
     _check_request(metric, target, round_to, min_keep)
@@ -74,10 +76,13 @@ def allocate_uniform(groups: list[Group], cost_model: CostModel, metric: str, ta
     if before <= 0:
         raise OptionError(f"target_{metric}", target, f"the model has no {metric} to reduce")
     goal = target * before
+    fixed = fixed or {}
+    base = {g.atom: g.channels - fixed[g.id] for g in groups if g.id in fixed}
+    groups = [g for g in groups if g.id not in fixed]
     widths = {g.id: _Widths.of(g, round_to, min_keep) for g in groups}
 
     def removed_at(ratio: float) -> dict[int, int]:
-        out = {}
+        out = dict(fixed)
         for g in groups:
             keep = max(g.channels - math.floor(ratio * g.channels), widths[g.id].floor)
             step = widths[g.id].step
@@ -88,7 +93,7 @@ def allocate_uniform(groups: list[Group], cost_model: CostModel, metric: str, ta
 
     def cost_at(ratio: float) -> float:
         removed = removed_at(ratio)
-        return cost_model.cost_of_counts({g.atom: g.channels - removed[g.id] for g in groups})[metric]
+        return cost_model.cost_of_counts({**base, **{g.atom: g.channels - removed[g.id] for g in groups}})[metric]
 
     if cost_at(1.0) > goal:
         raise OptionError(f"target_{metric}", target, "unreachable, with every prunable group at its "
@@ -105,7 +110,8 @@ def allocate_uniform(groups: list[Group], cost_model: CostModel, metric: str, ta
 
 def make_target_plan(analysis: Analysis, crit: Criterion, metric: str, target: float,
                      static_model: onnx.ModelProto, round_to: int = 1, exclude=(), curves=None, *,
-                     min_keep: float = 0.0, global_rank: bool = True, head_dim: bool = False) -> Plan:
+                     min_keep: float = 0.0, global_rank: bool = True, head_dim: bool = False,
+                     fixed_ratios: dict | None = None) -> Plan:
     """A plan that brings `metric` ("macs" or "params") to `target` of the original.
 
     `static_model` is static_copy(model, concrete_shapes) of the analysed model. Within each
@@ -113,6 +119,8 @@ def make_target_plan(analysis: Analysis, crit: Criterion, metric: str, target: f
     `curves` are given, else from allocate() (global ranking) or, with global_rank=False, from
     allocate_uniform(). A data-driven criterion must be prepared first. plan.notes records
     the ratio reached. The dims inside attention heads are allocated only with `head_dim`.
+    `fixed_ratios` ({group kind: ratio}, e.g. {"heads": 0.1}) cuts the groups of those kinds by
+    their ratio first (as make_plan would); the others are allocated to reach the target.
     """
     if round_to < 1:
         raise OptionError("round_to", round_to, "must be a positive integer")
@@ -121,12 +129,16 @@ def make_target_plan(analysis: Analysis, crit: Criterion, metric: str, target: f
     scores = {g.id: np.asarray(crit.scores(analysis, g), dtype=np.float64) for g in every}
     steps = {g.id: channel_step(analysis, g, round_to) for g in groups}
     cost_model = CostModel(analysis, static_model)
+    fixed_ratios = fixed_ratios or {}
+    fixed = {g.id: fixed_cut(g, fixed_ratios[g.kind], steps[g.id]) for g in groups
+             if fixed_ratios.get(g.kind) is not None}
     if curves is None and not global_rank:
-        counts = allocate_uniform(groups, cost_model, metric, target, steps, min_keep=min_keep)
+        counts = allocate_uniform(groups, cost_model, metric, target, steps, min_keep=min_keep, fixed=fixed)
     elif curves is None:
-        counts = allocate(analysis, groups, scores, cost_model, metric, target, steps, min_keep=min_keep)
+        counts = allocate(analysis, groups, scores, cost_model, metric, target, steps, min_keep=min_keep, fixed=fixed)
     else:
-        counts = allocate_by_sensitivity(groups, curves, cost_model, metric, target, steps, min_keep=min_keep)
+        counts = allocate_by_sensitivity(groups, curves, cost_model, metric, target, steps, min_keep=min_keep,
+                                         fixed=fixed)
     plan = Plan(skipped=skipped, criterion=crit.name)
     for g in every:  # head_dim groups left out of the allocation keep all their channels
         order = np.argsort(scores[g.id], kind="stable")
@@ -137,6 +149,15 @@ def make_target_plan(analysis: Analysis, crit: Criterion, metric: str, target: f
     plan.notes.extend(crit.notes)
     plan.notes.append(f"target {metric} {target:.2f}: reached {reached:.3f} of the original")
     return plan
+
+
+def fixed_cut(group: Group, ratio: float, step: int = 1) -> int:
+    """Channels a fixed ratio removes from a group: floor(ratio x width), the kept count rounded
+    up to a multiple of `step` (as make_plan does)."""
+    keep = group.channels - math.floor(ratio * group.channels)
+    if step > 1:
+        keep = min(group.channels, math.ceil(keep / step) * step)
+    return group.channels - max(keep, 1)
 
 
 @dataclass(frozen=True)
@@ -164,17 +185,23 @@ class _Widths:
 
 
 def _allocate(groups, damage, cost_model: CostModel, metric: str, target: float, round_to: int,
-              min_keep: float) -> dict[int, int]:
+              min_keep: float, fixed: dict | None = None) -> dict[int, int]:
     """Shrink groups greedily until the cost meets the goal, give back what still fits, and
-    trade steps between groups where that lands closer to the goal."""
+    trade steps between groups where that lands closer to the goal. Groups in `fixed`
+    ({group id: channels to remove}) are cut as given before the others start."""
     _check_request(metric, target, round_to, min_keep)
+    fixed = fixed or {}
+    base = {g.atom: g.channels - fixed[g.id] for g in groups if g.id in fixed}
+    groups = [g for g in groups if g.id not in fixed]
     running = cost_model.running(metric)
     before = running.total
     if before <= 0:
         raise OptionError(f"target_{metric}", target, f"the model has no {metric} to reduce")
     goal = target * before
+    for atom, count in base.items():
+        running.commit(atom, count)
     widths = {g.id: _Widths.of(g, round_to, min_keep) for g in groups}
-    least = cost_model.cost_of_counts({g.atom: widths[g.id].floor for g in groups})[metric]
+    least = cost_model.cost_of_counts({**base, **{g.atom: widths[g.id].floor for g in groups}})[metric]
     if least > goal:
         raise OptionError(f"target_{metric}", target, "unreachable, with every prunable group at its "
                              f"minimum width the model keeps {least / before:.3f} of its {metric}")
@@ -185,7 +212,7 @@ def _allocate(groups, damage, cost_model: CostModel, metric: str, target: float,
                              f"{running.total / before:.3f} of the original {metric}")
     _give_back(groups, keep, widths, damage, running, goal)
     _trade(groups, keep, widths, damage, running, goal)
-    return {g.id: g.channels - keep[g.id] for g in groups}
+    return {**fixed, **{g.id: g.channels - keep[g.id] for g in groups}}
 
 
 def _priority(damage: float, saving: float) -> tuple[int, float]:

@@ -1,7 +1,9 @@
 """Shape inference, and fixing dynamic input dims (`--input-shape name:1,3,224,224`)."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 
 import numpy as np
 import onnx
@@ -211,7 +213,10 @@ def _symbolic_shapes(model: onnx.ModelProto) -> None:
     level = logger.level
     logger.setLevel(logging.CRITICAL)  # it logs every op it cannot read; onnx's shapes cover those
     try:
-        inferred = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
+        # When it cannot finish it saves its partial model as ./sym_shape_infer_temp.onnx: run it
+        # in a folder of its own, so that nothing lands in the user's working directory.
+        with tempfile.TemporaryDirectory(prefix="onnxprune-shapes-") as scratch, contextlib.chdir(scratch):
+            inferred = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
     except Exception:
         return
     finally:
