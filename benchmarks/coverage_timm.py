@@ -848,6 +848,10 @@ def render(rows: list[dict], meta: dict) -> str:
         (f"Command: `{meta['command']}` ({meta['total_s']:.0f} s in all; per-pair timeout {meta['timeout']:.0f} s, "
         f"memory cap {meta['max_rss_gb']} GB)."),
         "",
+        *([f"The table merges runs: the base run {meta['base']['date']} UTC (`{meta['base']['command']}`, "
+           f"{meta['base']['versions']}), and rows measured again since: "
+           + "; ".join(f"{m['date']} UTC ({m['versions']}): {', '.join(m['remeasured'])}" for m in meta["merges"])
+           + ".", ""] if meta.get("merges") else []),
         *summary_lines(rows),
         "",
         ("Models: timm `create_model(name, pretrained=False, **kwargs)`, random init (seed 0); every "
@@ -941,6 +945,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exporters", default="legacy,dynamo", help="comma-separated: legacy, dynamo")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per model/exporter pair (default 300)")
     p.add_argument("--max-rss-gb", type=float, default=6.0, help="kill a worker above this resident size")
+    p.add_argument("--merge", action="store_true", help="keep the other rows of the last run "
+                   "(benchmarks/results/coverage_timm.json); the ones measured now replace theirs")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -959,6 +965,20 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": f"{started:%Y-%m-%d %H:%M}", "machine": machine(), "versions": versions(),
             "timm": timm_version(), "command": command, "timeout": args.timeout, "max_rss_gb": args.max_rss_gb}
     rows: list[dict] = []
+    kept: list[dict] = []
+    if args.merge:  # the last run's rows, in catalogue order, those measured now replaced as they come
+        last = json.loads(JSON_OUT.read_text())
+        measured = {(e[0], x) for e in entries for x in exporters}
+        kept = [r for r in last["rows"] if (r["model"], r["exporter"]) not in measured]
+        meta["base"] = last.get("base") or {k: last.get(k) for k in ("date", "command", "total_s", "versions")}
+        meta["merges"] = last.get("merges", []) + [{"date": meta["date"], "command": command,
+                                                     "versions": meta["versions"],
+                                                     "remeasured": sorted(f"{m} ({x})" for m, x in measured)}]
+    order = {(e[0], x): i for i, e in enumerate(CATALOG) for x in ("legacy", "dynamo")}
+
+    def all_rows() -> list[dict]:
+        return sorted(kept + rows, key=lambda r: order.get((r["model"], r["exporter"]), 1 << 30))
+
     state: dict = {}
     log_path = Path(tempfile.gettempdir()) / "coverage_timm_worker.log"
     print(f"{len(entries)} models x {exporters}; worker log: {log_path}", file=sys.stderr, flush=True)
@@ -977,17 +997,17 @@ def main(argv: list[str] | None = None) -> int:
                           f"block={check_text(row.get('blocks'))}"
                           + (f" [{row['timeout']}]" if row.get("timeout") else ""), file=sys.stderr, flush=True)
                 if not args.no_write:
-                    write(rows, {**meta, "total_s": round(time.perf_counter() - t0, 1)})
+                    write(all_rows(), {**meta, "total_s": round(time.perf_counter() - t0, 1)})
         finally:
             if state.get("worker") is not None:
                 state["worker"].close()
     meta["total_s"] = round(time.perf_counter() - t0, 1)
-    print("\n".join(summary_lines(rows)), file=sys.stderr)
+    print("\n".join(summary_lines(all_rows())), file=sys.stderr)
     print(f"total {meta['total_s']:.0f} s", file=sys.stderr)
     if args.no_write:
-        print(render(rows, meta))
+        print(render(all_rows(), meta))
     else:
-        write(rows, meta)
+        write(all_rows(), meta)
         print(f"wrote {JSON_OUT.relative_to(ROOT)} and {MD_OUT.relative_to(ROOT)}", file=sys.stderr)
     return 0
 

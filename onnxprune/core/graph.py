@@ -154,8 +154,18 @@ class Graph:
         if node.op == "ConstantOfShape" or node.op in _FOLDABLE:
             return all(self.is_const(t, depth + 1) for t in node.inputs if t.name)
         if node.op in _SHAPE_ARITHMETIC or node.op in _SHAPE_ASSEMBLY:
-            return all(self.is_const(t, depth + 1) and _small_integers(self.const(t)) for t in node.inputs if t.name)
+            return all(self._small_integer_const(t, depth + 1) for t in node.inputs if t.name)
         return False
+
+    def _small_integer_const(self, tensor: gs.Tensor, depth: int) -> bool:
+        if isinstance(tensor, gs.Constant):  # decided from dtype and shape, without reading a big weight
+            try:
+                dtype, size = np.dtype(tensor.dtype), int(np.prod(tensor.shape, dtype=np.int64))
+            except TypeError:  # a type numpy does not know (bfloat16 in graphsurgeon): not a shape value
+                return False
+            if size > _SHAPE_ARITHMETIC_MAX_ELEMENTS or not (np.issubdtype(dtype, np.integer) or dtype == np.bool_):
+                return False
+        return self.is_const(tensor, depth) and _small_integers(self.const(tensor))
 
     def shape(self, tensor: gs.Tensor | None) -> tuple | None:
         """Static shape: ints for known dims, None for unknown ones; None if the rank is unknown."""

@@ -376,16 +376,19 @@ class _Run:
         config = self.config
         masker = self.tuner.masker
         updates = set(masker.schedule(self.total or 0)) if masker is not None else set()
-        if self.before is None:
-            self.before = self.evaluate()
-            if self.before is not None and masker is None:  # the weights as they came compete too
-                self.best = {"epoch": 0, "score": self.before.score(), "metrics": self.before.to_json(),
-                             "weights": self._weights()}
-        self.module.train()
-        bar = progress_bar("fine-tuning", total=self.total, unit="step")
-        bar.update(self.step)
+        bar = None
         try:
+            # From here a SIGINT/SIGTERM is held until the next step, which saves the state first
+            # (also when it comes while the weights as they came are evaluated).
             with self._signals():
+                if self.before is None:
+                    self.before = self.evaluate()
+                    if self.before is not None and masker is None:  # the weights as they came compete too
+                        self.best = {"epoch": 0, "score": self.before.score(), "metrics": self.before.to_json(),
+                                     "weights": self._weights()}
+                self.module.train()
+                bar = progress_bar("fine-tuning", total=self.total, unit="step")
+                bar.update(self.step)
                 while self.epoch < config.epochs and (self.total is None or self.step < self.total):
                     epoch_started, losses = time.perf_counter(), self.epoch_losses
                     for index, (feed, labels) in enumerate(self.train_data.epoch(self.epoch, config.seed)):
@@ -411,7 +414,8 @@ class _Run:
                     if config.checkpoint is not None:
                         self._save()
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
         return self._finish()
 
     def _step(self, feed, labels) -> float:
