@@ -13,7 +13,10 @@ Each export is pruned without --input-shape to keep 75% and 50% of its MACs, hea
 whole heads (heads=0.0) next to the MLP neurons, four ways: l2 without recovery; recon with
 lsq; recon with the sequential refit; per-group ratios from onnxprune's sensitivity analysis
 (measured on the calibration data with the best of the three rows' criterion and recovery)
-with that criterion and recovery. No training anywhere.
+with that criterion and recovery. Then, calibrated on a larger set (benchmarks/calibration_text.py:
+sentences of Python's documentation, plus the 64): recon + lsq with one ratio, and one head in twelve
+cut per layer (heads=1/12 with the target) with the FFN widths from sensitivity curves measured with
+lsq on that set (min_keep 0.25 and 0.05). No training anywhere.
 
 Sentences: the 64 of benchmarks/calibration_data.py calibrate (8 padded batches of 8 with
 their attention mask); the 24 of benchmarks/real_fidelity.py, disjoint from them, are held out
