@@ -14,7 +14,8 @@ from ..core.errors import OptionError
 from ..core.plan import GroupDecision, Plan, candidate_groups, channel_step, group_key
 
 
-def _keep_count(channels: int, remove: int, step: int) -> int:
+def keep_count(channels: int, remove: int, step: int) -> int:
+    """Channels a group keeps when `remove` are asked to go: at least one, rounded up to a multiple of `step`."""
     keep = max(channels - remove, 1)
     if step > 1:
         keep = min(channels, math.ceil(keep / step) * step)
@@ -51,7 +52,7 @@ def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: in
         round_to = 1  # the counts already are what the rounds lead to
     rounded_away = []
     for g in groups:
-        keep = _keep_count(g.channels, counts[g.id], channel_step(analysis, g, round_to))
+        keep = keep_count(g.channels, counts[g.id], channel_step(analysis, g, round_to))
         if counts[g.id] and keep == g.channels:
             rounded_away.append(g)
         order = np.argsort(scores[g.id], kind="stable")

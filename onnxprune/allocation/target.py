@@ -22,6 +22,7 @@ from ..core.criteria import Criterion
 from ..core.dependency import Analysis, Group
 from ..core.errors import OnnxPruneError, OptionError
 from ..core.plan import GroupDecision, Plan, candidate_groups, channel_step, group_key
+from .ratio import keep_count
 
 
 def allocate(analysis: Analysis, groups: list[Group], scores: dict[int, np.ndarray], cost_model: CostModel,
@@ -77,8 +78,7 @@ def allocate_uniform(groups: list[Group], cost_model: CostModel, metric: str, ta
         raise OptionError(f"target_{metric}", target, f"the model has no {metric} to reduce")
     goal = target * before
     fixed = fixed or {}
-    base = {g.atom: g.channels - fixed[g.id] for g in groups if g.id in fixed}
-    groups = [g for g in groups if g.id not in fixed]
+    base, groups = _split_fixed(groups, fixed)
     widths = {g.id: _Widths.of(g, round_to, min_keep) for g in groups}
 
     def removed_at(ratio: float) -> dict[int, int]:
@@ -130,8 +130,8 @@ def make_target_plan(analysis: Analysis, crit: Criterion, metric: str, target: f
     steps = {g.id: channel_step(analysis, g, round_to) for g in groups}
     cost_model = CostModel(analysis, static_model)
     fixed_ratios = fixed_ratios or {}
-    fixed = {g.id: fixed_cut(g, fixed_ratios[g.kind], steps[g.id]) for g in groups
-             if fixed_ratios.get(g.kind) is not None}
+    fixed = {g.id: g.channels - keep_count(g.channels, math.floor(fixed_ratios[g.kind] * g.channels), steps[g.id])
+             for g in groups if fixed_ratios.get(g.kind) is not None}  # as make_plan cuts them
     if curves is None and not global_rank:
         counts = allocate_uniform(groups, cost_model, metric, target, steps, min_keep=min_keep, fixed=fixed)
     elif curves is None:
@@ -149,15 +149,6 @@ def make_target_plan(analysis: Analysis, crit: Criterion, metric: str, target: f
     plan.notes.extend(crit.notes)
     plan.notes.append(f"target {metric} {target:.2f}: reached {reached:.3f} of the original")
     return plan
-
-
-def fixed_cut(group: Group, ratio: float, step: int = 1) -> int:
-    """Channels a fixed ratio removes from a group: floor(ratio x width), the kept count rounded
-    up to a multiple of `step` (as make_plan does)."""
-    keep = group.channels - math.floor(ratio * group.channels)
-    if step > 1:
-        keep = min(group.channels, math.ceil(keep / step) * step)
-    return group.channels - max(keep, 1)
 
 
 @dataclass(frozen=True)
@@ -191,8 +182,7 @@ def _allocate(groups, damage, cost_model: CostModel, metric: str, target: float,
     ({group id: channels to remove}) are cut as given before the others start."""
     _check_request(metric, target, round_to, min_keep)
     fixed = fixed or {}
-    base = {g.atom: g.channels - fixed[g.id] for g in groups if g.id in fixed}
-    groups = [g for g in groups if g.id not in fixed]
+    base, groups = _split_fixed(groups, fixed)
     running = cost_model.running(metric)
     before = running.total
     if before <= 0:
@@ -213,6 +203,12 @@ def _allocate(groups, damage, cost_model: CostModel, metric: str, target: float,
     _give_back(groups, keep, widths, damage, running, goal)
     _trade(groups, keep, widths, damage, running, goal)
     return {**fixed, **{g.id: g.channels - keep[g.id] for g in groups}}
+
+
+def _split_fixed(groups, fixed: dict[int, int]) -> tuple[dict[int, int], list]:
+    """({atom: kept count} of the groups cut as given, the groups left to allocate)."""
+    base = {g.atom: g.channels - fixed[g.id] for g in groups if g.id in fixed}
+    return base, [g for g in groups if g.id not in fixed]
 
 
 def _priority(damage: float, saving: float) -> tuple[int, float]:

@@ -71,7 +71,7 @@ def apply_plan(analysis: Analysis, plan: Plan) -> None:
         weight = on_disk(source)  # stays on disk: the slicing is recorded, and done as it is written
         value = weight if weight is not None else analysis.graph.const(source)
         for axis, pos in sorted(by_axis.items()):
-            value = value.take(axis, pos) if weight is not None else np.take(value, pos, axis=axis)
+            value = value.take(pos, axis=axis)  # ndarray.take, or DiskValues.take recording it
         key = (source.name, tuple((axis, pos.tobytes()) for axis, pos in sorted(by_axis.items())))
         analysis.graph.set_const_input(node, index, value, key=key)
     _rewrite_literals(analysis, applier)

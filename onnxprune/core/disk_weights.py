@@ -64,7 +64,8 @@ class DiskValues(LazyValues):
             value = np.take(value, positions, axis=axis)
         return value
 
-    def take(self, axis: int, positions: np.ndarray) -> "DiskValues":
+    def take(self, positions: np.ndarray, axis: int) -> "DiskValues":
+        """As ndarray.take, recorded: the positions are taken when the weight is read."""
         return DiskValues(self.source, self.takes + ((axis, np.asarray(positions, dtype=np.int64)),))
 
     @property

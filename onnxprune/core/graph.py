@@ -200,19 +200,11 @@ class Graph:
         if key is not None and key in self._cow_cache:
             node.inputs[index] = self._cow_cache[key]
             return
-        if isinstance(value, DiskValues):  # a weight on disk, sliced when it is written
-            if isinstance(old, gs.Constant) and len(old.outputs) == 1 and old not in self.gs.outputs:
-                new = old
-                old._values = value
-            else:
-                new = gs.Constant(self.fresh_name(old.name or "const"), value)
-            node.inputs[index] = new
-            if key is not None:
-                self._cow_cache[key] = new
-            return
-        value = np.ascontiguousarray(value)
+        on_disk = isinstance(value, DiskValues)  # a weight on disk: sliced when written, never generated
+        if not on_disk:
+            value = np.ascontiguousarray(value)
         producer = self.producer(old) if not isinstance(old, gs.Constant) else None
-        uniform = value.size > 0 and bool(np.all(value == value.reshape(-1)[0]))
+        uniform = not on_disk and value.size > 0 and bool(np.all(value == value.reshape(-1)[0]))
         shape = np.array(value.shape, dtype=np.int64)
         if uniform and producer is not None and producer.op == "ConstantOfShape":
             shape_in = producer.inputs[0]

@@ -218,36 +218,33 @@ def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str,
     bar = progress_bar("writing weights", total=streamed, unit="B") if streamed else None
     with open(path.parent / data_name, "wb") as data:
         for tensor in graph.initializer:
-            on_disk = values_of(tensor)
-            if on_disk is not None:  # a weight still in the input's data file: streamed across, sliced
-                pad = (-offset) % 4096
-                data.write(b"\0" * pad)
-                offset += pad
-                length = write_tensor_data(on_disk, data)
-                bar.update(on_disk.nbytes)
-                light.graph.initializer.append(_external_stub(tensor, data_name, offset, length))
-                offset += length
-                continue
-            raw = tensor.raw_data if tensor.HasField("raw_data") else None
-            if raw is None and tensor.data_location != onnx.TensorProto.EXTERNAL:
-                raw = onnx.numpy_helper.to_array(tensor).astype(
-                    onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).tobytes()
-            if raw is None or len(raw) < min_bytes:
-                light.graph.initializer.append(tensor)
-                continue
+            on_disk = values_of(tensor)  # a weight still in the input's data file: read, sliced, written
+            if on_disk is None:
+                raw = tensor.raw_data if tensor.HasField("raw_data") else None
+                if raw is None and tensor.data_location != onnx.TensorProto.EXTERNAL:
+                    raw = onnx.numpy_helper.to_array(tensor).astype(
+                        onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).tobytes()
+                if raw is None or len(raw) < min_bytes:
+                    light.graph.initializer.append(tensor)
+                    continue
             pad = (-offset) % 4096  # page-aligned, so runtimes can map the file
             data.write(b"\0" * pad)
             offset += pad
-            data.write(raw)
-            light.graph.initializer.append(_external_stub(tensor, data_name, offset, len(raw)))
-            offset += len(raw)
+            if on_disk is not None:
+                length = write_tensor_data(on_disk, data)
+                bar.update(length)
+            else:
+                length = data.write(raw)
+            light.graph.initializer.append(external_stub(tensor, data_name, offset, length))
+            offset += length
     if bar is not None:
         bar.close()
     with open(path, "wb") as f:
         f.write(light.SerializeToString())
 
 
-def _external_stub(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
+def external_stub(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
+    """An initializer that points at `length` bytes at `offset` of the file `location`."""
     stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
                             data_location=onnx.TensorProto.EXTERNAL)
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):

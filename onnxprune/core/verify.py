@@ -16,6 +16,7 @@ from .files import mib
 from .modelio import (
     EXTERNAL_DATA_THRESHOLD,
     copy_without_initializers,
+    external_stub,
     payload_bytes,
     write_with_external_data,
 )
@@ -60,14 +61,8 @@ def _check_structure(model: onnx.ModelProto) -> str:
     is there), so nothing is read or written but the graph."""
     light = copy_without_initializers(model)
     for tensor in model.graph.initializer:
-        if values_of(tensor) is None:
-            light.graph.initializer.append(tensor)
-            continue
-        stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
-                                data_location=onnx.TensorProto.EXTERNAL)
-        entry = stub.external_data.add()
-        entry.key, entry.value = "location", "weights"
-        light.graph.initializer.append(stub)
+        weight = values_of(tensor)
+        light.graph.initializer.append(tensor if weight is None else external_stub(tensor, "weights", 0, weight.nbytes))
     with tempfile.TemporaryDirectory(prefix="onnxprune-check-") as tmp:
         (Path(tmp) / "weights").touch()
         path = Path(tmp) / "model.onnx"

@@ -1,5 +1,6 @@
 """Shape bookkeeping ops: Squeeze/Unsqueeze renumber axes; Shape/Size read sizes at run time."""
 import numpy as np
+from onnx import TensorProto
 
 from onnxprune.core.rules import OpRule, Refuse, register
 from onnxprune.core.shape_exprs import deps, entries, static_value
@@ -82,7 +83,8 @@ class ShapeRule(OpRule):
 
 
 # Integer tensor types (onnx.TensorProto): a Cast to one of these keeps a shape a shape.
-_INT_TYPES = frozenset({2, 3, 4, 5, 6, 7, 12, 13})
+_INT_TYPES = frozenset({TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16, TensorProto.INT32,
+                        TensorProto.INT64, TensorProto.UINT32, TensorProto.UINT64})
 # Ops that carry shape values on as shape values (a Cast to an integer type too).
 _SHAPE_ARITHMETIC = frozenset({"Gather", "Slice", "Squeeze", "Unsqueeze", "Concat", "Identity",
                                "Add", "Sub", "Mul", "Div", "Mod", "Reshape", "Cast"})
@@ -99,7 +101,7 @@ def _value_casts(tensor):
             if user.op in _DATA_FIRST and user.inputs[0] is not current:
                 continue  # the shape is a parameter here (a Reshape target, Slice bounds): not a value
             seen.add(id(user))
-            if user.op == "Cast" and int(user.attrs.get("to", 7)) not in _INT_TYPES:
+            if user.op == "Cast" and int(user.attrs.get("to", TensorProto.INT64)) not in _INT_TYPES:
                 found.append(user)
             else:
                 todo.extend(user.outputs)
