@@ -133,8 +133,8 @@ def pruning_pipeline(options) -> Pipeline:
     channels = plan_settings.channels_requested or not layer_settings.requested
     gradual = options.schedule == "cubic"
     if channels:
-        passes += [Analyze(heads=plan_settings.heads_mode), Recover(stage(options, RecoverySettings)),
-                   PlanChannels(plan_settings)]
+        passes += [Analyze(heads=plan_settings.heads_mode, hidden=plan_settings.hidden_mode),
+                   Recover(stage(options, RecoverySettings)), PlanChannels(plan_settings)]
         if gradual:
             passes.append(GradualPruning(stage(options, FineTuneSettings), image_spec=options.image_spec))
         passes.append(RemoveChannels())

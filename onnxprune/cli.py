@@ -137,10 +137,10 @@ def prune_command(input_path, output, report_path, plan_path, dry_run, no_verify
     from .report import summary_table
 
     given = _given(_PRUNE_FIELDS, values)
-    if not given.keys() & {"filters", "neurons", "heads", "head_dim", "layers", "drop_layers", "plan", "target_macs",
-                           "target_params", "target_latency"}:
-        raise click.UsageError("give --filters R, --neurons R, --heads R, --target-macs R and/or --layers N "
-                               "(or --apply-plan FILE)")
+    if not given.keys() & {"filters", "neurons", "heads", "head_dim", "hidden", "layers", "drop_layers", "plan",
+                           "target_macs", "target_params", "target_latency"}:
+        raise click.UsageError("give --filters R, --neurons R, --heads R, --hidden R, --target-macs R and/or "
+                               "--layers N (or --apply-plan FILE)")
     if no_verify:
         given.update(verify=False, latency_runs=0)
     for flag, path in (("-o", output), ("--plan", plan_path)):

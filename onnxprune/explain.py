@@ -19,6 +19,13 @@ def nothing_removed_reason(options, plan, analysis) -> str:
     if options.heads and not any(g.kind == "heads" for g in analysis.groups):
         return ("--heads: no attention heads found (a Reshape of a projection into heads x head_dim feeding "
                 "the score MatMul, or a fused attention op)")
+    if options.hidden and not any(d.group.kind == "hidden" for d in plan.decisions):
+        held = [s for s in plan.skipped if s.get("kind") == "hidden"]
+        if not held:
+            return ("--hidden: no model width found (channels normalized across by LayerNorm/RMSNorm, or an "
+                    "embedding table's columns)")
+        reason, count = Counter(short_reason(s["reason"]) for s in held).most_common(1)[0]
+        return f"--hidden: the model width cannot be pruned; {count} of {len(held)} width group(s) held by: {reason}"
     qop = sorted({node.op for node in analysis.graph.gs.nodes} & QOPERATOR_OPS)
     if not plan.decisions:
         if qop:
@@ -30,7 +37,8 @@ def nothing_removed_reason(options, plan, analysis) -> str:
         reason, count = reasons.most_common(1)[0]
         return f"no group can be pruned; {count} of {len(plan.skipped)} skipped for: {reason}"
     ratios = {"filters": options.filters, "neurons": options.neurons if options.neurons is not None
-              else options.filters, "heads": options.heads if options.heads is not None else options.filters}
+              else options.filters, "heads": options.heads if options.heads is not None else options.filters,
+              "head_dim": options.head_dim or 0.0, "hidden": options.hidden or 0.0}
     if options.target_macs is not None or options.target_params is not None:
         return "the target is met without removing channels"
     asked = [d for d in plan.decisions if ratios.get(d.group.kind, options.filters)]

@@ -14,18 +14,21 @@ from onnxprune.pipeline import Context, Pass, PassResult, note_shapes
 
 class Analyze(Pass):
     """`heads=True` analyses attention heads as whole-head groups (with --heads, or for a plan
-    or sensitivity table made that way)."""
+    or sensitivity table made that way); `hidden=True` follows the model width through
+    normalizations and embedding tables (with --hidden, or for a plan made that way)."""
 
     name = "analyze"
 
-    def __init__(self, heads: bool = False) -> None:
+    def __init__(self, heads: bool = False, hidden: bool | str | None = False) -> None:
         self.heads = heads
+        self.hidden = hidden
 
     def run(self, model: onnx.ModelProto, context: Context) -> PassResult:
         working = complete_shapes(with_input_shapes(model, context.input_shapes, copy=not context.owned))
         context.owned = True
         note_shapes(context, working)
-        context.analysis, note = analyze_dynamic(working, context.shapes if context.guessed else None, self.heads)
+        context.analysis, note = analyze_dynamic(working, context.shapes if context.guessed else None, self.heads,
+                                                   self.hidden)
         if note:
             context.notes.append(note)
         if context.reference is None:
@@ -33,7 +36,8 @@ class Analyze(Pass):
         return PassResult(working, {"input_shapes": context.shapes, "barriers": context.analysis.barriers})
 
 
-def analyze_dynamic(working: onnx.ModelProto, measuring: dict | None, heads: bool = False):
+def analyze_dynamic(working: onnx.ModelProto, measuring: dict | None, heads: bool = False,
+                    hidden: bool | str | None = False):
     """(analysis, note) of `working` (shapes completed); with `measuring` (concrete dims for the
     inputs whose dims are dynamic), analysed again at those dims when dynamic dims hold groups.
 
@@ -42,11 +46,11 @@ def analyze_dynamic(working: onnx.ModelProto, measuring: dict | None, heads: boo
     concrete ones they can. The second analysis is kept if it frees groups; the pruned model
     keeps its dynamic interface, and verification runs it at a second set of dims too, rolling
     back any group that would tie it to the first (see core.verify.Checker)."""
-    analysis = analyze(Graph(working), heads=heads)
+    analysis = analyze(Graph(working), heads=heads, hidden=hidden)
     if not measuring or not _held_by_dynamic_dims(analysis):
         return analysis, None
     fixed = complete_shapes(with_input_shapes(working, measuring, copy=True))
-    retry = analyze(Graph(fixed), heads=heads)
+    retry = analyze(Graph(fixed), heads=heads, hidden=hidden)
     before, after = (len(candidate_groups(a)[0]) for a in (analysis, retry))
     if after <= before:
         return analysis, None

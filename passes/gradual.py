@@ -61,7 +61,7 @@ class GradualPruning(Pass):
                                  "and were not masked; removing the channels may change the output a little")
         # the trained model, analysed afresh (same groups, same keys), with the masked channels as the plan
         analysed = complete_shapes(with_input_shapes(trained, context.input_shapes, copy=True))
-        context.analysis = analyze(Graph(analysed), heads=context.analysis.heads)
+        context.analysis = analyze(Graph(analysed), heads=context.analysis.heads, hidden=context.analysis.hidden)
         plan = plan_from_removed(context.analysis, masker.removed())
         plan.criterion, plan.notes = context.plan.criterion, context.plan.notes
         context.plan = plan

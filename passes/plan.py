@@ -35,6 +35,8 @@ from onnxprune.settings import (
     switch,
 )
 
+HIDDEN_LAYERNORM = ("exact", "fused")
+
 
 def _plan_data(name, value):
     """A plan: the contents of a file written by --plan, or its path."""
@@ -71,6 +73,16 @@ class PlanSettings:
     head_dim: float | None = setting(None, check=optional_ratio, cli=Flag(
         "--head-dim", "Fraction of the dims inside every attention head (q/k and v/o head_dim) to remove; "
         "untouched by default.", metavar="R", parse=float))
+    hidden: float | None = setting(None, check=optional_ratio, cli=Flag(
+        "--hidden", "Fraction of the model width (embedding columns and residual channels, through LayerNorm/RMSNorm) "
+        "to remove; untouched by default. Each norm keeps the statistics of the original width (exact where the "
+        "removed channels are zero); see --hidden-layernorm.",
+        metavar="R", parse=float))
+    hidden_layernorm: str = setting("exact", check=choice(lambda: HIDDEN_LAYERNORM), cli=Flag(
+        "--hidden-layernorm", "With --hidden, what a LayerNorm over the pruned width becomes: exact (written out "
+        "as 14 elementwise/reduce ops computing the original statistics; exact where the removed channels are "
+        "zero, slower) or fused (kept as one LayerNormalization over the kept channels; approximate).",
+        choices=lambda: HIDDEN_LAYERNORM, show_default=True))
     importance: str = setting("l2", check=choice(criteria_names), cli=Flag(
         "--importance", "How channels are scored.", choices=criteria_names, show_default=True))
     round_to: int = setting(1, check=integer(1), cli=Flag(
@@ -102,7 +114,8 @@ class PlanSettings:
     def cross_check(self) -> None:
         """Rules between settings, checked with the settings themselves."""
         if self.plan is not None:
-            given = [name for name in ("filters", "neurons", "heads", "head_dim", "target_macs", "target_params")
+            given = [name for name in ("filters", "neurons", "heads", "head_dim", "hidden", "target_macs",
+                                       "target_params")
                      if getattr(self, name)]
             if given:
                 raise OptionError("plan", None, "the plan says which channels go; drop "
@@ -120,8 +133,15 @@ class PlanSettings:
                 or bool(self.sensitivity is not None and self.sensitivity.heads))
 
     @property
+    def hidden_mode(self) -> str | None:
+        """How to follow the model width through normalizations (the LayerNorm treatment), when
+        asked for or the plan was made so; None when not."""
+        return self.hidden_layernorm if self.hidden is not None or (self.plan or {}).get("hidden") else None
+
+    @property
     def channels_requested(self) -> bool:
-        return bool(self.filters or self.neurons or self.heads or self.head_dim or self.plan is not None
+        return bool(self.filters or self.neurons or self.heads or self.head_dim or self.hidden
+                    or self.plan is not None
                     or self.target_macs or self.target_params)
 
 
@@ -145,13 +165,16 @@ class PlanChannels(Pass):
             else:
                 context.plan = make_plan(analysis, s.filters, crit, round_to=s.round_to, global_rank=s.global_rank,
                                          exclude=s.exclude, heads=s.heads, neurons=s.neurons,
-                                         head_dim=s.head_dim, keep_counts=s.keep_counts)
+                                         head_dim=s.head_dim, hidden=s.hidden, keep_counts=s.keep_counts)
             context.plan.notes[:0] = notes
+        context.plan.notes.extend(_width_notes(context.plan))
         context.notes.extend(context.plan.notes)
         report = {"criterion": context.plan.criterion, "ratio": s.filters, "heads_ratio": s.heads,
                   "neurons_ratio": s.neurons}
         if s.head_dim is not None:
             report["head_dim_ratio"] = s.head_dim
+        if s.hidden is not None:
+            report["hidden_ratio"] = s.hidden
         return PassResult(model, report, modified=False)
 
     def _methods(self, context: Context) -> tuple[str, ...]:
@@ -179,7 +202,8 @@ class PlanChannels(Pass):
             if s.sensitivity is not None else (None, None)
         # A heads or neurons ratio given with the target is cut as given; the allocation fills the
         # rest of the target from the other groups (0 leaves that kind to the allocation too).
-        fixed = {kind: ratio for kind, ratio in (("heads", s.heads), ("neurons", s.neurons)) if ratio}
+        fixed = {kind: ratio for kind, ratio in (("heads", s.heads), ("neurons", s.neurons), ("hidden", s.hidden))
+                 if ratio}
         plan = make_target_plan(analysis, crit, metric, target, static_copy(analysis.graph.model, context.shapes),
                                 round_to=s.round_to, exclude=s.exclude, min_keep=s.min_keep,
                                 global_rank=s.global_rank, curves=curves, head_dim=bool(s.head_dim),
@@ -214,3 +238,16 @@ class PlanChannels(Pass):
             note += (f"; the curves were measured with recovery {measured_with}, this run recovers with "
                      f"{','.join(methods) or 'none'}: what a group costs may differ (measure with the same --recover)")
         return curves, note
+
+
+def _width_notes(plan: Plan) -> list[str]:
+    """What pruning the model width does to the normalizations across it: exact or not."""
+    costs = [cost for d in plan.decisions if d.group.kind == "hidden" and len(d.removed) for cost in d.group.costs]
+    if not costs:
+        return []
+    approximate = [cost for cost in costs if ": approximate" in cost]
+    note = (f"--hidden: {len(costs)} normalization statistic(s) over the pruned width, "
+            f"{len(costs) - len(approximate)} exact where the removed channels are zero")
+    if approximate:
+        note += f", {len(approximate)} approximate (e.g. {approximate[0]})"
+    return [note + "; each group's \"costs\" in the report lists them"]

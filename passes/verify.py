@@ -78,12 +78,13 @@ class Verify(Pass):
         with a subset of the plan. Leaves the final analysis and plan in the context; returns
         their model and what was rolled back."""
         require(context.remover is not None, self.name, "channel removal (to re-apply part of the plan)")
-        plan, unpruned, heads = context.plan, context.analysis.graph.model, context.analysis.heads
+        plan, unpruned = context.plan, context.analysis.graph.model
+        heads, hidden = context.analysis.heads, context.analysis.hidden
         removed = {d.key: d.removed for d in plan.decisions if len(d.removed)}
         failures: dict[str, str] = {}
 
         def attempt(keys):
-            analysis = analyze_model(unpruned, context.input_shapes, heads=heads)
+            analysis = analyze_model(unpruned, context.input_shapes, heads=heads, hidden=hidden)
             sub = plan_from_removed(analysis, {k: removed[k] for k in keys})
             model = context.remover.apply(analysis, sub, context)
             return analysis, sub, model, context.checker.failure(model)

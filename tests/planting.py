@@ -25,23 +25,26 @@ NEUTRAL = {"bn_var": 1.0, "divisor": 1.0}
 
 
 def plant_dead_channels(model: onnx.ModelProto, ratio: float, seed: int = 0, heads: bool = False,
-                        input_shapes: dict | None = None, head_dim: bool = False):
+                        input_shapes: dict | None = None, head_dim: bool = False, hidden: bool = False):
     """Return (planted model, {group key: sorted dead channel indices}).
 
     heads=True plants dead attention heads only (groups of whole heads); head_dim=True dead
-    dims inside heads only; otherwise every other group (dims inside heads go only on request).
+    dims inside heads only; hidden=True dead channels of the model width only (embedding and
+    residual, every normalization's scale zero there); otherwise every other group (dims
+    inside heads and the width go only on request).
     """
     # the analysis a prune run makes: with dynamic dims, perhaps at the measuring dims
     working = complete_shapes(with_input_shapes(model, input_shapes))
     shapes, guessed = concrete_input_shapes(working, input_shapes)
-    analysis, _ = analyze_dynamic(working, shapes if guessed else None, heads)
+    analysis, _ = analyze_dynamic(working, shapes if guessed else None, heads, hidden)
     graph = analysis.graph
     groups, _ = candidate_groups(analysis)
     rng = np.random.default_rng(seed)
     values = {}
     truth = {}
     for group in groups:
-        if heads and group.kind != "heads" or head_dim != (group.kind == "head_dim"):
+        if heads and group.kind != "heads" or head_dim != (group.kind == "head_dim") \
+                or hidden != (group.kind == "hidden"):
             continue
         n = math.floor(ratio * group.channels)
         if n == 0:
@@ -66,7 +69,7 @@ def plant_dead_channels(model: onnx.ModelProto, ratio: float, seed: int = 0, hea
 
 def prune_planted(model: onnx.ModelProto, ratio: float, seed: int = 0, tolerance: float = 1e-4,
                   atol: float = 1e-6, heads: bool = False, optimized: bool = True, head_dim: bool = False,
-                  **options):
+                  hidden: bool = False, **options):
     """Plant dead channels, prune exactly that amount, and check the function is unchanged.
 
     Outputs must agree to `tolerance` relative to their largest magnitude; `atol` only
@@ -81,11 +84,13 @@ def prune_planted(model: onnx.ModelProto, ratio: float, seed: int = 0, tolerance
     from onnxprune.core.shapes import concrete_input_shapes
 
     planted, truth = plant_dead_channels(model, ratio, seed, heads=heads, input_shapes=options.get("input_shapes"),
-                                         head_dim=head_dim)
+                                         head_dim=head_dim, hidden=hidden)
     if heads:
         result = prune(planted, filters=0.0, heads=ratio, latency_runs=0, **options)
     elif head_dim:
         result = prune(planted, filters=0.0, head_dim=ratio, latency_runs=0, **options)
+    elif hidden:
+        result = prune(planted, filters=0.0, hidden=ratio, latency_runs=0, **options)
     else:
         result = prune(planted, filters=ratio, latency_runs=0, **options)
     assert result.verification.checker == "passed", result.verification.checker

@@ -2,9 +2,9 @@
 Mistral, Phi-3 and Gemma, exported by torch's dynamo exporter with dynamic batch and sequence,
 without a kv cache. RoPE, grouped-query attention (kv heads repeated by Expand/Reshape),
 RMSNorm (Qwen3's on q and k too), SwiGLU MLPs (Phi-3's gate and up in one projection, its q/k/v
-in one too), tied embeddings (Gemma). Dead kv heads (with their query heads), dead MLP neurons
-and adjacent identity layers must go exactly; ShortGPT-style block influence on calibration
-tokens must find the identity layers."""
+in one too), tied embeddings (Gemma). Dead kv heads (with their query heads), dead MLP neurons,
+dead channels of the model width (--hidden) and adjacent identity layers must go exactly;
+ShortGPT-style block influence on calibration tokens must find the identity layers."""
 import warnings
 
 import numpy as np
@@ -83,6 +83,15 @@ def test_kv_heads_go_with_their_query_heads(decoder, name):
 def test_swiglu_neurons(decoder, name):
     result = prune_planted(decoder(name), 0.5)  # gate and up lose the same neurons, down its inputs
     assert _removed(result) == [("neurons", 128, 64)] * 2
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_hidden_width(decoder, name):
+    """--hidden: the embedding's columns, every write into the residual stream and every RMSNorm
+    (a mean put back to the original width); Gemma's tied embedding is the lm head's weight too."""
+    result = prune_planted(decoder(name), 0.25, hidden=True)
+    assert _removed(result) == [("hidden", 64, 16)]
+    assert result.report["params"]["after"] < 0.8 * result.report["params"]["before"]
 
 
 @pytest.mark.parametrize("name", ["llama", "phi3"])

@@ -85,3 +85,17 @@ def test_ppocr_svtr_fused_qkv_heads_planted_exactly():
                            input_shapes={"x": [1, 3, 48, 320]})
     heads = [(d.group.channels, len(d.removed)) for d in result.plan.decisions if d.group.kind == "heads"]
     assert heads == [(8, 2), (8, 2)]
+
+
+@pytest.mark.parametrize("name,shapes,width", [
+    # tf2onnx/JAX LayerNorm: sum(x) and sum(x^2) times a constant 1/width
+    ("magika_standard_v3_3.onnx", None, 512),
+    # Paddle LayerNorm: mean(x), then the mean of (x - mean)^2; the SVTR blocks' width
+    ("rapidocr_rec_ppocrv4_svtr_lcnet.onnx", {"x": [1, 3, 48, 320]}, 120),
+])
+def test_decomposed_layernorm_width_planted_exactly(name, shapes, width):
+    """--hidden through LayerNorms as other frameworks spell them out: a dead width channel goes
+    exactly once the statistics are put back to the original width."""
+    result = prune_planted(_model(name), 0.25, hidden=True, input_shapes=shapes)
+    widths = [(d.group.channels, len(d.removed)) for d in result.plan.decisions if d.group.kind == "hidden"]
+    assert widths == [(width, width // 4)]

@@ -54,3 +54,25 @@ def test_timm_architecture(name, exporter, heads, tmp_path):
     if heads:
         assert row["planted_heads"]["status"] == "pass", row["planted_heads"]
     assert row["blocks"]["status"] in ("pass", "n.a."), row["blocks"]
+
+
+# Families whose width runs through LayerNorm (ViT, DeiT, PVT, EdgeNeXt, MobileViT, ConvNeXt):
+# dead channels of the width (--hidden) go exactly, LayerNorms written out with the original
+# statistics. BatchNorm families have no width group of their own (their widths are filters).
+WIDTH_SAMPLE = [("vit_tiny_patch16_224", "legacy"), ("deit_tiny_distilled_patch16_224", "legacy"),
+                ("pvt_v2_b0", "dynamo"), ("edgenext_xx_small", "legacy"), ("mobilevit_xxs", "legacy"),
+                ("convnext_atto", "dynamo")]
+
+
+@pytest.mark.parametrize("name,exporter", WIDTH_SAMPLE, ids=[f"{n}-{e}" for n, e in WIDTH_SAMPLE])
+def test_timm_hidden_width(name, exporter, tmp_path):
+    import onnx
+    from planting import prune_planted
+
+    _, _, side, _, kwargs = CATALOG[name]
+    model, x = coverage_timm.build(name, kwargs, side)
+    path = tmp_path / f"{name}.onnx"
+    coverage_timm.export(model, x, path, exporter)
+    result = prune_planted(onnx.load(str(path)), 0.25, hidden=True)
+    widths = [d for d in result.plan.decisions if d.group.kind == "hidden" and len(d.removed)]
+    assert widths and all(len(d.removed) == d.group.channels // 4 for d in widths)

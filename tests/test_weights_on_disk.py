@@ -35,7 +35,8 @@ def _outputs(path, feeds):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-@pytest.mark.parametrize("options", [dict(heads=0.5, neurons=0.25), dict(layers=1)], ids=["channels", "layers"])
+@pytest.mark.parametrize("options", [dict(heads=0.5, neurons=0.25), dict(layers=1), dict(hidden=0.25)],
+                         ids=["channels", "layers", "width"])
 def test_on_disk_gives_what_in_memory_gives(decoder, tmp_path, options):
     on_disk = prune(decoder, weights="disk", latency_runs=0, **options)
     in_memory = prune(decoder, weights="memory", latency_runs=0, **options)

@@ -24,14 +24,15 @@ def keep_count(channels: int, remove: int, step: int) -> int:
 
 def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: int = 1,
               global_rank: bool = False, exclude=(), heads: float | None = None,
-              neurons: float | None = None, head_dim: float | None = None,
+              neurons: float | None = None, head_dim: float | None = None, hidden: float | None = None,
               keep_counts: dict[str, int] | None = None) -> Plan:
     """`ratio` applies to every group; `neurons` (Gemm/MatMul hidden units) and `heads`
     (whole attention heads), when given, override it for their kind of group; the dims inside
-    attention heads go only with `head_dim`. `keep_counts` ({group key: channels to keep})
-    replaces all of that: each listed group keeps that many of its best channels, the others
+    attention heads go only with `head_dim`, the model width (hidden groups) only with `hidden`.
+    `keep_counts` ({group key: channels to keep}) replaces all of that: each listed group keeps that many of its best channels, the others
     keep all (iterative pruning's rounds)."""
-    for option, value in (("filters", ratio), ("heads", heads), ("neurons", neurons), ("head_dim", head_dim)):
+    for option, value in (("filters", ratio), ("heads", heads), ("neurons", neurons), ("head_dim", head_dim),
+                          ("hidden", hidden)):
         if value is not None and not 0.0 <= value < 1.0:
             raise OptionError(option, value, "must be in [0, 1)")
     if round_to < 1:
@@ -39,7 +40,7 @@ def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: in
     groups, skipped = candidate_groups(analysis, exclude)
     plan = Plan(skipped=skipped, criterion=crit.name)
     scores = {g.id: np.asarray(crit.scores(analysis, g), dtype=np.float64) for g in groups}
-    override = {"heads": heads, "neurons": neurons, "head_dim": head_dim or 0.0}
+    override = {"heads": heads, "neurons": neurons, "head_dim": head_dim or 0.0, "hidden": hidden or 0.0}
 
     def group_ratio(g):
         return ratio if override.get(g.kind) is None else override[g.kind]

@@ -125,11 +125,13 @@ def make_target_plan(analysis: Analysis, crit: Criterion, metric: str, target: f
     if round_to < 1:
         raise OptionError("round_to", round_to, "must be a positive integer")
     every, skipped = candidate_groups(analysis, exclude)
-    groups = [g for g in every if head_dim or g.kind != "head_dim"]
+    fixed_ratios = fixed_ratios or {}
+    # the dims inside heads are allocated only with head_dim, the model width only cut as given
+    groups = [g for g in every
+              if (head_dim or g.kind != "head_dim") and (g.kind != "hidden" or "hidden" in fixed_ratios)]
     scores = {g.id: np.asarray(crit.scores(analysis, g), dtype=np.float64) for g in every}
     steps = {g.id: channel_step(analysis, g, round_to) for g in groups}
     cost_model = CostModel(analysis, static_model)
-    fixed_ratios = fixed_ratios or {}
     fixed = {g.id: g.channels - keep_count(g.channels, math.floor(fixed_ratios[g.kind] * g.channels), steps[g.id])
              for g in groups if fixed_ratios.get(g.kind) is not None}  # as make_plan cuts them
     if curves is None and not global_rank:
@@ -140,7 +142,7 @@ def make_target_plan(analysis: Analysis, crit: Criterion, metric: str, target: f
         counts = allocate_by_sensitivity(groups, curves, cost_model, metric, target, steps, min_keep=min_keep,
                                          fixed=fixed)
     plan = Plan(skipped=skipped, criterion=crit.name)
-    for g in every:  # head_dim groups left out of the allocation keep all their channels
+    for g in every:  # groups left out of the allocation keep all their channels
         order = np.argsort(scores[g.id], kind="stable")
         removed = np.sort(order[:counts.get(g.id, 0)])
         plan.decisions.append(GroupDecision(group_key(analysis, g), g, removed, scores[g.id]))

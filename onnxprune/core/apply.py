@@ -48,6 +48,29 @@ class Applier:
                 node.inputs.append(const)
 
 
+    def add_node(self, op: str, inputs: list, dtype, attrs: dict | None = None, base: str = "",
+                 output: gs.Variable | None = None) -> gs.Variable:
+        """A new node computing `op`(inputs) (numpy arrays become constants); returns its output."""
+        base = base or op.lower()
+        inputs = [gs.Constant(self.graph.fresh_name(f"{base}_c"), np.asarray(t)) if isinstance(t, np.ndarray) else t
+                  for t in inputs]
+        out = output if output is not None else gs.Variable(self.graph.fresh_name(base), dtype=dtype)
+        self.graph.gs.nodes.append(gs.Node(op, name=self.graph.fresh_name(base), attrs=attrs or {},
+                                           inputs=inputs, outputs=[out]))
+        return out
+
+    def insert_after(self, node: gs.Node, op: str, operand) -> None:
+        """Put `op`(output, operand) between `node`'s first output and its readers (an ndarray
+        operand becomes a constant)."""
+        out = node.outputs[0]
+        raw = gs.Variable(self.graph.fresh_name(out.name), dtype=out.dtype)
+        node.outputs[0] = raw
+        if isinstance(operand, np.ndarray):
+            operand = gs.Constant(self.graph.fresh_name(f"{out.name}_{op.lower()}"), operand)
+        self.graph.gs.nodes.append(gs.Node(op, name=self.graph.fresh_name(f"{node.name or node.op}_{op.lower()}"),
+                                           inputs=[raw, operand], outputs=[out]))
+
+
 def apply_plan(analysis: Analysis, plan: Plan) -> None:
     """Mutate analysis.graph so that the planned channels are gone."""
     atoms = analysis.atoms

@@ -60,9 +60,12 @@ class Group:
     members: list[Attachment] = field(default_factory=list)
     fixed_reasons: list[str] = field(default_factory=list)
     origins: list[str] = field(default_factory=list)
-    # "filters" (conv), "neurons" (Gemm/MatMul), "heads" (attention heads) or "head_dim" (the
-    # dims inside each head: a Gemm/MatMul output split into heads x head_dim)
+    # "filters" (conv), "neurons" (Gemm/MatMul), "heads" (attention heads), "head_dim" (the
+    # dims inside each head: a Gemm/MatMul output split into heads x head_dim) or "hidden" (the
+    # model width: embedding and residual channels, normalized across; analysed with hidden=True)
     kind: str = "filters"
+    # hidden groups: what removing channels does at each normalization across them
+    costs: list[str] = field(default_factory=list)
 
     @property
     def prunable(self) -> bool:
@@ -82,12 +85,14 @@ class Context:
         self.node = node
         self.opset = analysis.graph.opset("")
         self.heads_mode = analysis.heads
+        self.hidden_mode = analysis.hidden
         self._outputs: dict[str, dict[int, Layout]] = {}
         self._attach: list[Attachment] = []
         self._apply: list[Callable] = []
         self._new_atoms: list[int] = []
         self._claims: dict[tuple, tuple] = {}
         self._consumed: list[Layout] = []
+        self._hidden: list[tuple[int, str | None]] = []
 
     # -- reading ---------------------------------------------------------------------
     def layouts(self, tensor: gs.Tensor | None) -> dict[int, Layout]:
@@ -134,16 +139,28 @@ class Context:
         return sum(self.atoms.size(s.atom) * s.expand for s in layout)
 
     # -- declaring -------------------------------------------------------------------
-    def new_channels(self, count: int, heads: bool = False, head_dim: bool = False) -> Layout:
+    def new_channels(self, count: int, heads: bool = False, head_dim: bool = False,
+                     hidden: bool = False) -> Layout:
         """Fresh channels created by this node (heads=True: attention heads, for --heads;
-        head_dim=True: the dims inside each head, for --head-dim)."""
+        head_dim=True: the dims inside each head, for --head-dim; hidden=True: the model width,
+        e.g. an embedding table's columns, for --hidden)."""
         atom = self.atoms.new(int(count), self.node.name)
         self._new_atoms.append(atom)
         if heads:
             self._a.head_atoms.add(atom)
         if head_dim:
             self._a.head_dim_atoms.add(atom)
+        if hidden:
+            self._hidden.append((atom, None))
         return (Segment(atom),)
+
+    def across_channels(self, layout: Layout, cost: str) -> None:
+        """This node takes statistics across these channels (a normalization over the hidden size).
+
+        Only in hidden mode (--hidden): their group becomes a "hidden" group, and `cost` says
+        what removing some of them does to this node (exact, or how approximate)."""
+        for seg in layout:
+            self._hidden.append((seg.atom, f"{self.node.op} {self.node.name!r}: {cost}"))
 
     def set_layout(self, tensor: gs.Tensor, axis: int, layout: Layout) -> None:
         self._outputs.setdefault(tensor.name, {})[axis] = tuple(layout)
@@ -211,6 +228,7 @@ class Context:
         for key, (source, layout) in self._claims.items():
             self._a.literal_claims[key] = layout
             self._a.literals.append((source, layout))
+        self._a.hidden_atoms.extend(self._hidden)
 
     def _reject(self, reason: str) -> None:
         text = f"{self.node.op} {self.node.name!r}: {reason}"
@@ -226,14 +244,19 @@ class Context:
 class Analysis:
     """Result of the dependency analysis on one graph."""
 
-    def __init__(self, graph: Graph, heads: bool = False) -> None:
+    def __init__(self, graph: Graph, heads: bool = False, hidden: bool | str | None = False) -> None:
         self.graph = graph
         # How a Reshape that splits channels (hidden -> heads x head_dim) is read: by
         # default every group keeps the same inner indices (channel shuffle, head_dim);
         # with heads=True the outer axis carries the channels, so whole heads go.
         self.heads = heads
+        # With hidden set, normalizations across the channels and embedding tables follow the
+        # model width instead of fixing it; its groups are "hidden" groups (--hidden). "fused"
+        # keeps a LayerNorm one op (approximate), True or "exact" writes it out exactly.
+        self.hidden = hidden
         self.head_atoms: set[int] = set()
         self.head_dim_atoms: set[int] = set()
+        self.hidden_atoms: list[tuple[int, str | None]] = []  # (atom, what removal costs there)
         self.atoms = Atoms()
         self.layouts: dict[str, dict[int, Layout]] = {}
         self.attachments: list[Attachment] = []
@@ -377,11 +400,20 @@ class Analysis:
                     origins[leaf].append(origin)
         head_leaves = {atoms.find(leaf) for a in self.head_atoms for leaf in atoms.leaves(a)}
         head_dim_leaves = {atoms.find(leaf) for a in self.head_dim_atoms for leaf in atoms.leaves(a)}
+        hidden_costs: dict[int, list[str]] = {}
+        for a, cost in self.hidden_atoms:
+            for leaf in atoms.leaves(a):
+                costs = hidden_costs.setdefault(atoms.find(leaf), [])
+                if cost and cost not in costs:
+                    costs.append(cost)
         for leaf, grp in by_leaf.items():
             grp.fixed_reasons = list(atoms.fixed.get(leaf, []))
             grp.origins = origins.get(leaf, [])
             producers = {m.layer_input[0].op for m in grp.members if m.role == "weight_out"}
-            if leaf in head_leaves:
+            grp.costs = hidden_costs.get(leaf, [])
+            if leaf in hidden_costs and leaf not in head_leaves and leaf not in head_dim_leaves:
+                grp.kind = "hidden"
+            elif leaf in head_leaves:
                 grp.kind = "heads"
             elif producers and producers <= {"Gemm", "MatMul", "Attention"}:
                 # dims inside attention heads (a Linear's output split into heads x head_dim) are
@@ -413,18 +445,18 @@ class Analysis:
         return np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64)
 
 
-def analyze(graph: Graph, heads: bool = False) -> Analysis:
-    return Analysis(graph, heads).run()
+def analyze(graph: Graph, heads: bool = False, hidden: bool | str | None = False) -> Analysis:
+    return Analysis(graph, heads, hidden).run()
 
 
 def analyze_model(model: onnx.ModelProto, input_shapes: dict | None = None, copy: bool = True,
-                  heads: bool = False) -> Analysis:
+                  heads: bool = False, hidden: bool | str | None = False) -> Analysis:
     """Dependency analysis of `model` (input dims fixed as given, shapes completed).
 
     With copy=False the model's value_info and input dims are updated in place; weights
     are never touched either way (edits happen in the graphsurgeon copy).
     """
-    return analyze(Graph(complete_shapes(with_input_shapes(model, input_shapes, copy))), heads=heads)
+    return analyze(Graph(complete_shapes(with_input_shapes(model, input_shapes, copy))), heads=heads, hidden=hidden)
 
 
 def with_input_shapes(model: onnx.ModelProto, input_shapes: dict | None, copy: bool = True) -> onnx.ModelProto:

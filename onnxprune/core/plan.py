@@ -55,6 +55,7 @@ class Plan:
             "format": "onnxprune-plan/1",
             "criterion": self.criterion,
             "heads": any(d.group.kind == "heads" for d in self.decisions),
+            "hidden": any(d.group.kind == "hidden" for d in self.decisions),
             "groups": [
                 {"key": d.key, "channels": d.group.channels, "removed": [int(i) for i in d.removed]}
                 for d in self.decisions if len(d.removed)
@@ -107,7 +108,7 @@ def channel_step(analysis: Analysis, group: Group, round_to: int) -> int:
 
 
 def _skip(analysis, group, reason):
-    return {"key": group_key(analysis, group), "channels": group.channels, "reason": reason,
+    return {"key": group_key(analysis, group), "channels": group.channels, "kind": group.kind, "reason": reason,
             "nodes": sorted(group.node_names())}
 
 

@@ -105,6 +105,21 @@ def _broadcast(role):
     return step
 
 
+def _expand(graph, node, axis, depth):
+    """A constant broadcast to the activations' shape (a class token expanded over the batch):
+    the channels lie on the constant's own axis, which the target shape must leave alone (1)."""
+    from .shape_exprs import Lit, entries
+
+    in_shape, target = graph.shape(node.inputs[0]), entries(graph, node.inputs[1])
+    if in_shape is None or target is None:
+        raise Refuse("Expand on the weight path with a shape that cannot be read")
+    k = axis - (len(target) - len(in_shape))
+    entry = target[axis] if 0 <= axis < len(target) else None
+    if k < 0 or in_shape[k] in (None, 1) or not (isinstance(entry, Lit) and entry.value == 1):
+        raise Refuse("Expand on the weight path sets the channel axis's size")
+    return trace(graph, node, 0, k, depth)
+
+
 def _elements(shape):
     n = 1
     for d in shape:
@@ -117,6 +132,7 @@ _STEPS = {
     "Cast": _same_axis,
     "Transpose": _transpose,
     "DequantizeLinear": _dequantize,
+    "Expand": _expand,
     "Mul": _broadcast("scale"),
     "Div": _broadcast("divisor"),
     "Add": _broadcast("offset"),

@@ -18,6 +18,8 @@ class Broadcasting(OpRule):
     def propagate(self, node, ctx):
         operands = [(i, t) for i, t in enumerate(node.inputs) if t is not None and t.name != ""]
         if not ctx.any_tracked():
+            if ctx.hidden_mode and node.op in ("Add", "Sub", "Mul", "Div"):
+                self._scaled_statistic(node, ctx, operands)
             return
         shapes = {i: ctx.shape(t) for i, t in operands}
         if any(s is None for s in shapes.values()):
@@ -50,6 +52,27 @@ class Broadcasting(OpRule):
             for i, axis in consts:
                 ctx.attach(i, axis, base, self._role(node.op, i))
             ctx.set_layout(out, k, base)
+
+    def _scaled_statistic(self, node, ctx, operands):
+        """In hidden mode: a per-token statistic (1/std, taken across the width) times a per-channel
+        constant (a decomposed LayerNorm's scale) spreads over the width; those channels meet the
+        width's own where the product is applied, so the constant is sliced with them."""
+        shapes = {i: ctx.shape(t) for i, t in operands}
+        if any(s is None for s in shapes.values()):
+            return
+        weights = {i for i, _ in operands if ctx.is_weight(i)}
+        if not weights or len(weights) == len(operands):
+            return
+        out_rank = max(len(s) for s in shapes.values())
+        for k in range(out_rank):
+            sizes = {i: s[k - (out_rank - len(s))] if k - (out_rank - len(s)) >= 0 else 1 for i, s in shapes.items()}
+            full = [i for i in weights if isinstance(sizes[i], int) and sizes[i] > 1]
+            if len(full) != 1 or any(sizes[i] != 1 for i, _ in operands if i not in weights):
+                continue
+            i = full[0]
+            layout = ctx.new_channels(sizes[i], hidden=True)
+            ctx.attach(i, k - (out_rank - len(shapes[i])), layout, self._role(node.op, i))
+            ctx.set_layout(node.outputs[0], k, layout)
 
     @staticmethod
     def _role(op, index):

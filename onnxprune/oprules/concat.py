@@ -27,8 +27,11 @@ class ConcatRule(OpRule):
                 continue
             for other in tracked[1:]:
                 ctx.unify(tracked[0], other)
-            if len(tracked) < len(inputs):
-                fixed = next(t for t in inputs if k not in ctx.layouts(t))
+            missing = [t for t in inputs if k not in ctx.layouts(t)]
+            if missing and ctx.hidden_mode:
+                missing = [t for t in missing if not _sliced_with(ctx, t, k, tracked[0])]
+            if missing:
+                fixed = missing[0]
                 interface = " (a graph input: an interface, such as a kv cache)" \
                     if not fixed.inputs and not ctx.graph.is_const(fixed) else ""
                 ctx.fix(tracked[0], f"concatenated with {fixed.name!r}, whose channels are fixed{interface}")
@@ -47,3 +50,14 @@ class ConcatRule(OpRule):
                 ctx.fix(layout, f"input {t.name!r} has fixed channels")
             joined.extend(layout)
         ctx.set_layout(out, axis, tuple(joined))
+
+
+def _sliced_with(ctx, tensor, axis, layout) -> bool:
+    """In hidden mode, a constant joined on along the model width (a class token, perhaps
+    expanded over the batch) is sliced with it."""
+    index = next(i for i, t in enumerate(ctx.node.inputs) if t is tensor)
+    try:
+        ctx.attach(index, axis, layout, "offset")
+    except Refuse:
+        return False
+    return True
