@@ -33,9 +33,9 @@ the steps are, each with its exceptions caught and recorded:
 Each (model, exporter) pair runs in a worker subprocess (``--worker``) that imports timm once and takes
 pairs one at a time; a pair that runs past ``--timeout`` seconds (default 300) or past ``--max-rss-gb``
 (default 6) is killed with the worker, recorded as such with the step it was in, and a fresh worker
-takes the next pair. Results: benchmarks/results/coverage_timm.json (raw rows) and
-docs/coverage_timm.md (table, census of skip reasons, barriers and failures); both are rewritten after
-every model, so an interrupted run keeps what it did.
+takes the next pair. Results: benchmarks/results/coverage_timm.json (raw rows) and the "timm
+architectures" section of docs/coverage.md (table, census of skip reasons, barriers and failures);
+both are rewritten after every model, so an interrupted run keeps what it did.
 
     .venv/bin/python benchmarks/coverage_timm.py [--only SUBSTR] [--no-write] [--exporters legacy,dynamo]
 
@@ -99,7 +99,8 @@ HEADS_RATIO = 0.25
 HEADS_RETRY = 0.5  # when 0.25 plants nothing (2-3 heads per layer: floor(0.25 * 3) = 0)
 SEED = 0
 JSON_OUT = ROOT / "benchmarks" / "results" / "coverage_timm.json"
-MD_OUT = ROOT / "docs" / "coverage_timm.md"
+MD_OUT = ROOT / "docs" / "coverage.md"
+MD_TITLE = "## timm architectures"  # the section of MD_OUT this script owns
 
 # --------------------------------------------------------------------------- #
 # the corpus: (timm name, family, input side, attention?, create_model kwargs)
@@ -830,7 +831,7 @@ def failures(r: dict):
 
 
 def census_table(title: str, note: str, data, unit: str) -> list[str]:
-    out = ["", f"## {title}", "", note, "", f"| {unit} | pairs | text | where |", "|---:|---:|---|---|"]
+    out = ["", f"### {title}", "", note, "", f"| {unit} | pairs | text | where |", "|---:|---:|---|---|"]
     if not data:
         out.append("| – | – | none | – |")
     for text, count, where in data:
@@ -841,7 +842,7 @@ def census_table(title: str, note: str, data, unit: str) -> list[str]:
 
 def render(rows: list[dict], meta: dict) -> str:
     out = [
-        "# Coverage: onnxprune over a timm architecture corpus",
+        MD_TITLE,
         "",
         f"Run {meta['date']} UTC on {meta['machine']}; {meta['versions']}; timm {meta['timm']}.",
         "",
@@ -889,7 +890,7 @@ def render(rows: list[dict], meta: dict) -> str:
             check_text(r.get("planted_heads")), check_text(r.get("blocks")), main_reason(r),
         )) + " |")
 
-    out += ["", "## What went wrong, pair by pair", ""]
+    out += ["", "### What went wrong, pair by pair", ""]
     any_bad = False
     for r in rows:
         texts = list(failures(r))
@@ -900,7 +901,7 @@ def render(rows: list[dict], meta: dict) -> str:
         out.append("Nothing.")
 
     retried = [r for r in rows if (r.get("export") or {}).get("exportable")]
-    out += ["", "## Exports that needed timm's exportable=True", "",
+    out += ["", "### Exports that needed timm's exportable=True", "",
             ("The default build failed to export; `timm.create_model(..., exportable=True)` (timm's switch for "
             "ONNX export: no fused scaled_dot_product_attention, static padding) exported, and the row is for "
             "that model. The default build's error:"), ""]
@@ -935,7 +936,9 @@ def write(rows: list[dict], meta: dict) -> None:
     MD_OUT.parent.mkdir(parents=True, exist_ok=True)
     JSON_OUT.write_text(json.dumps({**meta, "ratio": RATIO, "heads_ratio": HEADS_RATIO, "rows": rows},
                                    indent=1, default=str) + "\n")
-    MD_OUT.write_text(render(rows, meta))
+    from machine_info import write_section
+
+    write_section(MD_OUT, MD_TITLE, render(rows, meta))
 
 
 def main(argv: list[str] | None = None) -> int:
