@@ -10,8 +10,8 @@ Models (random weights, nothing downloaded):
     Pow/ReduceMean/..., each kept exact by one Mul.
 
 For each, `--hidden 0.25` and, for comparison, `--neurons 0.25` (MLP hidden units): params and
-MACs from the tool's report, onnxruntime latency on this machine (median of 50 runs after 5
-warm-up runs, one session per model, batch 1, the models' own shapes), and exactness: dead width
+MACs from the tool's report, onnxruntime latency on this machine (one thread, median of 50 runs
+after 5 warm-up runs, one session per model, batch 1, the models' own shapes), and exactness: dead width
 channels planted (tests/planting.py), the same amount removed, the largest output difference
 relative to the largest output. Results go to benchmarks/results/hidden_width.json and a section
 of docs/benchmarks.md.
@@ -62,7 +62,9 @@ def decoder(workdir: Path) -> tuple[onnx.ModelProto, dict]:
 def latency_ms(model: onnx.ModelProto, feeds: dict) -> float:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # one thread: steadier beside other work on a 2-core machine
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     for _ in range(WARMUP):
         session.run(None, feeds)
     times = []
@@ -140,7 +142,7 @@ def main() -> int:
     RESULTS.write_text(json.dumps({"date": dt.date.today().isoformat(), "machine": info, "rows": rows}, indent=1))
     text = (f"{TITLE}\n\nMeasured {dt.date.today().isoformat()} on {info} by `benchmarks/bench_hidden.py` "
             "(random weights; batch 1 at the models' own shapes: ViT 224x224, decoder 128 tokens; "
-            f"onnxruntime CPU, median of {RUNS} runs).\n\n" + table(rows))
+            f"onnxruntime CPU, one thread, median of {RUNS} runs).\n\n" + table(rows))
     write_section(DOC, TITLE, text)
     print(table(rows))
     return 0

@@ -145,3 +145,6 @@ def test_llama_with_a_kv_cache(tmp_path):
     heads = prune(model, filters=0.0, heads=0.5, input_shapes=shapes, latency_runs=0)
     assert _removed(heads) == []
     assert any("(a graph input: an interface, such as a kv cache)" in s["reason"] for s in heads.report["skipped"])
+    # the width is not part of the cache (kv heads x head_dim are): it goes with the cache in place
+    width = prune_planted(model, 0.25, hidden=True, input_shapes=shapes)
+    assert _removed(width) == [("hidden", 64, 16)]
