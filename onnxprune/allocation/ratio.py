@@ -29,8 +29,8 @@ def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: in
     """`ratio` applies to every group; `neurons` (Gemm/MatMul hidden units) and `heads`
     (whole attention heads), when given, override it for their kind of group; the dims inside
     attention heads go only with `head_dim`, the model width (hidden groups) only with `hidden`.
-    `keep_counts` ({group key: channels to keep}) replaces all of that: each listed group keeps that many of its best channels, the others
-    keep all (iterative pruning's rounds)."""
+    `keep_counts` ({group key: channels to keep}) replaces all of that: each listed group keeps
+    that many of its best channels, the others keep all (iterative pruning's rounds)."""
     for option, value in (("filters", ratio), ("heads", heads), ("neurons", neurons), ("head_dim", head_dim),
                           ("hidden", hidden)):
         if value is not None and not 0.0 <= value < 1.0:

@@ -47,7 +47,6 @@ class Applier:
             else:
                 node.inputs.append(const)
 
-
     def add_node(self, op: str, inputs: list, dtype, attrs: dict | None = None, base: str = "",
                  output: gs.Variable | None = None) -> gs.Variable:
         """A new node computing `op`(inputs) (numpy arrays become constants); returns its output."""

@@ -56,23 +56,23 @@ class Broadcasting(OpRule):
     def _scaled_statistic(self, node, ctx, operands):
         """In hidden mode: a per-token statistic (1/std, taken across the width) times a per-channel
         constant (a decomposed LayerNorm's scale) spreads over the width; those channels meet the
-        width's own where the product is applied, so the constant is sliced with them."""
+        width's own where the product is applied, so the constant is sliced with them. Only along
+        the last axis, where tensors of token models keep their width."""
         shapes = {i: ctx.shape(t) for i, t in operands}
         if any(s is None for s in shapes.values()):
             return
         weights = {i for i, _ in operands if ctx.is_weight(i)}
         if not weights or len(weights) == len(operands):
             return
-        out_rank = max(len(s) for s in shapes.values())
-        for k in range(out_rank):
-            sizes = {i: s[k - (out_rank - len(s))] if k - (out_rank - len(s)) >= 0 else 1 for i, s in shapes.items()}
-            full = [i for i in weights if isinstance(sizes[i], int) and sizes[i] > 1]
-            if len(full) != 1 or any(sizes[i] != 1 for i, _ in operands if i not in weights):
-                continue
-            i = full[0]
-            layout = ctx.new_channels(sizes[i], hidden=True)
-            ctx.attach(i, k - (out_rank - len(shapes[i])), layout, self._role(node.op, i))
-            ctx.set_layout(node.outputs[0], k, layout)
+        # the width is the last axis, the constant a vector along it: [..., 1, width]
+        full = [i for i in weights if shapes[i] and isinstance(shapes[i][-1], int) and shapes[i][-1] > 1
+                and all(d == 1 for d in shapes[i][:-1])]
+        if len(full) != 1 or any(shapes[i] and shapes[i][-1] != 1 for i, _ in operands if i not in weights):
+            return
+        i = full[0]
+        layout = ctx.new_channels(shapes[i][-1], hidden=True)
+        ctx.attach(i, len(shapes[i]) - 1, layout, self._role(node.op, i))
+        ctx.set_layout(node.outputs[0], max(len(s) for s in shapes.values()) - 1, layout)
 
     @staticmethod
     def _role(op, index):

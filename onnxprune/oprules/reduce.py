@@ -108,8 +108,10 @@ def reduce_across_hidden(ctx, layouts, axes, rank, keepdims):
     ctx.on_apply(correct)
 
 
-# ops that leave a value zero where their (first) input is zero
+# ops that leave a value zero where their (first) input is zero, and elementwise ones that do not
 _ZERO_KEEPING = ("Cast", "Identity", "Abs", "Neg", "Relu", "Sqrt")
+_ZERO_MOVING = ("Exp", "Sigmoid", "HardSigmoid", "Softplus", "Cos", "Log", "Reciprocal", "Clip", "Not", "Where",
+                "Max", "Min")
 
 
 def _reduced_value(ctx, tensor, squared: bool = False, depth: int = 0):
@@ -122,6 +124,8 @@ def _reduced_value(ctx, tensor, squared: bool = False, depth: int = 0):
     op, inputs = producer.op, producer.inputs
     if op in _ZERO_KEEPING:
         return _reduced_value(ctx, inputs[0], squared, depth + 1)
+    if op in _ZERO_MOVING:
+        return "shifted", None
     if op == "Pow":
         exponent = ctx.const(inputs[1])
         if exponent is None or exponent.size != 1 or float(exponent.reshape(-1)[0]) <= 0:
@@ -130,17 +134,27 @@ def _reduced_value(ctx, tensor, squared: bool = False, depth: int = 0):
     if op == "Mul" and len(inputs) == 2 and inputs[0] is inputs[1]:
         return _reduced_value(ctx, inputs[0], True, depth + 1)
     if op in ("Mul", "Div"):
-        return _reduced_value(ctx, inputs[0] if ctx.layouts(inputs[0]) or op == "Div" else inputs[1], squared,
-                              depth + 1)
+        tracked = [t for t in inputs[:1 if op == "Div" else 2] if ctx.layouts(t)]  # not 1 / x
+        return _reduced_value(ctx, tracked[0], squared, depth + 1) if tracked else ("shifted", None)
     if op in ("Add", "Sub") and len(inputs) == 2:
-        broadcast = [t for t in inputs if not ctx.layouts(t) and not ctx.graph.is_const(t)]
-        if not broadcast:
-            return "zeros", None  # a residual sum, or a per-channel bias sliced (and planted) with the width
-        x = inputs[0]
-        if op == "Sub" and squared and broadcast == [inputs[1]] and _mean_of(ctx, inputs[1], x):
+        # a residual sum, or a bias sliced (and planted) with the width, keeps zeros; a per-token
+        # statistic or a scalar added to every channel does not
+        shifts = [t for t in inputs if not ctx.layouts(t)]
+        if not shifts:
+            return "zeros", None
+        if op == "Sub" and squared and shifts == [inputs[1]] and _mean_of(ctx, inputs[1], inputs[0]):
             return "spread", inputs[1]
+        if all(ctx.graph.is_const(t) and _per_channel(ctx, t, tensor) for t in shifts):
+            return _reduced_value(ctx, next(t for t in inputs if all(t is not s for s in shifts)), squared,
+                                  depth + 1)
         return "shifted", None
     return "zeros", None
+
+
+def _per_channel(ctx, constant, result) -> bool:
+    """Whether a constant operand holds one value per channel of the width (sliced with it)."""
+    shape, out = ctx.shape(constant), ctx.shape(result)
+    return bool(shape) and bool(out) and shape[-1] == out[-1] and isinstance(shape[-1], int) and shape[-1] > 1
 
 
 def _mean_of(ctx, tensor, x, depth: int = 0) -> bool:
