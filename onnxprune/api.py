@@ -33,22 +33,24 @@ from .passes.layers import LayerSettings, RemoveLayers
 from .passes.measure import Measure, MeasureSettings
 from .passes.plan import PlanChannels, PlanSettings
 from .passes.recovery import Recover, RecoverySettings
+from .passes.sparsity import Sparsify, SparsitySettings
 from .passes.validate import InputSettings, ValidateInput
 from .passes.verify import Verify, VerifySettings
 from .pipeline import Context, Pipeline
 from .settings import checked, combine, stage
 
 # The stages of a prune, in pipeline order; their settings make up PruneOptions.
-STAGES = (InputSettings, CalibrationSettings, LayerSettings, PlanSettings, RecoverySettings, VerifySettings,
-          FineTuneSettings, MeasureSettings, LatencySettings, IterativeSettings, GradualSettings)
+STAGES = (InputSettings, CalibrationSettings, LayerSettings, PlanSettings, RecoverySettings, SparsitySettings,
+          VerifySettings, FineTuneSettings, MeasureSettings, LatencySettings, IterativeSettings, GradualSettings)
 
 PruneOptions = combine("PruneOptions", STAGES, doc="""Every option of prune(), one field per setting of its passes:
 InputSettings (input_shapes, seed), CalibrationSettings (calib, image_spec, calib_limit, allow_nonfinite, calib_mask),
-LayerSettings (layers, drop_layers, layer_importance), PlanSettings (filters, neurons, heads, importance,
-round_to, global_rank, exclude, plan, target_macs, target_params, min_keep, sensitivity), RecoverySettings
-(recover), VerifySettings (verify), FineTuneSettings (finetune, val, labels, loss, teacher, temperature,
-kd_alpha, epochs, steps, batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad, batchnorm, unfold_bn,
-train_output, train_images, train_limit, checkpoint, resume), MeasureSettings (latency_runs, latency_budget_s),
+LayerSettings (layers, drop_layers, layer_importance), PlanSettings (filters, neurons, heads, head_dim, hidden,
+hidden_layernorm, importance, round_to, global_rank, exclude, plan, target_macs, target_params, min_keep,
+sensitivity), RecoverySettings (recover), SparsitySettings (sparsity, pattern, sparsity_method), VerifySettings
+(verify), FineTuneSettings (finetune, val, labels, loss, teacher, temperature, kd_alpha, epochs, steps,
+batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad, batchnorm, unfold_bn, train_output, train_images,
+train_limit, checkpoint, resume), MeasureSettings (latency_runs, latency_budget_s),
 LatencySettings (target_latency), IterativeSettings (iterative, rewind), GradualSettings (schedule). Each is
 declared, with its check and CLI flag, in its pass's file under passes/.""")
 
@@ -71,15 +73,17 @@ class PruneResult:
 def weights_mode(options) -> str:
     """Where the external data of a model read from a path stays for this run (read_model):
     options that run the model (calibration, recovery, fine-tuning, sensitivity, latency
-    search) need the weights in memory."""
+    search) or rewrite weights value by value (sparsity) need the weights in memory."""
     needs = [flag for flag, given in (("calib", options.calib is not None), ("recover", bool(options.recover)),
+                                      ("sparsity", stage(options, SparsitySettings).requested),
                                       ("finetune", options.finetune is not None),
                                       ("sensitivity", options.sensitivity is not None),
                                       ("target_latency", options.target_latency is not None)) if given]
     if not needs:
         return options.weights
     if options.weights == "disk":
-        raise OptionError("weights", "disk", f"{{{needs[0]}}} runs the model, which needs its weights in memory")
+        why = "rewrites weights value by value" if needs[0] == "sparsity" else "runs the model"
+        raise OptionError("weights", "disk", f"{{{needs[0]}}} {why}, which needs the weights in memory")
     return "memory"
 
 
@@ -121,6 +125,10 @@ def options_from(options=None, **kwargs):
     if options.target_latency is not None and (options.target_macs is not None or options.target_params is not None):
         raise OptionError("target_latency", options.target_latency, "give it, {target_macs} or {target_params}, "
                           "one of them")
+    if stage(options, SparsitySettings).requested:
+        for name in ("schedule", "iterative", "target_latency"):
+            if getattr(options, name) not in (None, "oneshot", 0, 1):
+                raise OptionError("sparsity", options.sparsity, f"does not combine with {{{name}}} yet")
     return options
 
 
@@ -130,7 +138,8 @@ def pruning_pipeline(options) -> Pipeline:
     passes = [ValidateInput(stage(options, InputSettings)), LoadCalibration(stage(options, CalibrationSettings))]
     if layer_settings.requested:
         passes.append(RemoveLayers(layer_settings))
-    channels = plan_settings.channels_requested or not layer_settings.requested
+    sparsity = stage(options, SparsitySettings)
+    channels = plan_settings.channels_requested or not (layer_settings.requested or sparsity.requested)
     gradual = options.schedule == "cubic"
     if channels:
         passes += [Analyze(heads=plan_settings.heads_mode, hidden=plan_settings.hidden_mode),
@@ -138,6 +147,8 @@ def pruning_pipeline(options) -> Pipeline:
         if gradual:
             passes.append(GradualPruning(stage(options, FineTuneSettings), image_spec=options.image_spec))
         passes.append(RemoveChannels())
+    if sparsity.requested:  # the layers that are left lose weights, not shape
+        passes.append(Sparsify(sparsity, global_rank=options.global_rank, exclude=options.exclude))
     passes.append(Verify(stage(options, VerifySettings)))
     finetune = stage(options, FineTuneSettings)
     if finetune.requested:

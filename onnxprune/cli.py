@@ -30,6 +30,7 @@ from .passes.latency import LatencySettings
 from .passes.layers import LayerSettings
 from .passes.plan import PlanSettings
 from .passes.recovery import RecoverySettings
+from .passes.sparsity import SparsitySettings
 from .passes.validate import InputSettings
 from .sensitivity.trials import SensitivitySettings
 from .settings import cli_settings, info
@@ -111,8 +112,8 @@ def _print_version(ctx, param, value):
 # -- the main job -------------------------------------------------------------------------------
 
 # In --help: what to remove first, then how, then the data and inputs it is measured on.
-_PRUNE_FIELDS = cli_settings((PlanSettings, LayerSettings, LatencySettings, RecoverySettings, CalibrationSettings,
-                              FineTuneSettings, IterativeSettings, GradualSettings, InputSettings))
+_PRUNE_FIELDS = cli_settings((PlanSettings, LayerSettings, SparsitySettings, LatencySettings, RecoverySettings,
+                              CalibrationSettings, FineTuneSettings, IterativeSettings, GradualSettings, InputSettings))
 assert {f.name for f in _PRUNE_FIELDS} == {f.name for f in cli_settings(STAGES)}
 
 
@@ -138,9 +139,9 @@ def prune_command(input_path, output, report_path, plan_path, dry_run, no_verify
 
     given = _given(_PRUNE_FIELDS, values)
     if not given.keys() & {"filters", "neurons", "heads", "head_dim", "hidden", "layers", "drop_layers", "plan",
-                           "target_macs", "target_params", "target_latency"}:
-        raise click.UsageError("give --filters R, --neurons R, --heads R, --hidden R, --target-macs R and/or "
-                               "--layers N (or --apply-plan FILE)")
+                           "target_macs", "target_params", "target_latency", "sparsity", "pattern"}:
+        raise click.UsageError("give --filters R, --neurons R, --heads R, --hidden R, --target-macs R, --layers N "
+                               "and/or --sparsity R (or --apply-plan FILE)")
     if no_verify:
         given.update(verify=False, latency_runs=0)
     for flag, path in (("-o", output), ("--plan", plan_path)):

@@ -84,6 +84,8 @@ class Context:
     # Set by channel removal: verification re-applies part of a plan with it to roll back.
     remover: Any = None
     checker: Checker | None = None
+    # Set by the sparsity pass: {weight name: True where a weight stays}; fine-tuning keeps the zeros.
+    weight_masks: dict | None = None
     verification: Verification | None = None
     caches: Caches = field(default_factory=Caches)
     report: dict = field(default_factory=dict)

@@ -42,6 +42,8 @@ def summary_table(report: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(r))
              for r in rows]
+    if report.get("sparsity"):
+        lines.append(sparsity_line(report["sparsity"]))
     s = report.get("summary", {})
     lines.append(f"groups: {s.get('groups_pruned', 0)} pruned of {s.get('groups_prunable', 0)} prunable, "
                  f"{s.get('groups_skipped', 0)} skipped; {s.get('channels_removed', 0)} channels removed")
@@ -64,6 +66,22 @@ def summary_table(report: dict) -> str:
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def sparsity_line(sp: dict) -> str:
+    total = sp["total"]
+    line = (f"sparsity {sp['pattern']} ({sp['method']}): {total['sparsity']:.1%} of {_fmt_count(total['weights'])} "
+            f"weights in {total['layers']} layer(s) are zero")
+    holds = sp.get("pattern_holds")
+    if holds:
+        line += f"; {sp['pattern']} holds on {holds['layers']} of {holds['of']}"
+    if sp["skipped"]:
+        first = sp["skipped"][0]
+        line += f"; {len(sp['skipped'])} layer(s) left dense (e.g. {first['node']}: {first['reason']})"
+    zipped = sp["compressed_weight_bytes"]
+    if zipped["before"]:
+        line += f"; weights zipped {_fmt_bytes(zipped['before'])} -> {_fmt_bytes(zipped['after'])}"
+    return line
 
 
 def _metrics(m: dict | None) -> str:

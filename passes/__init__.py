@@ -11,6 +11,7 @@ pruning pipeline runs them:
 - recovery.Recover: training-free compensation, installed around channel removal
 - plan.PlanChannels: score channels and decide how many each group loses
 - channels.RemoveChannels: slice the planned channels out
+- sparsity.Sparsify: zero weights of the layers that are left (unstructured, N:M, blocks)
 - verify.Verify: check against the original, roll back what breaks it
 - measure.Measure: params, MACs, size and latency before and after
 - latency.TargetLatency: search the MAC budget that meets a latency target

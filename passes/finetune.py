@@ -182,7 +182,15 @@ class FineTune(Pass):
                                 unfold_bn=s.unfold_bn, fraction=s.train_fraction,
                                 output=s.train_output, seed=seed, checkpoint=s.checkpoint, resume=s.resume)
         kept = compose_origins(s.channel_origin, kept_channels(context))
-        outcome = FineTuner(model, config, teacher, kept, masker=self.masker).fit(train, val)
+        masker = self.masker
+        if masker is None and context.weight_masks:  # sparse weights stay sparse
+            from onnxprune.training.masks import WeightMasker
+
+            masker = WeightMasker(context.weight_masks)
+        outcome = FineTuner(model, config, teacher, kept, masker=masker).fit(train, val)
+        if masker is not None and masker.unwritable:
+            context.notes.append(f"fine-tuning: {len(masker.unwritable)} masked tensor(s) are not trained parameters "
+                                 "and kept their values")
         outcome.report["teacher"] = None if outcome.report["loss"] == "ce" else (
             str(s.teacher) if isinstance(s.teacher, (str, Path)) else "the original model"
             if s.teacher is None else "given")

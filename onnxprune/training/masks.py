@@ -1,4 +1,5 @@
-"""Gradual pruning: channels masked during training, on Zhu & Gupta's cubic schedule.
+"""Masks held during training: gradual pruning's channels, on Zhu & Gupta's cubic schedule, and
+the fixed zeros of sparse weights (WeightMasker).
 
 A masked channel has every weight coupled to it (producer filters, biases, normalisation
 scale and shift, consumers' input weights) held at zero after every optimizer step, variances
@@ -122,3 +123,35 @@ class ChannelMasker:
 
     def removed(self) -> dict[str, list[int]]:
         return {key: [int(i) for i in channels] for key, channels in self.masked.items() if len(channels)}
+
+
+class WeightMasker:
+    """The zeros of sparse weights ({parameter name: True where a weight stays}), held after
+    every optimizer step: fine-tuning a sparse model leaves its pattern as it was. The masks
+    are fixed, so they neither grow nor need saving with a checkpoint."""
+
+    def __init__(self, masks: dict[str, np.ndarray]) -> None:
+        self.masks = masks
+        self.masked: dict[str, np.ndarray] = {}  # what a checkpoint restores: nothing, masks are fixed
+        self.history: list[dict] = []
+        self.unwritable: set[str] = set()
+
+    def couple(self, unfolded) -> None:
+        """A BatchNorm unfolded after a sparse convolution scales whole filters: zeros stay zeros."""
+
+    def schedule(self, total: int) -> list[int]:
+        return []
+
+    def update(self, step: int, total: int, parameters) -> None:  # pragma: no cover - no schedule
+        pass
+
+    def apply(self, parameters) -> None:
+        for name, mask in self.masks.items():
+            if name not in parameters:
+                self.unwritable.add(name)
+                continue
+            parameters[name] = np.where(mask, np.asarray(parameters[name].data), 0).astype(
+                np.asarray(parameters[name].data).dtype)
+
+    def removed(self) -> dict[str, list[int]]:
+        return {}

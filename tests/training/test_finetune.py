@@ -511,3 +511,21 @@ def test_input_shape_fixes_dims_for_the_analysis_only(tmp_path):
                              loss="kd", epochs=1, lr=1e-2, batch_size=16)
     assert result.report["finetune"]["steps"] == 15
     assert result.model.graph.input[0] == model.graph.input[0]
+
+
+@pytest.mark.parametrize("unfold_bn", ["off", "on"])
+def test_finetuning_keeps_the_sparsity_pattern(tmp_path, unfold_bn):
+    """2:4 weights fine-tuned: every zero stays zero (the weights around them train), so the
+    pattern still holds on every layer it was put on."""
+    model = folded_cnn() if unfold_bn == "on" else cnn()
+    train, val = task(tmp_path)
+    sparse = onnxprune.prune(model, pattern="2:4", latency_runs=0)
+    tuned = onnxprune.prune(model, pattern="2:4", finetune=train, val=val, epochs=2, lr=1e-2, batch_size=16,
+                            unfold_bn=unfold_bn, latency_runs=0)
+    layers = {row["weight"]: row for row in sparse.report["sparsity"]["layers"]}
+    assert layers, sparse.report["sparsity"]
+    before, after = weights(sparse.model), weights(tuned.model)
+    for name in layers:
+        assert np.array_equal(after[name] == 0, before[name] == 0), name  # the same zeros
+        assert not np.allclose(after[name], before[name]), name  # and the rest trained
+    assert tuned.report["finetune"]["after"]["accuracy"] >= tuned.report["finetune"]["before"]["accuracy"]

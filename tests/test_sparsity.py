@@ -1,0 +1,181 @@
+"""Weight sparsity (--sparsity, --pattern, --sparsity-method): zeros in Conv/MatMul/Gemm weights,
+shapes unchanged. The pattern must hold exactly on every layer the report lists; planted zero
+weights must be exactly what goes at their ratio, with nothing else moving."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import max_rel_diff, run_model
+from onnx import numpy_helper
+from textmodel import text_model
+
+from onnxprune import OptionError, prune
+from onnxprune.core.metrics import random_inputs
+from onnxprune.sparsity import parse_pattern, sparse_layers
+from onnxprune.sparsity.layers import WeightStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MLP = """
+g (float[N,16] x) => (float[N,4] y) {
+  h = MatMul(x, W1)
+  a = Relu(h)
+  b = Gemm <transB=1> (a, W2, B2)
+  c = Relu(b)
+  y = Gemm (c, W3, B3)
+}"""
+
+
+def resnet():
+    return onnx.load(str(ROOT / "fixtures" / "tiny_resnet.onnx"))
+
+
+def mlp():
+    return text_model(MLP, {"W1": (16, 32), "W2": (24, 32), "B2": (24,), "W3": (24, 4), "B3": (4,)})
+
+
+def _weights(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _matrices(model, names):
+    store = WeightStore(model)
+    layers, _ = sparse_layers(model, store)
+    return {layer.weight: layer.to_matrix(store.read(layer.weight)) for layer in layers if layer.weight in names}
+
+
+@pytest.mark.parametrize("pattern,m", [("2:4", 4), ("4:8", 8)])
+def test_n_of_m_holds_on_every_reported_layer(pattern, m):
+    result = prune(resnet(), pattern=pattern, latency_runs=0)
+    report = result.report["sparsity"]
+    names = {row["weight"] for row in report["layers"]}
+    assert len(names) == report["pattern_holds"]["of"] == report["pattern_holds"]["layers"] > 10
+    for name, matrix in _matrices(result.model, names).items():
+        groups = matrix.reshape(matrix.shape[0], -1, m)
+        assert ((groups == 0).sum(-1) >= m // 2).all(), name  # along the input channels, every group
+    # the stem reads 3 channels: it cannot hold the pattern, is left dense and listed
+    assert [s["reason"] for s in report["skipped"]] == [f"3 input channels are not a multiple of {m} ({pattern})"]
+    assert result.verification.ort == "passed"
+    assert result.report["params"]["after"] == result.report["params"]["before"]  # shapes stay
+
+
+def test_conv_groups_run_along_input_channels():
+    """TensorRT's layout: for every output and kernel position, M consecutive input channels."""
+    pattern = parse_pattern("pattern", "2:4")
+    w = np.arange(2 * 8 * 3 * 3, dtype=np.float32).reshape(2, 8, 3, 3) + 1
+    model = text_model("g (float[1,8,5,5] x) => (float[1,2,3,3] y) { y = Conv(x, W) }", {"W": w})
+    result = prune(model, pattern=str(pattern), latency_runs=0)
+    sparse = _weights(result.model)["W"]
+    # the larger half of each run of 4 input channels stays (the weights grow with the channel index)
+    kept = (sparse != 0)
+    assert kept[:, [2, 3, 6, 7]].all() and not kept[:, [0, 1, 4, 5]].any()
+
+
+def test_planted_zeros_are_exactly_what_goes():
+    model = mlp()
+    rng = np.random.default_rng(3)
+    planted = onnx.ModelProto()
+    planted.CopyFrom(model)
+    zeros = {}
+    for tensor in planted.graph.initializer:
+        if tensor.name in ("W1", "W2", "W3"):
+            value = numpy_helper.to_array(tensor).copy()
+            value[np.abs(value) < 1e-3] = 1e-3  # no accidental zeros
+            flat = value.reshape(-1)
+            dead = rng.choice(flat.size, size=math.floor(0.4 * flat.size), replace=False)
+            flat[dead] = 0.0
+            zeros[tensor.name] = value == 0
+            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+    result = prune(planted, sparsity=0.4, latency_runs=0)
+    after, before = _weights(result.model), _weights(planted)
+    for name, dead in zeros.items():
+        assert np.array_equal(after[name] == 0, dead), name
+        assert np.array_equal(after[name], before[name]), name  # nothing else moved
+    feeds = random_inputs(planted, {"x": [3, 16]}, 1)
+    assert max_rel_diff(run_model(planted, feeds), run_model(result.model, feeds)) == 0.0
+
+
+def test_ratio_zero_changes_nothing():
+    model = mlp()
+    result = prune(model, sparsity=0.0, pattern="unstructured", filters=0.0, latency_runs=0)
+    assert "sparsity" not in result.report  # nothing asked: the pass does not run
+    for name, value in _weights(model).items():
+        assert np.array_equal(_weights(result.model)[name], value)
+
+
+def test_unstructured_per_layer_and_global():
+    per_layer = prune(resnet(), sparsity=0.5, latency_runs=0).report["sparsity"]
+    for row in per_layer["layers"]:
+        assert row["zeros"] == math.floor(0.5 * row["weights"]), row["node"]
+    ranked = prune(resnet(), sparsity=0.7, global_rank=True, latency_runs=0).report["sparsity"]
+    assert ranked["total"]["zeros"] == math.floor(0.7 * ranked["total"]["weights"])
+    spread = {row["sparsity"] for row in ranked["layers"]}
+    assert len(spread) > 3  # layers differ: one ranking across them
+    with pytest.raises(OptionError, match="global_rank.*N:M"):
+        prune(resnet(), pattern="2:4", global_rank=True)
+
+
+def test_blocks():
+    result = prune(mlp(), sparsity=0.5, pattern="block:4x4", latency_runs=0)
+    report = result.report["sparsity"]
+    for name, matrix in _matrices(result.model, {row["weight"] for row in report["layers"]}).items():
+        blocks = matrix.reshape(matrix.shape[0] // 4, 4, matrix.shape[1] // 4, 4)
+        zero = (blocks == 0).all(axis=(1, 3))
+        assert zero.sum() == math.floor(0.5 * zero.size), name
+        assert (np.abs(blocks).sum(axis=(1, 3))[~zero] > 0).all(), name  # the rest stays whole
+    # W3 is [24, 4] (K 24, N 4): 4 outputs by 24 inputs holds 4x4 blocks too; nothing to skip here
+    assert not report["skipped"]
+
+
+def test_wanda_scores_by_the_inputs_too():
+    """An input channel that carries large activations keeps its weights under Wanda, not under magnitude."""
+    model = text_model("g (float[N,8] x) => (float[N,4] y) { y = MatMul(x, W) }",
+                       {"W": np.tile(np.array([[1.0], [2.0]] * 4, np.float32), (1, 4))})
+    calib = [{"x": np.tile(np.array([[10.0, 1.0] * 4], np.float32), (4, 1))} for _ in range(2)]
+    magnitude = _weights(prune(model, sparsity=0.5, latency_runs=0).model)["W"]
+    wanda = _weights(prune(model, sparsity=0.5, sparsity_method="wanda", calib=calib, latency_runs=0).model)["W"]
+    assert (magnitude[0::2] == 0).all() and (magnitude[1::2] != 0).all()  # weight 1 < 2
+    assert (wanda[0::2] != 0).all() and (wanda[1::2] == 0).all()  # 1 x 10 > 2 x 1
+    with pytest.raises(OptionError, match="sparsity_method.*calib"):
+        prune(model, sparsity=0.5, sparsity_method="wanda")
+
+
+def test_channels_first_then_the_survivors():
+    result = prune(resnet(), filters=0.25, pattern="2:4", latency_runs=0)
+    assert result.report["summary"]["channels_removed"] > 0
+    assert result.report["sparsity"]["pattern_holds"]["layers"] == result.report["sparsity"]["pattern_holds"]["of"]
+    assert result.report["params"]["after"] < result.report["params"]["before"]
+
+
+def test_excluded_and_shared_weights_stay_dense():
+    result = prune(resnet(), sparsity=0.5, exclude=("*fc*",), latency_runs=0)
+    skipped = result.report["sparsity"]["skipped"]
+    assert any("excluded by --exclude '*fc*'" in s["reason"] for s in skipped)
+    shared = text_model("g (float[N,8] x) => (float[N,8] y) { h = MatMul(x, W)\n y = MatMul(h, W) }", {"W": (8, 8)})
+    report = prune(shared, sparsity=0.5, latency_runs=0).report["sparsity"]
+    assert not report["layers"] and all("shared" in s["reason"] for s in report["skipped"])
+
+
+def test_bad_patterns_and_ratios_are_one_line_errors():
+    for options, match in ((dict(pattern="3:2"), "0 < N < M"), (dict(pattern="2:4", sparsity=0.3), "sets the sparsity"),
+                           (dict(pattern="diagonal", sparsity=0.5), "unstructured, N:M"),
+                           (dict(sparsity=1.0), "sparsity")):
+        with pytest.raises(OptionError, match=match):
+            prune(mlp(), **options)
+
+
+def test_cli_writes_a_sparse_model_and_says_so(tmp_path):
+    out = tmp_path / "sparse.onnx"
+    proc = subprocess.run([sys.executable, "-m", "onnxprune", str(ROOT / "fixtures" / "tiny_resnet.onnx"),
+                           "--pattern", "2:4", "-o", str(out), "-q"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
+    assert "sparsity 2:4 (magnitude): 50.0% of" in text and "2:4 holds on 15 of 15" in text
+    assert "weights zipped" in text
+    model = onnx.load(str(out))
+    zeros = sum(int((numpy_helper.to_array(t) == 0).sum()) for t in model.graph.initializer)
+    assert zeros > 20000
