@@ -1,9 +1,11 @@
 """Make layer weights sparse: score every weight, zero the lowest in the pattern asked for.
 
 Scores: `magnitude` |w|; `wanda` |w| times the rms of the input channel it multiplies, measured
-on calibration data (Wanda, Sun et al. 2023), compared within each output as the paper does.
-Per layer every eligible layer reaches the sparsity (N:M sets its own); with `global_rank`
-unstructured weights (or blocks) are ranked across all layers at once.
+on calibration data (Wanda, Sun et al. 2023), compared within each output as the paper does;
+`sparsegpt` chooses and updates with the layer's input Hessian (sparsegpt.py), layer after
+layer on the already sparse upstream model. Per layer every eligible layer reaches the
+sparsity (N:M sets its own); with `global_rank` unstructured weights (or blocks) are ranked
+across all layers at once (magnitude and wanda).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from ..core.errors import OptionError
 from .layers import Skipped, SparseLayer, WeightStore, sparse_layers
 from .patterns import Pattern, block_scores, complies, expand_blocks, layer_mask, lowest
 
-METHODS = ("magnitude", "wanda")
+METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 @dataclass
@@ -36,8 +38,11 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, sparsity: float, method: 
     if global_rank and pattern.kind == "nm":
         raise OptionError("global_rank", True, "N:M keeps N of every M weights in every layer: there is nothing to "
                           "rank across layers")
-    if method == "wanda" and calibration is None:
+    if method != "magnitude" and calibration is None:
         raise OptionError("sparsity_method", method, "needs calibration data ({calib})")
+    if method == "sparsegpt" and (pattern.kind == "block" or global_rank):
+        raise OptionError("sparsity_method", method, "works per layer, unstructured or N:M (not with blocks or "
+                          "{global_rank})")
     compressed_before = _compressed_weights(model)
     store = WeightStore(model)
     layers, skipped = sparse_layers(model, store)
@@ -53,9 +58,16 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, sparsity: float, method: 
             skipped.append(Skipped(layer.name, layer.node.op_type, why))
             continue
         eligible.append(layer)
-    rms = _input_rms(model, eligible, calibration) if method == "wanda" else {}
+    target = pattern.fixed_sparsity if pattern.fixed_sparsity is not None else sparsity
+    zeros_before = {layer.weight: int((store.read(layer.weight) == 0).sum()) for layer in eligible}
+    # sparsegpt writes its layers as it goes (downstream Hessians are measured on them); the
+    # layers it cannot take (grouped convolutions, say) are scored by magnitude below
+    done, notes = _sparsegpt(model, store, eligible, pattern, target, calibration) \
+        if method == "sparsegpt" else (set(), [])
+    rest = [layer for layer in eligible if layer.weight not in done]
+    rms = _input_rms(model, rest, calibration) if method == "wanda" else {}
     scores = {}
-    for layer in eligible:
+    for layer in rest:
         matrix = np.abs(layer.to_matrix(store.read(layer.weight)).astype(np.float64))
         if method == "wanda":
             if layer.weight not in rms:
@@ -63,22 +75,22 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, sparsity: float, method: 
                 continue
             matrix = matrix * layer.column_scale(rms[layer.weight])
         scores[layer.weight] = matrix
-    eligible = [layer for layer in eligible if layer.weight in scores]
-    target = pattern.fixed_sparsity if pattern.fixed_sparsity is not None else sparsity
-    masks = (_global_masks(eligible, scores, pattern, target) if global_rank else
+    rest = [layer for layer in rest if layer.weight in scores]
+    masks = (_global_masks(rest, scores, pattern, target) if global_rank else
              {layer.weight: layer_mask(scores[layer.weight], pattern, target, per_row=method == "wanda")
-              for layer in eligible})
-    rows = []
-    for layer in eligible:
+              for layer in rest})
+    for layer in rest:
         weight = store.read(layer.weight)
-        matrix = layer.to_matrix(weight)
-        zeros_before = int((matrix == 0).sum())
-        sparse = np.where(masks[layer.weight], matrix, 0).astype(weight.dtype)
-        store.write(layer.weight, layer.from_matrix(sparse))
-        rows.append({"node": layer.name, "op": layer.node.op_type, "weight": layer.weight,
-                     "shape": list(layer.shape), "weights": int(sparse.size), "zeros_before": zeros_before,
+        store.write(layer.weight, layer.from_matrix(np.where(masks[layer.weight], layer.to_matrix(weight), 0)))
+    rows = []
+    for layer in [layer for layer in eligible if layer.weight in done or layer.weight in masks]:
+        sparse = layer.to_matrix(store.read(layer.weight))
+        masks[layer.weight] = sparse != 0 if layer.weight in done else masks[layer.weight]
+        rows.append({"node": layer.name, "op": layer.node.op_type, "weight": layer.weight, "shape": list(layer.shape),
+                     "weights": int(sparse.size), "zeros_before": zeros_before[layer.weight],
                      "zeros": int((sparse == 0).sum()), "sparsity": round(float((sparse == 0).mean()), 6),
                      "pattern_holds": complies(sparse, pattern)})
+    eligible = [layer for layer in eligible if layer.weight in masks]
     total = sum(r["weights"] for r in rows)
     zeros = sum(r["zeros"] for r in rows)
     report = {
@@ -88,6 +100,7 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, sparsity: float, method: 
         "total": {"layers": len(rows), "weights": total, "zeros": zeros,
                   "sparsity": round(zeros / total, 6) if total else 0.0},
         "compressed_weight_bytes": {"before": compressed_before, "after": _compressed_weights(model)},
+        "notes": notes,
     }
     if pattern.kind == "nm":
         report["pattern_holds"] = {"layers": sum(r["pattern_holds"] for r in rows), "of": len(rows),
@@ -137,3 +150,86 @@ def _compressed_weights(model: onnx.ModelProto) -> int:
         if tensor.raw_data:
             size += len(compressor.compress(tensor.raw_data))
     return size + len(compressor.flush())
+
+
+def _sparsegpt(model: onnx.ModelProto, store: WeightStore, layers: list[SparseLayer], pattern: Pattern,
+               sparsity: float, calibration) -> tuple[set[str], list[str]]:
+    """Sparsify `layers` with SparseGPT in waves: a wave holds the layers whose upstream layers
+    are done, and one pass over the calibration data measures all of their input Hessians."""
+    from ..calibration import GramStats, PatchGramStats
+    from ..calibration.probe import collect_into
+    from .sparsegpt import obs_prune
+
+    waves, notes = _waves(model, layers), []
+    done: set[str] = set()
+    for number, wave in enumerate(waves, start=1):
+        accumulators, fits = {}, []
+        for layer in wave:
+            geometry = _patch_geometry(layer)
+            if geometry == "unsupported":
+                continue
+            key = (layer.data_input, geometry)
+            if key not in accumulators:
+                accumulators[key] = GramStats(layer.data_axis, layer.data_input) if geometry is None else \
+                    PatchGramStats(*geometry, name=layer.data_input)
+            fits.append((layer, accumulators[key], geometry))
+        if not fits:
+            continue
+        collect_into(model, calibration, [(name, acc) for (name, _), acc in accumulators.items()])
+        for layer, acc, geometry in fits:
+            hessian = acc.gram if geometry is None else _taps_inner(acc.gram, layer)
+            matrix = layer.to_matrix(store.read(layer.weight))
+            sparse = obs_prune(matrix, hessian, pattern, sparsity)
+            store.write(layer.weight, layer.from_matrix(sparse.astype(matrix.dtype)))
+            done.add(layer.weight)
+    left = [layer.name for layer in layers if layer.weight not in done]
+    if left:
+        notes.append(f"sparsegpt: {len(left)} layer(s) by magnitude instead (grouped or padded-SAME "
+                     f"convolutions), e.g. {left[0]}")
+    return done, notes
+
+
+def _patch_geometry(layer: SparseLayer):
+    """None for a plain Gram over the input channels, the convolution's patch geometry, or
+    "unsupported" (grouped convolutions, automatic padding)."""
+    if layer.layout != "conv":
+        return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in layer.node.attribute}
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if layer.groups != 1 or auto_pad not in ("NOTSET", "VALID"):
+        return "unsupported"
+    rank = len(layer.shape) - 2
+    kernel = tuple(layer.shape[2:])
+    strides = tuple(attrs.get("strides") or [1] * rank)
+    pads = tuple(attrs.get("pads") or [0] * (2 * rank))
+    dilations = tuple(attrs.get("dilations") or [1] * rank)
+    if all(k == 1 for k in kernel) and not any(pads) and all(v == 1 for v in strides):
+        return None
+    return kernel, strides, pads, dilations
+
+
+def _taps_inner(gram: np.ndarray, layer: SparseLayer) -> np.ndarray:
+    """A patch Gram (channel-major, taps inner) reordered to the matrix's columns (taps, then channel)."""
+    channels, taps = layer.shape[1], int(np.prod(layer.shape[2:]))
+    order = (np.arange(channels)[None, :] * taps + np.arange(taps)[:, None]).reshape(-1)
+    return gram[np.ix_(order, order)]
+
+
+def _waves(model: onnx.ModelProto, layers: list[SparseLayer]) -> list[list[SparseLayer]]:
+    """Layers grouped by depth: a layer's wave comes after every sparse layer upstream of it."""
+    by_node = {id(layer.node): layer for layer in layers}
+    depth: dict[str, int] = {}  # tensor -> waves of sparse layers upstream of it
+    level: dict[str, int] = {}
+    for node in model.graph.node:  # topological order, as onnx requires
+        upstream = max((depth.get(name, 0) for name in node.input if name), default=0)
+        layer = by_node.get(id(node))
+        if layer is not None:
+            level[layer.weight] = upstream
+            upstream += 1
+        for name in node.output:
+            depth[name] = upstream
+    waves: dict[int, list] = {}
+    for layer in layers:
+        waves.setdefault(level[layer.weight], []).append(layer)
+    return [waves[k] for k in sorted(waves)]
