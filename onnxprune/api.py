@@ -125,6 +125,12 @@ def options_from(options=None, **kwargs):
     if options.target_latency is not None and (options.target_macs is not None or options.target_params is not None):
         raise OptionError("target_latency", options.target_latency, "give it, {target_macs} or {target_params}, "
                           "one of them")
+    if options.recover and not stage(options, PlanSettings).channels_requested:
+        alone = "{layers}" if stage(options, LayerSettings).requested else \
+            "{sparsity}" if stage(options, SparsitySettings).requested else None
+        if alone is not None:
+            raise OptionError("recover", ",".join(options.recover), f"compensates removed channels; {alone} alone "
+                              "removes none (give a channel ratio too, or drop it)")
     if stage(options, SparsitySettings).requested:
         for name in ("schedule", "iterative", "target_latency"):
             if getattr(options, name) not in (None, "oneshot", 0, 1):

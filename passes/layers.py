@@ -16,6 +16,7 @@ from onnxprune.core.shapes import (
     complete_shapes,
     concrete_input_shapes,
     fix_input_shapes,
+    restore_interface,
 )
 from onnxprune.core.verify import Checker, session
 from onnxprune.pipeline import Context, Pass, PassResult, note_shapes
@@ -102,6 +103,11 @@ class RemoveLayers(Pass):
         if context.calibration is not None:
             feeds = list(context.calibration.limited(INFLUENCE_SAMPLES))
             where = f"{sum(len(next(iter(f.values()))) for f in feeds)} calibration samples"
+            # the calibration batches have the user's dims, not those --input-shape fixed for the analysis
+            model = onnx.ModelProto()
+            model.CopyFrom(context.reference)
+            restore_interface(model, context.interface, keep_value_info=False)
+            del model.graph.value_info[:]
         else:
             shapes, _ = concrete_input_shapes(model, context.input_shapes)
             feeds = [random_inputs(model, shapes, context.seed + i) for i in range(RANDOM_FEEDS)]

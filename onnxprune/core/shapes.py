@@ -144,7 +144,19 @@ def static_copy(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> onnx.Mo
     copy = skeleton(model)
     fix_input_shapes(copy, shapes)
     del copy.graph.value_info[:]
-    return complete_shapes(copy)
+    # declared output dims that are names (batch, sequence) would be counted as 1: infer them
+    declared = {}
+    for output in copy.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if output.type.tensor_type.HasField("shape") and any(not d.HasField("dim_value") for d in dims):
+            declared[output.name] = onnx.TypeProto()
+            declared[output.name].CopyFrom(output.type)
+            output.type.tensor_type.ClearField("shape")
+    copy = complete_shapes(copy)
+    for output in copy.graph.output:  # where inference could not say, the declared shape stays
+        if output.name in declared and not output.type.tensor_type.HasField("shape"):
+            output.type.CopyFrom(declared[output.name])
+    return copy
 
 
 def complete_shapes(model: onnx.ModelProto, rounds: int = 64) -> onnx.ModelProto:

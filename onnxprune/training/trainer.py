@@ -138,6 +138,10 @@ class FineTuner:
         first_feed, first_labels = next(iter(train.epoch(0, config.seed)))
         spec = self._loss_spec(kind, graph, train, first_feed, first_labels)
         notes = []
+        if spec.rank >= 3 and kind == "kd" and not spec.labels:
+            where = "the last axis" if spec.class_axis == -1 else "axis 1"
+            notes.append(f"kd compares the distributions over {where} of {graph.loss_input!r} (read as its class "
+                         "axis: give labels to say it for sure)")
         with self._folder() as folder:
             meta = self._meta(graph, spec, train)
             state_dir, artifacts = folder / "state", folder / "artifacts"
@@ -263,7 +267,7 @@ class FineTuner:
         """The loss's shape facts, read from one forward run of the model on the first batch."""
         scores = _forward(self.model, graph.loss_input, feed)
         rank = scores.ndim
-        class_axis = 1
+        class_axis = _unlabelled_class_axis(self.model, graph.loss_input, rank)
         # mse reads the labels as targets only without a teacher to match
         uses_labels = train.has_labels and (kind in ("ce", "kd") or self.mse_on_labels)
         if uses_labels and kind in ("ce", "kd"):
@@ -870,3 +874,19 @@ def _value(model: onnx.ModelProto, name: str) -> np.ndarray:
         if node.op_type == "Constant" and node.output[0] == name:
             return numpy_helper.to_array(node.attribute[0].t)
     raise OnnxPruneError(f"no weight {name!r} in the model (a bug)")
+
+
+def _unlabelled_class_axis(model: onnx.ModelProto, name: str, rank: int) -> int:
+    """The class axis of scores when no labels say it: 1 (ONNX's convention, [N, C, ...] as
+    classifiers and segmenters give), except where the declared shape reads [batch, sequence,
+    classes]: a rank-3 output whose axis 1 is a named (dynamic) dim and whose last is fixed, as
+    language models' logits are."""
+    if rank != 3:
+        return 1
+    for value in list(model.graph.output) + list(model.graph.value_info):
+        if value.name == name and value.type.tensor_type.HasField("shape"):
+            dims = value.type.tensor_type.shape.dim
+            if len(dims) == 3 and not dims[1].HasField("dim_value") and dims[2].HasField("dim_value"):
+                return -1
+            break
+    return 1

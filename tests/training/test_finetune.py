@@ -136,6 +136,27 @@ def test_mse_matches_the_teacher_without_labels(tmp_path):
         onnxprune.finetune(student, tmp_path / "unlabelled.npz")
 
 
+SEQUENCE = """
+g (float[N,S,8] x) => (float[N,S,5] logits) {
+  h = MatMul(x, W1)
+  a = Relu(h)
+  logits = MatMul(a, W2)
+}"""
+
+
+def test_kd_without_labels_reads_sequence_logits_by_their_last_axis(tmp_path):
+    """[batch, sequence, classes] logits (a language model's) are distilled over the classes,
+    not over the sequence; the report says which axis it took."""
+    model = text_model(SEQUENCE, {"W1": (8, 16), "W2": (16, 5)})
+    x = np.random.default_rng(0).standard_normal((64, 6, 8)).astype(np.float32)
+    np.savez(tmp_path / "tokens.npz", x=x)
+    student = onnxprune.prune(model, neurons=0.5).model
+    result = onnxprune.finetune(student, tmp_path / "tokens.npz", teacher=model, loss="kd", epochs=2, lr=1e-2,
+                                batch_size=16)
+    notes = result.report["finetune"]["notes"]
+    assert any("kd compares the distributions over the last axis of 'logits'" in n for n in notes), notes
+
+
 def test_frozen_batchnorm_keeps_running_statistics(tmp_path):
     model = cnn()
     train, _ = task(tmp_path)
