@@ -47,8 +47,8 @@ def batches(tokenizer, sentences: list[str], size: int = 8) -> list[dict]:
 
 def embeddings(model: onnx.ModelProto, feeds: list[dict]) -> np.ndarray:
     session = real_fidelity.session(model)
-    output = session.get_outputs()[0].name
-    return np.concatenate([real_fidelity.mean_pool(session.run([output], f)[0], f["attention_mask"]) for f in feeds])
+    return np.concatenate([real_fidelity.mean_pool(session.run([real_fidelity.TOKEN_OUTPUT], f)[0],
+                                                   f["attention_mask"].astype(bool)) for f in feeds])
 
 
 def main() -> int:
