@@ -25,8 +25,9 @@ class SparsitySettings:
         "--pattern", "Where the zeros go: unstructured, N:M along the input channels (2:4 for TensorRT's sparse "
         "kernels, 4:8) or block:RxC (R outputs by C inputs).", metavar="PATTERN", show_default=True))
     sparsity_method: str = setting("magnitude", check=choice(lambda: METHODS), cli=Flag(
-        "--sparsity-method", "How weights are scored: magnitude |w|, or wanda |w| x rms of its input (needs "
-        "--calib).", choices=lambda: METHODS, show_default=True))
+        "--sparsity-method", "How weights are chosen: magnitude |w|; wanda |w| x rms of its input; sparsegpt, the "
+        "layer's input Hessian, the weights that stay updated to make up (wanda and sparsegpt need --calib).",
+        choices=lambda: METHODS, show_default=True))
 
     def cross_check(self) -> None:
         fixed = self.pattern.fixed_sparsity
@@ -69,4 +70,5 @@ class Sparsify(Pass):
         if result.report["skipped"]:
             note += f"; {len(result.report['skipped'])} layer(s) left dense (see sparsity.skipped in the report)"
         context.notes.append(note)
+        context.notes.extend(result.report["notes"])
         return PassResult(model, {"sparsity": result.report}, modified=bool(total["zeros"]))

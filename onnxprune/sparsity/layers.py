@@ -33,6 +33,13 @@ class SparseLayer:
         return self.node.name or self.node.output[0]
 
     @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(outputs, reduction) of the weight seen as a matrix."""
+        size = int(np.prod(self.shape))
+        outputs = self._outputs()
+        return outputs, size // outputs
+
+    @property
     def channels(self) -> int:
         """Length of the innermost run of the reduction axis (input channels per group, or K)."""
         return int(self.shape[1]) if self.layout in ("conv", "nk") else int(self.shape[0])

@@ -52,7 +52,7 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, sparsity: float, method: 
         if pattern_name is not None:
             skipped.append(Skipped(layer.name, layer.node.op_type, f"excluded by --exclude {pattern_name!r}"))
             continue
-        outputs, reduction = layer.to_matrix(np.zeros(layer.shape, np.float32)).shape
+        outputs, reduction = layer.matrix_shape
         why = pattern.fits(outputs, reduction, layer.channels)
         if why is not None:
             skipped.append(Skipped(layer.name, layer.node.op_type, why))
