@@ -92,8 +92,10 @@ def test_auto_keeps_weights_on_disk_when_they_would_not_fit(decoder, monkeypatch
 def test_options_that_run_the_model_need_the_weights_in_memory(decoder, tmp_path):
     calib = tmp_path / "calib.npz"
     np.savez(calib, input_ids=np.zeros((2, 1, 16), np.int64))
-    with pytest.raises(OptionError, match="calib.*needs its weights in memory"):
+    with pytest.raises(OptionError, match="calib.*runs the model, which needs the weights in memory"):
         prune(decoder, neurons=0.25, weights="disk", calib=calib)
+    with pytest.raises(OptionError, match="sparsity.*rewrites weights value by value"):
+        prune(decoder, pattern="2:4", weights="disk")
 
 
 def test_cli_streams_and_never_touches_the_input(decoder, tmp_path):
