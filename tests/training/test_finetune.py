@@ -275,8 +275,9 @@ def test_cli_finetune_interrupted_and_resumed(tmp_path):
     x = np.random.default_rng(0).standard_normal((4000, 3, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "big.npz", input=x, labels=(x[:, 0, 0, 0] > 0).astype(np.int64))
     out = tmp_path / "tuned.onnx"
+    # enough epochs that the run cannot end on its own before the signal (500 did, on a fast machine)
     command = [sys.executable, "-m", "onnxprune", "finetune", str(tmp_path / "m.onnx"), "--data",
-               str(tmp_path / "big.npz"), "--epochs", "500", "--batch-size", "4", "-o", str(out)]
+               str(tmp_path / "big.npz"), "--epochs", "100000", "--batch-size", "4", "-o", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoint = tmp_path / "tuned.onnx.ckpt"
     import threading
@@ -286,11 +287,13 @@ def test_cli_finetune_interrupted_and_resumed(tmp_path):
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: process.stderr.read1(4096), b"")),
                               daemon=True)
     reader.start()
-    # the progress bar appears once training holds signals until its next step (a fixed sleep
-    # after the artifacts raced the setup on a busy machine)
-    deadline = time.time() + 120
-    while b"fine-tuning" not in b"".join(chunks) and process.poll() is None and time.time() < deadline:
+    # The first epoch's saved state shows the loop is running and holds signals until its next
+    # step. (stderr is not a terminal here, so there is no progress bar to wait for, and a fixed
+    # sleep raced either the setup or the end of training.)
+    deadline = time.time() + 300
+    while not (checkpoint / "state" / "latest").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.1)
+    assert process.poll() is None, b"".join(chunks).decode(errors="replace")
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
     reader.join(timeout=10)
