@@ -33,7 +33,7 @@ from .passes.layers import LayerSettings, RemoveLayers
 from .passes.measure import Measure, MeasureSettings
 from .passes.plan import PlanChannels, PlanSettings
 from .passes.recovery import Recover, RecoverySettings
-from .passes.sparsity import Sparsify, SparsitySettings
+from .passes.sparsity import Sparsify, SparsitySettings, StoreSparse
 from .passes.validate import InputSettings, ValidateInput
 from .passes.verify import Verify, VerifySettings
 from .pipeline import Context, Pipeline
@@ -47,12 +47,12 @@ PruneOptions = combine("PruneOptions", STAGES, doc="""Every option of prune(), o
 InputSettings (input_shapes, seed), CalibrationSettings (calib, image_spec, calib_limit, allow_nonfinite, calib_mask),
 LayerSettings (layers, drop_layers, layer_importance), PlanSettings (filters, neurons, heads, head_dim, hidden,
 hidden_layernorm, importance, round_to, global_rank, exclude, plan, target_macs, target_params, min_keep,
-sensitivity), RecoverySettings (recover), SparsitySettings (sparsity, pattern, sparsity_method), VerifySettings
-(verify), FineTuneSettings (finetune, val, labels, loss, teacher, temperature, kd_alpha, epochs, steps,
-batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad, batchnorm, unfold_bn, train_output, train_images,
-train_limit, checkpoint, resume), MeasureSettings (latency_runs, latency_budget_s),
-LatencySettings (target_latency), IterativeSettings (iterative, rewind), GradualSettings (schedule). Each is
-declared, with its check and CLI flag, in its pass's file under passes/.""")
+sensitivity), RecoverySettings (recover), SparsitySettings (sparsity, pattern, sparsity_method,
+sparse_storage), VerifySettings (verify), FineTuneSettings (finetune, val, labels, loss, teacher, temperature,
+kd_alpha, epochs, steps, batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad, batchnorm, unfold_bn,
+train_output, train_images, train_limit, keep_zeros, checkpoint, resume), MeasureSettings (latency_runs,
+latency_budget_s), LatencySettings (target_latency), IterativeSettings (iterative, rewind), GradualSettings
+(schedule). Each is declared, with its check and CLI flag, in its pass's file under passes/.""")
 
 
 @dataclass
@@ -108,8 +108,19 @@ def options_from(options=None, **kwargs):
                           "with it")
     if options.schedule != "oneshot":
         if options.finetune is None:
-            raise OptionError("schedule", options.schedule, "needs {finetune} data: channels are masked during "
-                              "fine-tuning")
+            raise OptionError("schedule", options.schedule, "needs {finetune} data: channels or weights are masked "
+                              "during fine-tuning")
+        sparsity = stage(options, SparsitySettings)
+        if sparsity.requested:
+            if stage(options, PlanSettings).channels_requested:
+                raise OptionError("schedule", options.schedule, "masks channels or weights ({sparsity}) during "
+                                  "fine-tuning, not both in one run (prune channels first, then run again)")
+            if sparsity.pattern.kind == "nm":
+                raise OptionError("schedule", options.schedule, f"{sparsity.pattern} has no intermediate sparsity: "
+                                  "sparsify at once and fine-tune (the zeros are held while training)")
+            if sparsity.sparsity_method != "magnitude":
+                raise OptionError("schedule", options.schedule, f"zeroes weights by magnitude as they train; "
+                                  f"{{sparsity_method}} {sparsity.sparsity_method} chooses once (drop one)")
         for name in ("layers", "drop_layers", "plan", "target_latency", "recover", "iterative"):
             if getattr(options, name) not in (None, 0, 0.0, (), False, 1):
                 raise OptionError("schedule", options.schedule, f"does not combine with {{{name}}} yet")
@@ -132,8 +143,8 @@ def options_from(options=None, **kwargs):
             raise OptionError("recover", ",".join(options.recover), f"compensates removed channels; {alone} alone "
                               "removes none (give a channel ratio too, or drop it)")
     if stage(options, SparsitySettings).requested:
-        for name in ("schedule", "iterative", "target_latency"):
-            if getattr(options, name) not in (None, "oneshot", 0, 1):
+        for name in ("iterative", "target_latency"):
+            if getattr(options, name) not in (None, 0, 1):
                 raise OptionError("sparsity", options.sparsity, f"does not combine with {{{name}}} yet")
     return options
 
@@ -153,15 +164,18 @@ def pruning_pipeline(options) -> Pipeline:
         if gradual:
             passes.append(GradualPruning(stage(options, FineTuneSettings), image_spec=options.image_spec))
         passes.append(RemoveChannels())
-    if sparsity.requested:  # the layers that are left lose weights, not shape
-        passes.append(Sparsify(sparsity, global_rank=options.global_rank, exclude=options.exclude))
-    passes.append(Verify(stage(options, VerifySettings)))
     finetune = stage(options, FineTuneSettings)
+    if sparsity.requested:  # the layers that are left lose weights, not shape
+        during = FineTune(finetune, image_spec=options.image_spec) if gradual else None
+        passes.append(Sparsify(sparsity, global_rank=options.global_rank, exclude=options.exclude, gradual=during))
+    passes.append(Verify(stage(options, VerifySettings)))
     if finetune.requested:
         FineTune.check_runtime()
         if not gradual:
             passes.append(FineTune(finetune, image_spec=options.image_spec))
     passes.append(Measure(stage(options, MeasureSettings), options))
+    if sparsity.sparse_storage:
+        passes.append(StoreSparse())
     if options.target_latency is not None:
         if finetune.requested:
             raise OptionError("finetune", None, "does not combine with {target_latency} yet")

@@ -70,7 +70,8 @@ def summary_table(report: dict) -> str:
 
 def sparsity_line(sp: dict) -> str:
     total = sp["total"]
-    line = (f"sparsity {sp['pattern']} ({sp['method']}): {total['sparsity']:.1%} of {_fmt_count(total['weights'])} "
+    how = sp["method"] + (", reached during fine-tuning on the cubic schedule" if sp.get("schedule") else "")
+    line = (f"sparsity {sp['pattern']} ({how}): {total['sparsity']:.1%} of {_fmt_count(total['weights'])} "
             f"weights in {total['layers']} layer(s) are zero")
     holds = sp.get("pattern_holds")
     if holds:
@@ -81,6 +82,14 @@ def sparsity_line(sp: dict) -> str:
     zipped = sp["compressed_weight_bytes"]
     if zipped["before"]:
         line += f"; weights zipped {_fmt_bytes(zipped['before'])} -> {_fmt_bytes(zipped['after'])}"
+    storage = sp.get("sparse_storage")
+    if storage and storage.get("written"):
+        written = storage["written_bytes"]
+        line += (f"; {storage['tensors_written']} weight(s) stored sparse, {_fmt_bytes(written['dense'])} -> "
+                 f"{_fmt_bytes(written['sparse'])}")
+    elif storage and storage["tensors_smaller_sparse"]:
+        line += (f"; stored sparse (--sparse-storage) the weights would take {_fmt_bytes(storage['dense_bytes'])} "
+                 f"-> {_fmt_bytes(storage['bytes_with_sparse'])}")
     return line
 
 

@@ -113,6 +113,9 @@ class FineTuneSettings:
     # trains for, and which of the teacher's channels each channel of the model is.
     train_fraction: float = setting(1.0)
     channel_origin: dict | None = setting(None)
+    keep_zeros: bool = setting(False, check=switch, cli=Flag(
+        "--keep-zeros", "Hold every weight of a Conv/MatMul/Gemm that is zero now at zero while training: a sparse "
+        "model stays sparse (sparsity set in the same run is always kept).", is_flag=True))
     checkpoint: object = setting(None, check=optional_path, cli=Flag(
         "--checkpoint", "Folder for the training state, saved every epoch and on Ctrl-C/SIGTERM.", metavar="DIR",
         parse=Path))
@@ -127,9 +130,23 @@ class FineTuneSettings:
         if self.resume and self.checkpoint is None:
             raise OptionError("resume", True, "needs {checkpoint} (the folder to resume from)")
         if not self.requested:
-            for name in ("val", "teacher", "steps", "checkpoint", "train_output", "train_limit"):
+            for name in ("val", "teacher", "steps", "checkpoint", "train_output", "train_limit", "keep_zeros"):
                 if getattr(self, name) not in (None, False):
                     raise OptionError(name, getattr(self, name), "applies to fine-tuning: give {finetune} DATA")
+
+
+def present_zeros(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """{weight: True where nonzero} for the Conv/MatMul/Gemm weights that hold zeros now."""
+    from onnxprune.sparsity import sparse_layers
+    from onnxprune.sparsity.layers import WeightStore
+
+    store = WeightStore(model)
+    masks = {}
+    for layer in sparse_layers(model, store)[0]:
+        value = store.read(layer.weight)
+        if not value.all():
+            masks[layer.weight] = value != 0
+    return masks
 
 
 class FineTune(Pass):
@@ -183,10 +200,16 @@ class FineTune(Pass):
                                 output=s.train_output, seed=seed, checkpoint=s.checkpoint, resume=s.resume)
         kept = compose_origins(s.channel_origin, kept_channels(context))
         masker = self.masker
-        if masker is None and context.weight_masks:  # sparse weights stay sparse
+        masks = context.weight_masks or (present_zeros(model) if s.keep_zeros else {})
+        if masker is None and masks:  # sparse weights stay sparse
             from onnxprune.training.masks import WeightMasker
 
-            masker = WeightMasker(context.weight_masks)
+            masker = WeightMasker(masks)
+        elif masker is None and not s.keep_zeros:
+            sparse = sum(1 for mask in present_zeros(model).values() if (~mask).mean() >= 0.4)
+            if sparse:
+                context.notes.append(f"fine-tuning: {sparse} layer(s) have 40% or more zero weights, which training "
+                                     "fills in; give --keep-zeros to keep them sparse")
         outcome = FineTuner(model, config, teacher, kept, masker=masker).fit(train, val)
         if masker is not None and masker.unwritable:
             context.notes.append(f"fine-tuning: {len(masker.unwritable)} masked tensor(s) are not trained parameters "

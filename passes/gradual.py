@@ -29,8 +29,9 @@ SCHEDULES = ("oneshot", "cubic")
 @dataclass
 class GradualSettings:
     schedule: str = setting("oneshot", check=choice(SCHEDULES), cli=Flag(
-        "--schedule", "oneshot: remove the channels, then fine-tune; cubic: mask them during fine-tuning, more and "
-        "more on Zhu & Gupta's cubic schedule (full by 3/4 of the steps), and remove them at the end.",
+        "--schedule", "oneshot: remove the channels (or zero the weights), then fine-tune; cubic: mask them during "
+        "fine-tuning, more and more on Zhu & Gupta's cubic schedule (full by 3/4 of the steps): channels are "
+        "removed at the end; with --sparsity, weights zeroed by magnitude at each update.",
         choices=lambda: SCHEDULES, show_default=True))
 
 

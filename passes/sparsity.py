@@ -1,7 +1,11 @@
 """Weight sparsity: zero the least important weights of every Conv, MatMul and Gemm, unstructured,
 N:M (2:4 for TensorRT's sparse tensor cores) or in blocks. Runs after channel and block
 removal, on the layers that are left; shapes do not change. The masks stay in the context so
-that fine-tuning keeps the zeros (onnxprune.sparsity)."""
+that fine-tuning keeps the zeros (onnxprune.sparsity).
+
+With a fine-tuning pass handed in (`--schedule cubic`), the zeros are not set at once: the
+model is fine-tuned while each layer's share of zeros grows on the cubic schedule, by weight
+magnitude at each update (GradualWeightMasker), and what it ends with is the sparse model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,8 +15,8 @@ import onnx
 from onnxprune.core.dependency import with_input_shapes
 from onnxprune.core.errors import OptionError
 from onnxprune.core.shapes import complete_shapes
-from onnxprune.pipeline import Context, Pass, PassResult, note_shapes
-from onnxprune.settings import Flag, choice, optional_ratio, setting
+from onnxprune.pipeline import Context, Pass, PassResult, note_shapes, require
+from onnxprune.settings import Flag, choice, optional_ratio, setting, switch
 from onnxprune.sparsity import METHODS, parse_pattern, sparsify
 
 
@@ -29,7 +33,14 @@ class SparsitySettings:
         "layer's input Hessian, the weights that stay updated to make up (wanda and sparsegpt need --calib).",
         choices=lambda: METHODS, show_default=True))
 
+    sparse_storage: bool = setting(False, check=switch, cli=Flag(
+        "--sparse-storage", "Write the sparse weights as ONNX sparse initializers where that makes them smaller "
+        "(float32 with more than 2/3 zeros: each nonzero also stores an 8-byte position). Smaller file only: "
+        "onnxruntime makes them dense when it loads the model.", is_flag=True))
+
     def cross_check(self) -> None:
+        if self.sparse_storage and not self.requested:
+            raise OptionError("sparse_storage", True, "stores the weights {sparsity} makes sparse: give it too")
         fixed = self.pattern.fixed_sparsity
         if fixed is not None and self.sparsity not in (None, 0.0) and abs(self.sparsity - fixed) > 1e-9:
             raise OptionError("sparsity", self.sparsity, f"the {self.pattern} pattern sets the sparsity to {fixed:g}; "
@@ -46,10 +57,15 @@ class Sparsify(Pass):
 
     name = "sparsity"
 
-    def __init__(self, settings: SparsitySettings, global_rank: bool = False, exclude=()) -> None:
+    def __init__(self, settings: SparsitySettings, global_rank: bool = False, exclude=(), gradual=None) -> None:
         self.settings = settings
         self.global_rank = global_rank
         self.exclude = exclude
+        self.gradual = gradual  # a FineTune pass to reach the sparsity during (--schedule cubic)
+
+    def requires(self, model, context: Context) -> None:
+        if self.gradual is not None:
+            self.gradual.requires(model, context)
 
     def run(self, model: onnx.ModelProto, context: Context) -> PassResult:
         s = self.settings
@@ -61,8 +77,11 @@ class Sparsify(Pass):
             copy.CopyFrom(model)
             model = copy
         context.owned = True
-        result = sparsify(model, s.pattern, s.sparsity or 0.0, s.sparsity_method, self.global_rank, self.exclude,
-                          context.calibration)
+        if self.gradual is not None:
+            model, result = self._during_finetuning(model, context)
+        else:
+            result = sparsify(model, s.pattern, s.sparsity or 0.0, s.sparsity_method, self.global_rank, self.exclude,
+                              context.calibration)
         context.weight_masks = result.masks
         total = result.report["total"]
         note = (f"sparsity {s.pattern} by {s.sparsity_method}: {total['sparsity']:.1%} of the weights of "
@@ -72,3 +91,101 @@ class Sparsify(Pass):
         context.notes.append(note)
         context.notes.extend(result.report["notes"])
         return PassResult(model, {"sparsity": result.report}, modified=bool(total["zeros"]))
+
+    def _during_finetuning(self, model: onnx.ModelProto, context: Context):
+        from onnxprune.sparsity.layers import WeightStore
+        from onnxprune.sparsity.sparsify import (
+            SparsityResult,
+            compressed_weight_bytes,
+            eligible_layers,
+            sparsity_report,
+        )
+        from onnxprune.training.masks import GradualWeightMasker
+
+        s = self.settings
+        compressed_before = compressed_weight_bytes(model)
+        store, layers, skipped = eligible_layers(model, s.pattern, self.exclude)
+        zeros_before = {layer.weight: int((store.read(layer.weight) == 0).sum()) for layer in layers}
+        masker = GradualWeightMasker(layers, s.pattern, s.sparsity, global_rank=self.global_rank)
+        self.gradual.masker = masker
+        model = self.gradual(model, context).model  # its report part goes to the context as it runs
+        if masker.unwritable:
+            context.notes.append(f"sparsity: {len(masker.unwritable)} weight(s) are not trained parameters and "
+                                 "stayed dense")
+        store = WeightStore(model)
+        layers = [layer for layer in layers if layer.weight in masker.masks]
+        report = {"pattern": str(s.pattern), "method": "magnitude", "target": s.sparsity, "global": self.global_rank,
+                  "schedule": {"kind": "cubic", "updates": masker.history},
+                  **sparsity_report(model, store, layers, skipped, s.pattern, compressed_before, zeros_before),
+                  "notes": []}
+        return model, SparsityResult({name: mask for name, mask in masker.masks.items()}, report)
+
+
+
+class StoreSparse(Pass):
+    """--sparse-storage: the weights the sparsity pass made sparse go into graph.sparse_initializer
+    where that is smaller (onnxprune/sparsity/storage.py). Runs last, after measuring: the model
+    computes the same, and what is checked here is that onnxruntime loads the stored form and
+    gives the dense model's outputs exactly."""
+
+    name = "sparse_storage"
+
+    def requires(self, model, context: Context) -> None:
+        require("sparsity" in context.report, self.name, "the sparsity pass")
+
+    def run(self, model: onnx.ModelProto, context: Context) -> PassResult:
+        result = self._store(model, context)
+        result.report["notes"] = list(context.notes)  # the measure pass wrote them down before this one ran
+        return result
+
+    def _store(self, model: onnx.ModelProto, context: Context) -> PassResult:
+        from onnxprune.core.modelio import EXTERNAL_DATA_THRESHOLD, model_bytes, payload_bytes
+        from onnxprune.sparsity.storage import store_sparse
+
+        part = context.report["sparsity"]
+        storage = part["sparse_storage"]
+        if payload_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+            context.notes.append("sparse storage: left dense, the model is saved with external data (which holds "
+                                 "dense tensors only)")
+            return PassResult(model, {}, modified=False)
+        stored = onnx.ModelProto()
+        stored.CopyFrom(model)
+        moved = store_sparse(stored, [row["weight"] for row in part["layers"]])
+        if not moved:
+            context.notes.append("sparse storage: no weight is smaller stored sparse (a float32 weight needs more "
+                                 "than 2/3 zeros)")
+            return PassResult(model, {}, modified=False)
+        failure = _same_outputs(model, stored, context)
+        if failure is not None:
+            context.notes.append(f"sparse storage: left dense ({failure})")
+            return PassResult(model, {}, modified=False)
+        storage.update(written=True, tensors_written=len(moved),
+                       written_bytes={"dense": sum(d for d, _ in moved.values()),
+                                      "sparse": sum(s for _, s in moved.values())})
+        file_bytes = {**context.report["file_bytes"], "after": model_bytes(stored)}
+        return PassResult(stored, {"sparsity": part, "file_bytes": file_bytes})
+
+
+def _same_outputs(dense: onnx.ModelProto, stored: onnx.ModelProto, context: Context) -> str | None:
+    """None when the stored form passes the checker and, where the run's verification had
+    inputs, onnxruntime gives the dense model's outputs from it bit for bit; else why not."""
+    import numpy as np
+
+    from onnxprune.core.verify import session
+
+    try:
+        onnx.checker.check_model(stored)
+    except Exception as exc:  # the checker raises several types
+        return f"the onnx checker refuses it: {str(exc).splitlines()[0]}"
+    checker = context.checker
+    feeds = checker.feeds if checker is not None else None
+    if feeds is None:
+        return None
+    try:
+        want = session(dense).run(None, feeds)
+        got = session(stored).run(None, feeds)
+    except Exception as exc:  # onnxruntime raises its own types
+        return f"onnxruntime: {str(exc).splitlines()[0][:200]}"
+    if not all(np.array_equal(a, b, equal_nan=True) for a, b in zip(want, got)):
+        return "onnxruntime's outputs from it differ from the dense model's"
+    return None

@@ -22,6 +22,7 @@ from onnxprune.core.validate import (
 )
 from onnxprune.pipeline import Context, Pass, PassResult
 from onnxprune.settings import Flag, choice, integer, setting, shapes_dict
+from onnxprune.sparsity.storage import densify
 
 WEIGHT_MODES = ("auto", "memory", "disk")
 
@@ -55,19 +56,34 @@ class ValidateInput(Pass):
         context.input_shapes = dict(self.settings.input_shapes)
         context.seed = self.settings.seed
         refuse_unsupported(model)
+        file_bytes = model_bytes(model)  # as given (sparse initializers count as stored)
+        modified = False
+        if len(model.graph.sparse_initializer):
+            model = self._own(model, context)
+            count = densify(model)
+            modified = True
+            context.notes.append(f"{count} sparse initializer(s) read as dense tensors, as onnxruntime loads them "
+                                 "(--sparse-storage writes sparse weights sparse again)")
         order = check_graph(model)
-        modified = order is not None
-        if modified:
-            if not context.owned:  # the caller's model is never changed
-                model, given = onnx.ModelProto(), model
-                model.CopyFrom(given)
-                context.owned = True
+        if order is not None:
+            model = self._own(model, context)
+            modified = True
             sort_nodes(model, order)
             context.notes.append(UNSORTED_NOTE)
         context.interface = interface(model)
         context.keep_value_info = len(model.graph.value_info) > 0
-        context.before = {"params": cost.count_params(model), "file_bytes": model_bytes(model)}
+        context.before = {"params": cost.count_params(model), "file_bytes": file_bytes}
         return PassResult(model, modified=modified)
+
+    @staticmethod
+    def _own(model: onnx.ModelProto, context: Context) -> onnx.ModelProto:
+        """The model to change: a copy unless this run loaded it (the caller's model is never changed)."""
+        if context.owned:
+            return model
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        context.owned = True
+        return copy
 
 
 def interface(model: onnx.ModelProto) -> dict:

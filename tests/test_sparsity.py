@@ -250,3 +250,73 @@ def test_sparsegpt_waves_follow_the_graph():
     model = mlp()
     layers, _ = sparse_layers(model, WeightStore(model))
     assert [[layer.weight for layer in wave] for wave in _waves(model, layers)] == [["W1"], ["W2"], ["W3"]]
+
+
+# -- sparse storage (--sparse-storage) ---------------------------------------------------------
+
+def test_sparse_storage_is_smaller_loads_and_computes_the_same(tmp_path):
+    """Above 2/3 zeros a float32 weight is smaller as an ONNX sparse initializer: the stored
+    model passes the checker and onnxruntime gives the dense model's outputs bit for bit."""
+    dense = prune(resnet(), sparsity=0.8, latency_runs=0)
+    stored = prune(resnet(), sparsity=0.8, sparse_storage=True, latency_runs=0)
+    onnx.checker.check_model(stored.model)
+    sparse_names = {t.values.name for t in stored.model.graph.sparse_initializer}
+    layers = {row["weight"] for row in stored.report["sparsity"]["layers"]}
+    assert sparse_names and sparse_names <= layers
+    assert not sparse_names & {t.name for t in stored.model.graph.initializer}
+    feeds = random_inputs(dense.model, {"input": [1, 3, 32, 32]}, 0)
+    for a, b in zip(run_model(dense.model, feeds), run_model(stored.model, feeds)):
+        np.testing.assert_array_equal(a, b)
+    storage = stored.report["sparsity"]["sparse_storage"]
+    assert storage["written"] and storage["tensors_written"] == len(sparse_names)
+    # the bytes reported are the values and int64 positions actually stored
+    actual = sum(len(t.values.raw_data) + len(t.indices.raw_data) for t in stored.model.graph.sparse_initializer)
+    assert storage["written_bytes"]["sparse"] == actual
+    assert stored.report["file_bytes"]["after"] == stored.model.ByteSize()
+    assert stored.report["file_bytes"]["after"] < 0.75 * dense.report["file_bytes"]["after"]
+    # without the flag the report says what it would give, and the model stays dense
+    estimate = dense.report["sparsity"]["sparse_storage"]
+    assert not estimate["written"] and estimate["tensors_smaller_sparse"] == len(sparse_names)
+    assert not len(dense.model.graph.sparse_initializer)
+
+
+def test_sparse_storage_keeps_tensors_dense_where_it_would_grow():
+    result = prune(resnet(), sparsity=0.5, sparse_storage=True, latency_runs=0)
+    assert not len(result.model.graph.sparse_initializer)
+    assert any("needs more than 2/3 zeros" in note for note in result.report["notes"]), result.report["notes"]
+    assert result.report["sparsity"]["sparse_storage"]["tensors_smaller_sparse"] == 0
+    with pytest.raises(OptionError, match="sparse_storage.*sparsity"):
+        prune(resnet(), sparse_storage=True, filters=0.3)
+
+
+@pytest.mark.parametrize("coordinates", [False, True], ids=["linear", "coordinates"])
+def test_a_model_with_sparse_initializers_is_read_dense(coordinates):
+    """A model stored sparse (ours, or with [NNZ, rank] coordinates) prunes like its dense form."""
+    from onnx import helper
+
+    model = mlp()
+    for tensor in list(model.graph.initializer):
+        if tensor.name != "W1":
+            continue
+        value = numpy_helper.to_array(tensor).copy()
+        value[np.abs(value) < 1.0] = 0
+        tensor.CopyFrom(numpy_helper.from_array(value, "W1"))
+        positions = np.argwhere(value) if coordinates else np.flatnonzero(value)[:, None][:, 0]
+        sparse = helper.make_sparse_tensor(numpy_helper.from_array(value[value != 0], "W1"),
+                                           numpy_helper.from_array(positions.astype(np.int64), "W1_i"),
+                                           list(value.shape))
+    stored = onnx.ModelProto()
+    stored.CopyFrom(model)
+    kept = [t for t in stored.graph.initializer if t.name != "W1"]
+    del stored.graph.initializer[:]
+    stored.graph.initializer.extend(kept)
+    stored.graph.sparse_initializer.append(sparse)
+    onnx.checker.check_model(stored)
+    given = stored.SerializeToString()
+    from_sparse = prune(stored, neurons=0.25, latency_runs=0)
+    from_dense = prune(model, neurons=0.25, latency_runs=0)
+    assert stored.SerializeToString() == given  # the caller's model is not changed
+    assert any("1 sparse initializer(s) read as dense" in note for note in from_sparse.report["notes"])
+    assert _weights(from_sparse.model).keys() == _weights(from_dense.model).keys()
+    for name, value in _weights(from_dense.model).items():
+        np.testing.assert_array_equal(_weights(from_sparse.model)[name], value)

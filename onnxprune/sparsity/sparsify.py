@@ -20,6 +20,7 @@ import onnx
 from ..core.errors import OptionError
 from .layers import Skipped, SparseLayer, WeightStore, sparse_layers
 from .patterns import Pattern, block_scores, complies, expand_blocks, layer_mask, lowest
+from .storage import storage_estimate
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -43,21 +44,8 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, sparsity: float, method: 
     if method == "sparsegpt" and (pattern.kind == "block" or global_rank):
         raise OptionError("sparsity_method", method, "works per layer, unstructured or N:M (not with blocks or "
                           "{global_rank})")
-    compressed_before = _compressed_weights(model)
-    store = WeightStore(model)
-    layers, skipped = sparse_layers(model, store)
-    eligible = []
-    for layer in layers:
-        pattern_name = _excluded(layer, exclude)
-        if pattern_name is not None:
-            skipped.append(Skipped(layer.name, layer.node.op_type, f"excluded by --exclude {pattern_name!r}"))
-            continue
-        outputs, reduction = layer.matrix_shape
-        why = pattern.fits(outputs, reduction, layer.channels)
-        if why is not None:
-            skipped.append(Skipped(layer.name, layer.node.op_type, why))
-            continue
-        eligible.append(layer)
+    compressed_before = compressed_weight_bytes(model)
+    store, eligible, skipped = eligible_layers(model, pattern, exclude)
     target = pattern.fixed_sparsity if pattern.fixed_sparsity is not None else sparsity
     zeros_before = {layer.weight: int((store.read(layer.weight) == 0).sum()) for layer in eligible}
     # sparsegpt writes its layers as it goes (downstream Hessians are measured on them); the
@@ -76,36 +64,71 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, sparsity: float, method: 
             matrix = matrix * layer.column_scale(rms[layer.weight])
         scores[layer.weight] = matrix
     rest = [layer for layer in rest if layer.weight in scores]
-    masks = (_global_masks(rest, scores, pattern, target) if global_rank else
+    masks = (global_masks(rest, scores, pattern, target) if global_rank else
              {layer.weight: layer_mask(scores[layer.weight], pattern, target, per_row=method == "wanda")
               for layer in rest})
     for layer in rest:
         weight = store.read(layer.weight)
         store.write(layer.weight, layer.from_matrix(np.where(masks[layer.weight], layer.to_matrix(weight), 0)))
-    rows = []
-    for layer in [layer for layer in eligible if layer.weight in done or layer.weight in masks]:
-        sparse = layer.to_matrix(store.read(layer.weight))
-        masks[layer.weight] = sparse != 0 if layer.weight in done else masks[layer.weight]
+    for layer in eligible:
+        if layer.weight in done:
+            masks[layer.weight] = layer.to_matrix(store.read(layer.weight)) != 0
+    eligible = [layer for layer in eligible if layer.weight in masks]
+    report = {"pattern": str(pattern), "method": method, "target": target, "global": global_rank,
+              **sparsity_report(model, store, eligible, skipped, pattern, compressed_before, zeros_before),
+              "notes": notes}
+    return SparsityResult({layer.weight: layer.from_matrix(masks[layer.weight]) for layer in eligible}, report)
+
+
+def eligible_layers(model: onnx.ModelProto, pattern: Pattern, exclude=()) \
+        -> tuple[WeightStore, list[SparseLayer], list[Skipped]]:
+    """The layers `pattern` can be applied to, and those left dense with the reason."""
+    store = WeightStore(model)
+    layers, skipped = sparse_layers(model, store)
+    eligible = []
+    for layer in layers:
+        pattern_name = _excluded(layer, exclude)
+        if pattern_name is not None:
+            skipped.append(Skipped(layer.name, layer.node.op_type, f"excluded by --exclude {pattern_name!r}"))
+            continue
+        outputs, reduction = layer.matrix_shape
+        why = pattern.fits(outputs, reduction, layer.channels)
+        if why is not None:
+            skipped.append(Skipped(layer.name, layer.node.op_type, why))
+            continue
+        eligible.append(layer)
+    return store, eligible, skipped
+
+
+def sparsity_report(model: onnx.ModelProto, store: WeightStore, layers: list[SparseLayer], skipped: list[Skipped],
+                    pattern: Pattern, compressed_before: int, zeros_before: dict[str, int]) -> dict:
+    """Per-layer and total sparsity of `layers` as the model holds them now, pattern compliance,
+    the zipped size of the weights before (given) and now, and what storing them as sparse
+    tensors would give (storage.py)."""
+    rows, stored = [], {}
+    for layer in layers:
+        value = store.read(layer.weight)
+        if layer.weight in store.initializers:  # what graph.sparse_initializer can hold
+            stored[layer.weight] = value
+        sparse = layer.to_matrix(value)
         rows.append({"node": layer.name, "op": layer.node.op_type, "weight": layer.weight, "shape": list(layer.shape),
                      "weights": int(sparse.size), "zeros_before": zeros_before[layer.weight],
                      "zeros": int((sparse == 0).sum()), "sparsity": round(float((sparse == 0).mean()), 6),
                      "pattern_holds": complies(sparse, pattern)})
-    eligible = [layer for layer in eligible if layer.weight in masks]
     total = sum(r["weights"] for r in rows)
     zeros = sum(r["zeros"] for r in rows)
     report = {
-        "pattern": str(pattern), "method": method, "target": target, "global": global_rank,
         "layers": rows,
         "skipped": [{"node": s.name, "op": s.op, "reason": s.reason} for s in skipped],
         "total": {"layers": len(rows), "weights": total, "zeros": zeros,
                   "sparsity": round(zeros / total, 6) if total else 0.0},
-        "compressed_weight_bytes": {"before": compressed_before, "after": _compressed_weights(model)},
-        "notes": notes,
+        "compressed_weight_bytes": {"before": compressed_before, "after": compressed_weight_bytes(model)},
+        "sparse_storage": {**storage_estimate(stored), "written": False},
     }
     if pattern.kind == "nm":
         report["pattern_holds"] = {"layers": sum(r["pattern_holds"] for r in rows), "of": len(rows),
                                    "ineligible": sum(1 for s in skipped if "not a multiple" in s.reason)}
-    return SparsityResult({layer.weight: layer.from_matrix(masks[layer.weight]) for layer in eligible}, report)
+    return report
 
 
 def _excluded(layer: SparseLayer, patterns) -> str | None:
@@ -115,7 +138,7 @@ def _excluded(layer: SparseLayer, patterns) -> str | None:
     return None
 
 
-def _global_masks(layers: list[SparseLayer], scores: dict, pattern: Pattern, sparsity: float) -> dict:
+def global_masks(layers: list[SparseLayer], scores: dict, pattern: Pattern, sparsity: float) -> dict:
     """One ranking of every weight (or block) of every layer."""
     units = {}
     for layer in layers:
@@ -142,7 +165,7 @@ def _input_rms(model: onnx.ModelProto, layers: list[SparseLayer], calibration) -
     return {layer.weight: np.asarray(stats[layer.data_input].rms) for layer in layers if layer.data_input in stats}
 
 
-def _compressed_weights(model: onnx.ModelProto) -> int:
+def compressed_weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the float initializers after zlib (level 6): what zeros save in a zipped file."""
     compressor = zlib.compressobj(6)
     size = 0

@@ -1,5 +1,6 @@
-"""Masks held during training: gradual pruning's channels, on Zhu & Gupta's cubic schedule, and
-the fixed zeros of sparse weights (WeightMasker).
+"""Masks held during training: gradual pruning's channels, on Zhu & Gupta's cubic schedule, the
+fixed zeros of sparse weights (WeightMasker), and weight sparsity reached on that same schedule
+(GradualWeightMasker).
 
 A masked channel has every weight coupled to it (producer filters, biases, normalisation
 scale and shift, consumers' input weights) held at zero after every optimizer step, variances
@@ -31,6 +32,14 @@ def cubic_fraction(step: int, ramp: int) -> float:
     return 1.0 - (1.0 - progress) ** 3
 
 
+def update_steps(total: int, ramp_fraction: float, updates: int) -> list[int]:
+    """The steps after which masks grow: `updates` of them over the first `ramp_fraction` of
+    `total` steps, the last one at the end of the ramp (where the final count is reached)."""
+    ramp = max(1, int(total * ramp_fraction))
+    every = max(1, math.ceil(ramp / updates))
+    return sorted({min(ramp, s) for s in range(every, ramp + every, every)})
+
+
 class ChannelMasker:
     """Masks for the groups of `analysis` (of the model being trained: its tensor names are the
     training copy's parameter names), growing to `final` ({group key: channels removed})."""
@@ -58,9 +67,12 @@ class ChannelMasker:
 
     def schedule(self, total: int) -> list[int]:
         """The steps after which masks grow (the last one reaches the final counts)."""
-        ramp = max(1, int(total * self.ramp_fraction))
-        every = max(1, math.ceil(ramp / self.updates))
-        return sorted({min(ramp, s) for s in range(every, ramp + every, every)})
+        return update_steps(total, self.ramp_fraction, self.updates)
+
+    def restore(self, saved: dict, parameters) -> None:
+        """The masks as a checkpoint saved them (`removed()`)."""
+        for key, channels in saved.items():
+            self.masked[key] = np.asarray(channels, np.int64)
 
     def update(self, step: int, total: int, parameters) -> None:
         """Grow the masks to where the schedule is after `step`, by current producer norms."""
@@ -145,6 +157,9 @@ class WeightMasker:
     def update(self, step: int, total: int, parameters) -> None:  # pragma: no cover - no schedule
         pass
 
+    def restore(self, saved: dict, parameters) -> None:
+        pass
+
     def apply(self, parameters) -> None:
         for name, mask in self.masks.items():
             if name not in parameters:
@@ -155,3 +170,71 @@ class WeightMasker:
 
     def removed(self) -> dict[str, list[int]]:
         return {}
+
+
+class GradualWeightMasker:
+    """Weight sparsity reached during fine-tuning: every layer's share of zeros follows the cubic
+    schedule up to `target` (unstructured or blocks; N:M has no intermediate shares). Each update
+    zeroes, among the weights still kept, those of smallest magnitude now, per layer or ranked
+    across all layers (`global_rank`). Zeros only grow, and are held after every step."""
+
+    def __init__(self, layers, pattern, target: float, global_rank: bool = False, ramp_fraction: float = 0.75,
+                 updates: int = 20) -> None:
+        self.layers = {layer.weight: layer for layer in layers}  # onnxprune.sparsity.SparseLayer
+        self.pattern = pattern
+        self.target = target
+        self.global_rank = global_rank
+        self.ramp_fraction = ramp_fraction
+        self.updates = updates
+        self.masks: dict[str, np.ndarray] = {}  # weight name -> True where the weight stays
+        self.history: list[dict] = []
+        self.unwritable: set[str] = set()
+
+    def couple(self, unfolded) -> None:
+        """A BatchNorm unfolded after a sparse convolution scales whole filters: zeros stay zeros."""
+
+    def schedule(self, total: int) -> list[int]:
+        return update_steps(total, self.ramp_fraction, self.updates)
+
+    def update(self, step: int, total: int, parameters) -> None:
+        from onnxprune.sparsity.patterns import layer_mask
+        from onnxprune.sparsity.sparsify import global_masks
+
+        share = self.target * cubic_fraction(step, max(1, int(total * self.ramp_fraction)))
+        scores, layers = {}, []
+        for name, layer in self.layers.items():
+            if name not in parameters:
+                self.unwritable.add(name)
+                continue
+            score = np.abs(layer.to_matrix(np.asarray(parameters[name].data, np.float64)))
+            if name in self.masks:
+                score[~layer.to_matrix(self.masks[name])] = -1.0  # zeroed before: stays zeroed
+            scores[name] = score
+            layers.append(layer)
+        chosen = global_masks(layers, scores, self.pattern, share) if self.global_rank else \
+            {layer.weight: layer_mask(scores[layer.weight], self.pattern, share, per_row=False) for layer in layers}
+        for layer in layers:
+            self.masks[layer.weight] = layer.from_matrix(chosen[layer.weight])
+        zeros = sum(int((~m).sum()) for m in self.masks.values())
+        size = sum(m.size for m in self.masks.values())
+        self.history.append({"step": step, "target": round(share, 6), "sparsity": round(zeros / size, 6)
+                             if size else 0.0})
+
+    def apply(self, parameters) -> None:
+        for name, mask in self.masks.items():
+            value = np.asarray(parameters[name].data)
+            parameters[name] = np.where(mask, value, 0).astype(value.dtype)
+
+    def removed(self) -> dict[str, int]:
+        """How many weights of each layer are zeroed: what a checkpoint keeps (the zeros
+        themselves are in the saved weights)."""
+        return {name: int((~mask).sum()) for name, mask in self.masks.items()}
+
+    def restore(self, saved: dict, parameters) -> None:
+        """Masks again from a checkpoint: a layer's `count` zeroed weights are its smallest now
+        (they were held at zero when the state was saved)."""
+        for name, count in saved.items():
+            value = np.asarray(parameters[name].data)
+            mask = np.ones(value.size, dtype=bool)
+            mask[np.argsort(np.abs(value).reshape(-1), kind="stable")[:count]] = False
+            self.masks[name] = mask.reshape(value.shape)

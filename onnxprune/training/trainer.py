@@ -565,8 +565,7 @@ class _Run:
                     weights = {name: npz[f"w{i}"] for i, name in enumerate(self.graph.written_back)}
             self.best = {**saved["best"], "score": tuple(saved["best"]["score"]), "weights": weights}
         if saved.get("masks") is not None and self.tuner.masker is not None:
-            for key, channels in saved["masks"].items():
-                self.tuner.masker.masked[key] = np.asarray(channels, np.int64)
+            self.tuner.masker.restore(saved["masks"], self.state.parameters)
         self.resumed_from = self.step
         log.info("fine-tuning resumed at step %d (epoch %d, batch %d)", self.step, self.epoch + 1, self.batch)
 

@@ -553,3 +553,61 @@ def test_finetuning_keeps_the_sparsity_pattern(tmp_path, unfold_bn):
         assert np.array_equal(after[name] == 0, before[name] == 0), name  # the same zeros
         assert not np.allclose(after[name], before[name]), name  # and the rest trained
     assert tuned.report["finetune"]["after"]["accuracy"] >= tuned.report["finetune"]["before"]["accuracy"]
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "block:2x2"])
+def test_gradual_sparsity_reaches_the_target_on_the_cubic_schedule(tmp_path, pattern):
+    """--sparsity with --schedule cubic: zeros grow during fine-tuning by magnitude, only grow,
+    and the model ends at the target with those zeros; what it computes is what was validated last."""
+    model = cnn()
+    train, val = task(tmp_path)
+    result = onnxprune.prune(model, sparsity=0.6, pattern=pattern, finetune=train, val=val, epochs=2, lr=1e-2,
+                             batch_size=16, schedule="cubic", latency_runs=0)
+    sparsity = result.report["sparsity"]
+    updates = sparsity["schedule"]["updates"]
+    reached = [u["sparsity"] for u in updates]
+    assert len(updates) > 5 and reached == sorted(reached) and reached[0] < 0.3
+    assert updates[-1]["target"] == pytest.approx(0.6)
+    for row in sparsity["layers"]:
+        assert row["sparsity"] == pytest.approx(0.6, abs=0.1), row  # per layer; blocks round down
+    assert sparsity["total"]["sparsity"] >= 0.5 and result.report["finetune"]["steps"] == 30
+    data = np.load(val)
+    accuracy = (run(result.model, data["input"]).argmax(1) == data["labels"]).mean()
+    assert accuracy == pytest.approx(result.report["finetune"]["after"]["accuracy"])
+    # fine-tuned again on its own: --keep-zeros holds the zeros; without it training fills them
+    # in, and a note says how to keep them
+    kept = onnxprune.finetune(result.model, train, epochs=1, lr=1e-2, batch_size=16, keep_zeros=True)
+    filled = onnxprune.finetune(result.model, train, epochs=1, lr=1e-2, batch_size=16)
+    for name in (row["weight"] for row in sparsity["layers"]):
+        assert np.array_equal(weights(kept.model)[name] == 0, weights(result.model)[name] == 0), name
+        assert not np.allclose(weights(kept.model)[name], weights(result.model)[name]), name
+        assert (weights(filled.model)[name] == 0).mean() < 0.1, name
+    assert any("--keep-zeros" in note for note in filled.report["notes"]), filled.report["notes"]
+    assert not any("--keep-zeros" in note for note in kept.report["notes"])
+
+
+def test_gradual_sparsity_is_refused_where_it_has_no_meaning(tmp_path):
+    model = cnn()
+    train, _ = task(tmp_path)
+    base = dict(finetune=train, schedule="cubic")
+    with pytest.raises(onnxprune.OptionError, match="2:4 has no intermediate sparsity"):
+        onnxprune.prune(model, pattern="2:4", **base)
+    with pytest.raises(onnxprune.OptionError, match="not both"):
+        onnxprune.prune(model, sparsity=0.5, filters=0.3, **base)
+    with pytest.raises(onnxprune.OptionError, match="magnitude"):
+        onnxprune.prune(model, sparsity=0.5, sparsity_method="wanda", calib=train, **base)
+
+
+def test_interrupted_gradual_sparsity_resumes_with_its_zeros(tmp_path, monkeypatch):
+    model = cnn()
+    train, _ = task(tmp_path)
+    options = dict(sparsity=0.6, finetune=train, epochs=2, lr=1e-2, batch_size=16, schedule="cubic",
+                   latency_runs=0)
+    straight = onnxprune.prune(model, **options, checkpoint=tmp_path / "a")
+    _interrupt(monkeypatch, 6, lambda: onnxprune.prune(model, **options, checkpoint=tmp_path / "b"))
+    saved = json.loads((tmp_path / "b" / "state" / "step-00000006" / "progress.json").read_text())
+    assert 0 < sum(saved["masks"].values())
+    resumed = onnxprune.prune(model, **options, checkpoint=tmp_path / "b", resume=True)
+    for name, value in weights(straight.model).items():
+        np.testing.assert_allclose(weights(resumed.model)[name], value, rtol=1e-6, atol=1e-7)
+    assert resumed.report["sparsity"]["total"] == straight.report["sparsity"]["total"]
