@@ -10,7 +10,9 @@ Rows: 2:4, 50% and 70% unstructured, each by magnitude, Wanda and SparseGPT (`--
 training images, the same for every row), then the same with `--finetune` one epoch over the
 first 20,000 training images (cross-entropy, lr 1e-3, batch 64; the zeros are held at zero)
 where onnxruntime-training is installed (run this script with .venv-training/bin/python for
-those rows; the CNN must have been trained once with torch, by .venv/bin/python). Accuracy on
+those rows; the CNN must have been trained once with torch, by .venv/bin/python); with it also
+gradual rows: 50% and 70% unstructured reached during that same epoch on the cubic schedule
+(`--schedule cubic`, magnitude). Accuracy on
 the 10,000 test images. Results: benchmarks/results/sparsity.json and the section "Weight
 sparsity" of docs/benchmarks.md.
 
@@ -118,6 +120,16 @@ def main() -> int:
                 row["sparsity_after_finetuning"] = tuned.report["sparsity"]["total"]["sparsity"]
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
+        if finetune and pattern.get("sparsity"):  # the same epoch, the zeros growing during it
+            print(f"{label} gradual", file=sys.stderr, flush=True)
+            tuned = prune(model, **pattern, schedule="cubic", finetune=str(train), loss="ce", epochs=1, lr=1e-3,
+                          batch_size=64, latency_runs=0)
+            sparsity = tuned.report["sparsity"]
+            rows.append({"pattern": label, "method": "magnitude, cubic during fine-tuning",
+                         "sparsity": sparsity["total"]["sparsity"], "layers": sparsity["total"]["layers"],
+                         "dense_layers": len(sparsity["skipped"]), "accuracy": None,
+                         "accuracy_finetuned": fashion_mnist.accuracy(tuned.model, test_images, test_labels)})
+            print(rows[-1], file=sys.stderr, flush=True)
     info = machine()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"date": dt.date.today().isoformat(), "machine": info, "finetuned": finetune,
@@ -134,14 +146,17 @@ def section(rows: list[dict], info: str, finetune: bool) -> str:
     for r in rows:
         cells = [r["pattern"], r["method"] or "-",
                  f"{r['sparsity']:.3f}" if "sparsity" in r else "0",
-                 f"{r['layers']} ({r['dense_layers']})" if "layers" in r else "-", f"{r['accuracy']:.4f}"]
+                 f"{r['layers']} ({r['dense_layers']})" if "layers" in r else "-",
+                 f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"]
         if finetune:
             cells.append(f"{r['accuracy_finetuned']:.4f}" if "accuracy_finetuned" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return (f"{TITLE}\n\nMeasured {dt.date.today().isoformat()} on {info} by `benchmarks/bench_sparsity.py`: the "
             "Fashion-MNIST CNN of benchmarks/fashion_mnist.py (trained here, BatchNorm folded), 10,000 test images; "
             f"Wanda and SparseGPT calibrated on {CALIB_IMAGES} training images"
-            + (f"; fine-tuning one epoch over {TRAIN_IMAGES:,} training images, zeros held" if finetune else "")
+            + (f"; fine-tuning one epoch over {TRAIN_IMAGES:,} training images, zeros held (the gradual rows reach "
+               "their zeros during that epoch, all by 3/4 of its steps, so they have no value before it)"
+               if finetune else "")
             + ". Sparsity counts the zeros of the layers made sparse (the first convolution, one input channel, "
             "stays dense under 2:4).\n\n" + "\n".join(lines))
 

@@ -48,11 +48,11 @@ InputSettings (input_shapes, seed), CalibrationSettings (calib, image_spec, cali
 LayerSettings (layers, drop_layers, layer_importance), PlanSettings (filters, neurons, heads, head_dim, hidden,
 hidden_layernorm, importance, round_to, global_rank, exclude, plan, target_macs, target_params, min_keep,
 sensitivity), RecoverySettings (recover), SparsitySettings (sparsity, pattern, sparsity_method,
-sparse_storage), VerifySettings (verify), FineTuneSettings (finetune, val, labels, loss, teacher, temperature,
-kd_alpha, epochs, steps, batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad, batchnorm, unfold_bn,
-train_output, train_images, train_limit, keep_zeros, checkpoint, resume), MeasureSettings (latency_runs,
-latency_budget_s), LatencySettings (target_latency), IterativeSettings (iterative, rewind), GradualSettings
-(schedule). Each is declared, with its check and CLI flag, in its pass's file under passes/.""")
+layer_sparsity, sparse_storage), VerifySettings (verify), FineTuneSettings (finetune, val, labels, loss,
+teacher, temperature, kd_alpha, epochs, steps, batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad,
+batchnorm, unfold_bn, train_output, train_images, train_limit, keep_zeros, checkpoint, resume), MeasureSettings
+(latency_runs, latency_budget_s), LatencySettings (target_latency), IterativeSettings (iterative, rewind),
+GradualSettings (schedule). Each is declared, with its check and CLI flag, in its pass's file under passes/.""")
 
 
 @dataclass
@@ -102,8 +102,16 @@ def options_from(options=None, **kwargs):
         if hasattr(settings, "cross_check"):
             settings.cross_check()
         options = dataclasses.replace(options, **{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
-    if options.sensitivity is not None and options.target_macs is None and options.target_params is None \
-            and options.target_latency is None:
+    targets = (options.target_macs, options.target_params, options.target_latency)
+    if options.sensitivity is not None and options.sensitivity.sparsity:  # a table of layers made sparse
+        sparsity = stage(options, SparsitySettings)
+        if any(t is not None for t in targets) or not sparsity.requested or sparsity.pattern.kind == "nm":
+            raise OptionError("sensitivity", None, "was measured on weight sparsity (sensitivity --sparsity): it "
+                              "allocates {sparsity} R, unstructured or in blocks, among the layers")
+        for name in ("global_rank", "schedule"):
+            if getattr(options, name) not in (False, "oneshot"):
+                raise OptionError("sensitivity", None, f"sets each layer's sparsity; drop {{{name}}}")
+    elif options.sensitivity is not None and all(t is None for t in targets):
         raise OptionError("sensitivity", None, "give {target_macs}, {target_params} or {target_latency} to allocate "
                           "with it")
     if options.schedule != "oneshot":
@@ -167,7 +175,9 @@ def pruning_pipeline(options) -> Pipeline:
     finetune = stage(options, FineTuneSettings)
     if sparsity.requested:  # the layers that are left lose weights, not shape
         during = FineTune(finetune, image_spec=options.image_spec) if gradual else None
-        passes.append(Sparsify(sparsity, global_rank=options.global_rank, exclude=options.exclude, gradual=during))
+        table = options.sensitivity if options.sensitivity is not None and options.sensitivity.sparsity else None
+        passes.append(Sparsify(sparsity, global_rank=options.global_rank, exclude=options.exclude, gradual=during,
+                               sensitivity=table))
     passes.append(Verify(stage(options, VerifySettings)))
     if finetune.requested:
         FineTune.check_runtime()

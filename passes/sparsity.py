@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from onnxprune.core.dependency import with_input_shapes
@@ -18,6 +19,26 @@ from onnxprune.core.shapes import complete_shapes
 from onnxprune.pipeline import Context, Pass, PassResult, note_shapes, require
 from onnxprune.settings import Flag, choice, optional_ratio, setting, switch
 from onnxprune.sparsity import METHODS, parse_pattern, sparsify
+
+
+def _layer_sparsities(name, value) -> tuple:
+    """("glob=R", ...) or ((glob, R), ...) as ((glob, R), ...), each R in [0, 1)."""
+    pairs = []
+    for item in value or ():
+        if isinstance(item, str):
+            glob, sep, ratio = item.rpartition("=")
+            if not sep or not glob:
+                raise OptionError(name, item, "expected PATTERN=R, e.g. 'fc*=0.3'")
+            item = (glob, ratio)
+        try:
+            glob, ratio = item
+            ratio = float(ratio)
+        except (TypeError, ValueError):
+            raise OptionError(name, item, "expected PATTERN=R with R a number, e.g. 'fc*=0.3'") from None
+        if not 0.0 <= ratio < 1.0:
+            raise OptionError(name, f"{glob}={ratio:g}", "R must be in [0, 1)")
+        pairs.append((str(glob), ratio))
+    return tuple(pairs)
 
 
 @dataclass
@@ -33,12 +54,21 @@ class SparsitySettings:
         "layer's input Hessian, the weights that stay updated to make up (wanda and sparsegpt need --calib).",
         choices=lambda: METHODS, show_default=True))
 
+    layer_sparsity: tuple = setting((), check=_layer_sparsities, cli=Flag(
+        "--layer-sparsity", "Sparsity of the layers whose node or weight name matches a glob, apart from --sparsity "
+        "(0 keeps them dense; repeatable; the last match wins).", metavar="PATTERN=R", multiple=True))
     sparse_storage: bool = setting(False, check=switch, cli=Flag(
         "--sparse-storage", "Write the sparse weights as ONNX sparse initializers where that makes them smaller "
         "(float32 with more than 2/3 zeros: each nonzero also stores an 8-byte position). Smaller file only: "
         "onnxruntime makes them dense when it loads the model.", is_flag=True))
 
     def cross_check(self) -> None:
+        if self.layer_sparsity and not self.requested:
+            raise OptionError("layer_sparsity", "=".join(map(str, self.layer_sparsity[0])), "sets layers apart from "
+                              "{sparsity}: give it too")
+        if self.layer_sparsity and self.pattern.kind == "nm":
+            raise OptionError("layer_sparsity", "=".join(map(str, self.layer_sparsity[0])), f"{self.pattern} sets "
+                              "every layer's sparsity (--exclude keeps layers dense)")
         if self.sparse_storage and not self.requested:
             raise OptionError("sparse_storage", True, "stores the weights {sparsity} makes sparse: give it too")
         fixed = self.pattern.fixed_sparsity
@@ -57,11 +87,13 @@ class Sparsify(Pass):
 
     name = "sparsity"
 
-    def __init__(self, settings: SparsitySettings, global_rank: bool = False, exclude=(), gradual=None) -> None:
+    def __init__(self, settings: SparsitySettings, global_rank: bool = False, exclude=(), gradual=None,
+                 sensitivity=None) -> None:
         self.settings = settings
         self.global_rank = global_rank
         self.exclude = exclude
         self.gradual = gradual  # a FineTune pass to reach the sparsity during (--schedule cubic)
+        self.sensitivity = sensitivity  # a SensitivityResult measured with --sparsity: per-layer sparsities
 
     def requires(self, model, context: Context) -> None:
         if self.gradual is not None:
@@ -81,7 +113,7 @@ class Sparsify(Pass):
             model, result = self._during_finetuning(model, context)
         else:
             result = sparsify(model, s.pattern, s.sparsity or 0.0, s.sparsity_method, self.global_rank, self.exclude,
-                              context.calibration)
+                              context.calibration, ratios=self._layer_ratios(model, context))
         context.weight_masks = result.masks
         total = result.report["total"]
         note = (f"sparsity {s.pattern} by {s.sparsity_method}: {total['sparsity']:.1%} of the weights of "
@@ -91,6 +123,47 @@ class Sparsify(Pass):
         context.notes.append(note)
         context.notes.extend(result.report["notes"])
         return PassResult(model, {"sparsity": result.report}, modified=bool(total["zeros"]))
+
+    def _layer_ratios(self, model: onnx.ModelProto, context: Context) -> dict[str, float]:
+        """{weight: sparsity} for the layers that do not take --sparsity as it is: allocated from
+        the sensitivity curves, then --layer-sparsity's globs (the last match wins)."""
+        import fnmatch
+
+        from onnxprune.sparsity.allocate import allocate_sparsity
+        from onnxprune.sparsity.sparsify import eligible_layers
+
+        s = self.settings
+        if self.sensitivity is None and not s.layer_sparsity:
+            return {}
+        _, layers, _ = eligible_layers(model, s.pattern, self.exclude)
+        given: dict[str, float] = {}
+        for layer in layers:
+            for glob, ratio in s.layer_sparsity:
+                if fnmatch.fnmatchcase(layer.name, glob) or fnmatch.fnmatchcase(layer.weight, glob):
+                    given[layer.weight] = ratio
+        unused = [glob for glob, _ in s.layer_sparsity
+                  if not any(fnmatch.fnmatchcase(layer.name, glob) or fnmatch.fnmatchcase(layer.weight, glob)
+                             for layer in layers)]
+        if unused:
+            context.notes.append(f"--layer-sparsity {unused[0]!r} matches no layer that can be made sparse")
+        if self.sensitivity is None:
+            return given
+        sizes = {layer.weight: int(np.prod(layer.shape)) for layer in layers}
+        curves = {name: points for name, points in self.sensitivity.curves().items()
+                  if name in sizes and name not in given}
+        if not curves:
+            raise OptionError("sensitivity", None, "none of its layers is in this model (measured on another model?), "
+                              "or --layer-sparsity sets them all")
+        # the measured layers make up what the model as a whole needs beyond the layers whose
+        # sparsity is given or not measured (those take --sparsity as it is)
+        fixed = sum(sizes[name] * given.get(name, s.sparsity) for name in sizes if name not in curves)
+        measured = sum(sizes[name] for name in curves)
+        share = max(0.0, (s.sparsity * sum(sizes.values()) - fixed) / measured)
+        ratios = {**allocate_sparsity(curves, sizes, share), **given}
+        context.notes.append(f"per-layer sparsity from sensitivity curves ({self.sensitivity.data}): {len(curves)} "
+                             f"of {len(layers)} layers allocated, the others take "
+                             + ("--layer-sparsity or " if given else "") + f"{s.sparsity:g}")
+        return ratios
 
     def _during_finetuning(self, model: onnx.ModelProto, context: Context):
         from onnxprune.sparsity.layers import WeightStore

@@ -320,3 +320,118 @@ def test_a_model_with_sparse_initializers_is_read_dense(coordinates):
     assert _weights(from_sparse.model).keys() == _weights(from_dense.model).keys()
     for name, value in _weights(from_dense.model).items():
         np.testing.assert_array_equal(_weights(from_sparse.model)[name], value)
+
+
+# -- per-layer sparsity: sensitivity curves and --layer-sparsity -------------------------------
+
+def _planted_w2(fraction=0.5):
+    """The MLP with `fraction` of W2's weights zero (the others kept off zero)."""
+    model = mlp()
+    rng = np.random.default_rng(5)
+    for tensor in model.graph.initializer:
+        if tensor.name in ("W1", "W2", "W3"):
+            value = numpy_helper.to_array(tensor).copy()
+            value[np.abs(value) < 1e-2] = 1e-2
+            if tensor.name == "W2":
+                flat = value.reshape(-1)
+                flat[rng.choice(flat.size, size=int(fraction * flat.size), replace=False)] = 0.0
+            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+    return model
+
+
+def test_sensitivity_curves_send_the_zeros_where_they_cost_nothing(tmp_path):
+    """Half of W2 is planted dead. Measured layer by layer, W2 costs nothing up to half; asked
+    for exactly that many zeros over the whole model, the allocation puts them all there, and
+    the pruned model computes what the original does."""
+    from onnxprune.sensitivity import analyze_sensitivity, load_sensitivity
+
+    model = _planted_w2()
+    table = analyze_sensitivity(model, sparsity=True, ratios=(0.25, 0.5, 0.75))
+    curves = table.curves()
+    assert set(curves) == {"W1", "W2", "W3"} and table.sparsity
+    assert curves["W2"][0] == (0.5, 0.0)  # at 0.25 the zeros already there are half of it
+    assert all(d > 0 for _, d in curves["W1"]) and all(d > 0 for _, d in curves["W3"])
+    path = table.save_table(tmp_path / "sens.json")
+    assert load_sensitivity(path).curves() == curves  # the file says what the run measured
+    sizes = {"W1": 16 * 32, "W2": 24 * 32, "W3": 24 * 4}
+    target = 0.5 * sizes["W2"] / sum(sizes.values())
+    result = prune(model, sparsity=target, sensitivity=str(path), latency_runs=0)
+    layers = {row["weight"]: row for row in result.report["sparsity"]["layers"]}
+    assert layers["W2"]["target"] == pytest.approx(0.5) and layers["W2"]["sparsity"] == 0.5
+    assert layers["W1"]["zeros"] == 0 and layers["W3"]["zeros"] == 0
+    feeds = random_inputs(model, {"x": [3, 16]}, 1)
+    assert max_rel_diff(run_model(model, feeds), run_model(result.model, feeds)) == 0.0
+    # uniform sparsity at the same total zeroes live weights of every layer
+    uniform = prune(model, sparsity=target, latency_runs=0)
+    assert max_rel_diff(run_model(model, feeds), run_model(uniform.model, feeds)) > 1e-3
+
+
+def test_allocation_reaches_the_total_and_respects_given_layers():
+    from onnxprune.sparsity.allocate import allocate_sparsity
+
+    curves = {"a": [(0.25, 0.0), (0.5, 0.1), (0.75, 0.5)], "b": [(0.25, 0.2), (0.5, 0.3), (0.75, 0.4)]}
+    sizes = {"a": 100, "b": 300}
+    ratios = allocate_sparsity(curves, sizes, 0.5)
+    assert sum(ratios[k] * sizes[k] for k in sizes) == pytest.approx(200)
+    # by damage per weight: a's free quarter, then b's three quarters (0.2/75, then 0.1/75
+    # twice, the last in part) before a's second quarter (0.1/25)
+    assert ratios["a"] == 0.25 and ratios["b"] == pytest.approx(0.5 + 25 / 300)
+    with pytest.raises(OptionError, match="go up to 0.75"):
+        allocate_sparsity(curves, sizes, 0.8)
+    # --layer-sparsity sets W1; the curves allocate the rest so that the model still reaches the total
+    model = _planted_w2()
+    from onnxprune.sensitivity import analyze_sensitivity
+
+    table = analyze_sensitivity(model, sparsity=True)
+    result = prune(model, sparsity=0.4, sensitivity=table, layer_sparsity=("W1=0.1",), latency_runs=0)
+    layers = {row["weight"]: row for row in result.report["sparsity"]["layers"]}
+    assert layers["W1"]["target"] == 0.1
+    assert result.report["sparsity"]["total"]["sparsity"] == pytest.approx(0.4, abs=2e-3)
+
+
+def test_layer_sparsity_globs():
+    result = prune(mlp(), sparsity=0.5, layer_sparsity=("W3=0", "W1=0.75"), latency_runs=0)
+    layers = {row["weight"]: row for row in result.report["sparsity"]["layers"]}
+    assert layers["W1"]["sparsity"] == 0.75 and layers["W2"]["sparsity"] == 0.5 and layers["W3"]["zeros"] == 0
+    plain = prune(mlp(), sparsity=0.5, latency_runs=0)
+    assert _weights(result.model)["W2"].tolist() == _weights(plain.model)["W2"].tolist()
+    result = prune(mlp(), sparsity=0.5, layer_sparsity=("nothing*=0.3",), latency_runs=0)
+    assert any("matches no layer" in note for note in result.report["notes"])
+    for options, match in ((dict(layer_sparsity=("W1=0.5",)), "give it too"),
+                           (dict(sparsity=0.5, layer_sparsity=("W1",)), "PATTERN=R"),
+                           (dict(sparsity=0.5, layer_sparsity=("W1=1.5",)), r"\[0, 1\)"),
+                           (dict(pattern="2:4", layer_sparsity=("W1=0.5",)), "every layer's sparsity")):
+        with pytest.raises(OptionError, match=match):
+            prune(mlp(), **options)
+
+
+def test_a_sparsity_table_is_for_sparsity_and_a_channel_table_for_targets():
+    from onnxprune.sensitivity import analyze_sensitivity
+
+    weights_table = analyze_sensitivity(mlp(), sparsity=True)
+    channels_table = analyze_sensitivity(mlp())
+    with pytest.raises(OptionError, match="weight sparsity"):
+        prune(mlp(), target_macs=0.5, sensitivity=weights_table)
+    with pytest.raises(OptionError, match="weight sparsity"):
+        prune(mlp(), pattern="2:4", sensitivity=weights_table)
+    with pytest.raises(OptionError, match="global"):
+        prune(mlp(), sparsity=0.5, global_rank=True, sensitivity=weights_table)
+    with pytest.raises(OptionError, match="target_macs"):
+        prune(mlp(), sparsity=0.5, sensitivity=channels_table)
+    with pytest.raises(OptionError, match="recover|weight sparsity"):
+        analyze_sensitivity(mlp(), sparsity=True, recover="bias")
+
+
+def test_cli_sensitivity_of_weights(tmp_path):
+    table = tmp_path / "sens.json"
+    model = str(ROOT / "fixtures" / "tiny_resnet.onnx")
+    proc = subprocess.run([sys.executable, "-m", "onnxprune", "sensitivity", model, "--sparsity", "--table", str(table),
+                           "-q"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "| weight | kind | weights |" in proc.stdout and "`fc.weight` | sparsity | 480 |" in proc.stdout
+    out = tmp_path / "out.onnx"
+    proc = subprocess.run([sys.executable, "-m", "onnxprune", str(ROOT / "fixtures" / "tiny_resnet.onnx"),
+                           "--sparsity", "0.5", "--sensitivity", str(table), "--layer-sparsity", "fc*=0",
+                           "-o", str(out), "-q"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "50.0% of" in proc.stdout

@@ -56,6 +56,7 @@ class SensitivityResult:
     baseline_accuracy: float | None = None
     heads: bool = False
     layers: bool = False
+    sparsity: bool = False  # layers' weights made sparse, not channels removed (keys: weight names)
     groups_total: int = 0  # candidates before --max-groups
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -121,7 +122,7 @@ class SensitivityResult:
         try:
             rows = [Trial(**_restore_inf(row)) for row in data["rows"]]
             fields = {k: data[k] for k in ("model", "data", "criterion", "ratios")}
-            extra = {k: data[k] for k in ("macs", "baseline_accuracy", "heads", "layers", "groups_total",
+            extra = {k: data[k] for k in ("macs", "baseline_accuracy", "heads", "layers", "sparsity", "groups_total",
                                           "notes", "seconds", "recover") if k in data}
         except (KeyError, TypeError) as exc:
             raise OnnxPruneError(f"{source}: malformed sensitivity file ({first_line(exc)})") from None
@@ -140,7 +141,7 @@ class SensitivityResult:
         """A header and one table row per group, most sensitive first, one column per ratio."""
         metric = self.default_metric()
         lines = [f"Sensitivity of {self.model}", "",
-                 f"- data: {self.data}", f"- channels chosen by: {self.criterion}"
+                 f"- data: {self.data}", f"- {'weights' if self.sparsity else 'channels'} chosen by: {self.criterion}"
                  + (f", then recovery: {','.join(self.recover)}" if self.recover else ""),
                  f"- cells: {metric_label(metric)}" + (" (rel. output error in brackets)"
                                                       if metric == "accuracy_drop" else "")]
@@ -149,7 +150,8 @@ class SensitivityResult:
         lines.extend(f"- note: {n}" for n in self.notes)
         lines.append("")
         ratios = sorted({t.ratio for t in self.rows})
-        head = ["group", "kind", "channels", "MACs saved (max)"] + [_ratio_header(r, self.layers) for r in ratios]
+        head = (["weight", "kind", "weights", "MACs saved (max)"] if self.sparsity else
+                ["group", "kind", "channels", "MACs saved (max)"]) + [_ratio_header(r, self.layers) for r in ratios]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|")
         by_key = self._by_key()
@@ -159,7 +161,7 @@ class SensitivityResult:
             first = by_key[key][0]
             saved = max(t.macs_saved for t in by_key[key])
             cells = [f"`{key}`", first.kind, "-" if first.channels is None else str(first.channels),
-                     _percent(saved / self.macs) if self.macs else "-"]
+                     _percent(saved / self.macs) if self.macs and not self.sparsity else "-"]
             cells += [self._cell(trials.get(r), metric) for r in ratios]
             lines.append("| " + " | ".join(cells) + " |")
         if limit is not None and len(keys) > limit:

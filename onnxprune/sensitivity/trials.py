@@ -91,8 +91,12 @@ class SensitivitySettings:
         "--heads", "Analyse attention heads as whole-head groups.", is_flag=True))
     layers: bool = setting(False, check=switch, cli=Flag(
         "--layers", "Remove each residual block instead of pruning channel groups.", is_flag=True))
+    sparsity: bool = setting(False, check=switch, cli=Flag(
+        "--sparsity", "Make each Conv/MatMul/Gemm layer's weights sparse alone (the smallest |w|, unstructured) "
+        "instead of pruning channel groups: the table for prune --sparsity R --sensitivity.", is_flag=True))
     max_groups: int | None = setting(None, check=integer(1, optional=True), cli=Flag(
-        "--max-groups", "Measure only the N groups holding the most MACs (or the first N blocks).", metavar="N",
+        "--max-groups", "Measure only the N groups holding the most MACs (the first N blocks, the N layers with "
+        "the most weights).", metavar="N",
         parse=int))
 
 
@@ -100,7 +104,7 @@ def analyze_sensitivity(model, calibration=None, ratios=DEFAULT_RATIOS, importan
                         input_shapes: dict | None = None, heads: bool = False, layers: bool = False,
                         labels=None, seed: int = 0, max_groups: int | None = None, *,
                         image_spec: str | None = None, calib_limit: int | None = None,
-                        recover=(), allow_nonfinite: bool = False) -> SensitivityResult:
+                        recover=(), allow_nonfinite: bool = False, sparsity: bool = False) -> SensitivityResult:
     """Prune each group (or residual block) alone at each ratio and measure the output change.
 
     `model` is a path or a ModelProto (never modified). `calibration` takes what prune's
@@ -108,7 +112,9 @@ def analyze_sensitivity(model, calibration=None, ratios=DEFAULT_RATIOS, importan
     feed dicts; at most `calib_limit` samples are used (DEFAULT_SAMPLES when not given).
     Without it, random inputs stand in and the result says so. `labels` (1-D ints, one per
     calibration sample, in order) adds top-1 accuracy. `max_groups` measures only the groups
-    holding the most MACs. `recover` ("bias", "lsq,bn", ...) applies training-free recovery in
+    holding the most MACs. `sparsity` measures weight sparsity instead: each Conv/MatMul/Gemm
+    layer alone with its smallest weights zeroed at each ratio (keys are the weight names).
+    `recover` ("bias", "lsq,bn", ...) applies training-free recovery in
     every trial, so the curves say what a group costs once compensated; it needs calibration
     data. Calibration data holding NaN/inf is refused unless `allow_nonfinite`.
     """
@@ -118,11 +124,14 @@ def analyze_sensitivity(model, calibration=None, ratios=DEFAULT_RATIOS, importan
     else:
         name = Path(model).name if isinstance(model, (str, Path)) else (model.graph.name or "model")
     what = checked(SensitivitySettings(tuple(ratios) if not isinstance(ratios, str) else ratios, heads, layers,
-                                       max_groups))
+                                       sparsity, max_groups))
     ratios = (1.0,) if layers else what.ratios  # a block is removed whole
     methods = checked(RecoverySettings(recover)).recover
-    if methods and layers:
-        raise OptionError("recover", ",".join(methods), "applies to channel groups, not to {layers}")
+    if sparsity and (heads or layers):
+        raise OptionError("sparsity", True, "measures weights of layers; drop {heads} and {layers}")
+    if methods and (layers or sparsity):
+        raise OptionError("recover", ",".join(methods), "applies to channel groups, not to "
+                          + ("{layers}" if layers else "weight sparsity"))
     importance = choice(criteria_names)("importance", importance)
     original, owned = load_input(model)
     context = Context(owned=owned)
@@ -153,15 +162,19 @@ def analyze_sensitivity(model, calibration=None, ratios=DEFAULT_RATIOS, importan
                   max_groups=what.max_groups)
     if layers:
         rows, total, macs, criterion_name = *_block_trials(**common), "whole residual blocks"
+    elif sparsity:
+        rows, total, macs = _sparsity_trials(**common, ratios=ratios)
+        criterion_name = "the smallest |w| of the layer, unstructured"
     else:
         rows, total, macs, criterion_name = _group_trials(
             **common, ratios=ratios, heads=heads, importance=importance, context=context, notes=notes)
     if what.max_groups is not None and what.max_groups < total:
-        kind = "residual blocks, in graph order" if layers else "groups, those with the most MACs"
+        kind = "residual blocks, in graph order" if layers else "layers, those with the most weights" \
+            if sparsity else "groups, those with the most MACs"
         notes.append(f"measured {what.max_groups} of {total} {kind}")
     return SensitivityResult(model=name, data=description, criterion=criterion_name, ratios=list(ratios),
                              rows=rows, macs=macs, baseline_accuracy=reference.accuracy, heads=heads,
-                             layers=layers, groups_total=total, notes=notes,
+                             layers=layers, sparsity=sparsity, groups_total=total, notes=notes,
                              seconds=round(time.perf_counter() - started, 3), recover=list(methods))
 
 
@@ -351,3 +364,36 @@ def _block_trials(original, input_shapes, shapes, reference: _Reference,
     if not found:
         raise OptionError("layers", None, "the model has no removable residual blocks (y = x + f(x))")
     return rows, len(found), total_macs
+
+
+def _sparsity_trials(original, input_shapes, shapes, reference: _Reference, max_groups,
+                     ratios) -> tuple[list[Trial], int, int]:
+    """Every layer that can be made sparse, alone, at every ratio: its smallest |w| zeroed (the
+    ratio counts all its weights, zeros already there included). One copy of the model is
+    edited and put back layer by layer."""
+    from ..sparsity.patterns import layer_mask, parse_pattern
+    from ..sparsity.sparsify import eligible_layers
+
+    working = onnx.ModelProto()
+    working.CopyFrom(original)
+    store, layers, _ = eligible_layers(working, parse_pattern("pattern", "unstructured"))
+    total = len(layers)
+    if max_groups is not None and max_groups < total:
+        chosen = {id(layer) for layer in sorted(layers, key=lambda layer: -int(np.prod(layer.shape)))[:max_groups]}
+        layers = [layer for layer in layers if id(layer) in chosen]
+    pattern = parse_pattern("pattern", "unstructured")
+    rows = []
+    for layer in progress(layers, "sensitivity trials", unit="layer"):
+        dense = store.read(layer.weight)
+        matrix = layer.to_matrix(dense)
+        for ratio in ratios:
+            keep = layer_mask(np.abs(matrix.astype(np.float64)), pattern, ratio, per_row=False)
+            sparse = layer.from_matrix(np.where(keep, matrix, 0))
+            store.write(layer.weight, sparse)
+            try:
+                measured = _measure(lambda: working, reference)
+            finally:
+                store.write(layer.weight, dense)
+            rows.append(Trial(layer.weight, "sparsity", int(dense.size), ratio, int((sparse == 0).sum()),
+                              **measured))
+    return rows, total, count_macs(static_copy(original, shapes))

@@ -32,8 +32,10 @@ class SparsityResult:
 
 
 def sparsify(model: onnx.ModelProto, pattern: Pattern, sparsity: float, method: str = "magnitude",
-             global_rank: bool = False, exclude=(), calibration=None) -> SparsityResult:
-    """Zero weights of `model` in place; return the masks and the report part."""
+             global_rank: bool = False, exclude=(), calibration=None,
+             ratios: dict[str, float] | None = None) -> SparsityResult:
+    """Zero weights of `model` in place; return the masks and the report part. `ratios`
+    ({weight name: sparsity}) sets some layers' sparsity apart from `sparsity`."""
     if method not in METHODS:
         raise OptionError("sparsity_method", method, f"choose from {', '.join(METHODS)}")
     if global_rank and pattern.kind == "nm":
@@ -44,13 +46,18 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, sparsity: float, method: 
     if method == "sparsegpt" and (pattern.kind == "block" or global_rank):
         raise OptionError("sparsity_method", method, "works per layer, unstructured or N:M (not with blocks or "
                           "{global_rank})")
+    ratios = dict(ratios or {})
+    if ratios and (pattern.kind == "nm" or global_rank):
+        raise OptionError("global_rank" if global_rank else "pattern", True if global_rank else str(pattern),
+                          "sets the sparsity of every layer itself: per-layer sparsities do not apply")
     compressed_before = compressed_weight_bytes(model)
     store, eligible, skipped = eligible_layers(model, pattern, exclude)
     target = pattern.fixed_sparsity if pattern.fixed_sparsity is not None else sparsity
+    share = {layer.weight: ratios.get(layer.weight, target) for layer in eligible}
     zeros_before = {layer.weight: int((store.read(layer.weight) == 0).sum()) for layer in eligible}
     # sparsegpt writes its layers as it goes (downstream Hessians are measured on them); the
     # layers it cannot take (grouped convolutions, say) are scored by magnitude below
-    done, notes = _sparsegpt(model, store, eligible, pattern, target, calibration) \
+    done, notes = _sparsegpt(model, store, eligible, pattern, share, calibration) \
         if method == "sparsegpt" else (set(), [])
     rest = [layer for layer in eligible if layer.weight not in done]
     rms = _input_rms(model, rest, calibration) if method == "wanda" else {}
@@ -65,8 +72,8 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, sparsity: float, method: 
         scores[layer.weight] = matrix
     rest = [layer for layer in rest if layer.weight in scores]
     masks = (global_masks(rest, scores, pattern, target) if global_rank else
-             {layer.weight: layer_mask(scores[layer.weight], pattern, target, per_row=method == "wanda")
-              for layer in rest})
+             {layer.weight: layer_mask(scores[layer.weight], pattern, share[layer.weight],
+                                       per_row=method == "wanda") for layer in rest})
     for layer in rest:
         weight = store.read(layer.weight)
         store.write(layer.weight, layer.from_matrix(np.where(masks[layer.weight], layer.to_matrix(weight), 0)))
@@ -77,6 +84,9 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, sparsity: float, method: 
     report = {"pattern": str(pattern), "method": method, "target": target, "global": global_rank,
               **sparsity_report(model, store, eligible, skipped, pattern, compressed_before, zeros_before),
               "notes": notes}
+    if ratios:
+        for row in report["layers"]:
+            row["target"] = round(share[row["weight"]], 6)
     return SparsityResult({layer.weight: layer.from_matrix(masks[layer.weight]) for layer in eligible}, report)
 
 
@@ -176,7 +186,7 @@ def compressed_weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def _sparsegpt(model: onnx.ModelProto, store: WeightStore, layers: list[SparseLayer], pattern: Pattern,
-               sparsity: float, calibration) -> tuple[set[str], list[str]]:
+               share: dict[str, float], calibration) -> tuple[set[str], list[str]]:
     """Sparsify `layers` with SparseGPT in waves: a wave holds the layers whose upstream layers
     are done, and one pass over the calibration data measures all of their input Hessians."""
     from ..calibration import GramStats, PatchGramStats
@@ -202,7 +212,7 @@ def _sparsegpt(model: onnx.ModelProto, store: WeightStore, layers: list[SparseLa
         for layer, acc, geometry in fits:
             hessian = acc.gram if geometry is None else _taps_inner(acc.gram, layer)
             matrix = layer.to_matrix(store.read(layer.weight))
-            sparse = obs_prune(matrix, hessian, pattern, sparsity)
+            sparse = obs_prune(matrix, hessian, pattern, share[layer.weight])
             store.write(layer.weight, layer.from_matrix(sparse.astype(matrix.dtype)))
             done.add(layer.weight)
     left = [layer.name for layer in layers if layer.weight not in done]
