@@ -435,3 +435,75 @@ def test_cli_sensitivity_of_weights(tmp_path):
                            "-o", str(out), "-q"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "50.0% of" in proc.stdout
+
+
+# -- quantized (QDQ) weights -------------------------------------------------------------------
+
+def _quantized_resnet(tmp_path, per_channel: bool, planted: float = 0.0):
+    """tiny_resnet with `planted` of every layer's weights zero, quantized by onnxruntime
+    (QDQ, int8 symmetric weights: a float zero is the zero point)."""
+    quantization = pytest.importorskip("onnxruntime.quantization")
+    model = resnet()
+    rng = np.random.default_rng(7)
+    for tensor in model.graph.initializer:
+        value = numpy_helper.to_array(tensor)
+        if value.ndim >= 2 and planted:
+            value = value.copy().reshape(-1)
+            value[rng.choice(value.size, size=math.ceil(planted * value.size), replace=False)] = 0.0
+            tensor.CopyFrom(numpy_helper.from_array(value.reshape(tensor.dims), tensor.name))
+    src, dst = tmp_path / "float.onnx", tmp_path / f"qdq-{per_channel}.onnx"
+    onnx.save(model, str(src))
+    batches = iter([{"input": np.random.default_rng(i).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+                    for i in range(4)])
+
+    class Reader(quantization.CalibrationDataReader):
+        def get_next(self):
+            return next(batches, None)
+
+    quantization.quantize_static(str(src), str(dst), Reader(), quant_format=quantization.QuantFormat.QDQ,
+                                 per_channel=per_channel, weight_type=quantization.QuantType.QInt8,
+                                 activation_type=quantization.QuantType.QUInt8)
+    return onnx.load(str(dst))
+
+
+def _int8(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+def test_quantized_weights_are_sparsified_in_place(tmp_path, per_channel):
+    """Planted zeros in a QDQ graph are exactly what goes at their ratio (the model is unchanged);
+    past it the new zeros are the zero point, every other stored integer and every scale stay."""
+    qdq = _quantized_resnet(tmp_path, per_channel, planted=0.4)
+    feeds = random_inputs(qdq, {"input": [1, 3, 32, 32]}, 0)
+    same = prune(qdq, sparsity=0.4, latency_runs=0)
+    rows = same.report["sparsity"]["layers"]
+    assert len(rows) >= 10 and all(row["weight"] in _int8(qdq) for row in rows)
+    for name, value in _int8(qdq).items():
+        np.testing.assert_array_equal(_int8(same.model)[name], value)
+    more = prune(qdq, sparsity=0.6, latency_runs=0)
+    before, after = _int8(qdq), _int8(more.model)
+    for row in more.report["sparsity"]["layers"]:
+        q0, q1 = before[row["weight"]], after[row["weight"]]
+        assert row["zeros"] >= math.floor(0.6 * row["weights"]) and (q1 == 0).sum() == row["zeros"]
+        assert np.array_equal(q1[q1 != 0], q0[q1 != 0])  # the rest as stored
+    floats = {t.name: numpy_helper.to_array(t) for t in more.model.graph.initializer
+              if t.data_type == onnx.TensorProto.FLOAT}
+    for tensor in qdq.graph.initializer:  # scales (and biases) as they were
+        if tensor.data_type == onnx.TensorProto.FLOAT:
+            np.testing.assert_array_equal(floats[tensor.name], numpy_helper.to_array(tensor))
+    assert max_rel_diff(run_model(qdq, feeds, optimized=False), run_model(more.model, feeds, optimized=False)) > 0
+
+
+def test_sparsegpt_on_quantized_weights_stays_on_the_grid(tmp_path):
+    qdq = _quantized_resnet(tmp_path, per_channel=True)
+    calib = [random_inputs(qdq, {"input": [1, 3, 32, 32]}, seed) for seed in range(8)]
+    result = prune(qdq, pattern="2:4", sparsity_method="sparsegpt", calib=calib, latency_runs=0)
+    report = result.report["sparsity"]
+    assert report["pattern_holds"]["layers"] == report["pattern_holds"]["of"] > 0
+    assert all(row["weight"] in _int8(qdq) for row in report["layers"])
+    magnitude = prune(qdq, pattern="2:4", latency_runs=0)
+    # the update moved the kept weights, on the int8 grid (the tensors are still int8)
+    changed = [name for name in _int8(qdq) if not np.array_equal(_int8(result.model)[name],
+                                                                 _int8(magnitude.model)[name])]
+    assert changed

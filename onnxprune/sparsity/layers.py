@@ -2,9 +2,13 @@
 
 Conv weights [O, C/g, k...] become [O, k... x C/g] (input channels innermost, as TensorRT's
 sparse convolutions group them); MatMul weights [K, N] and Gemm's B become [N, K]. A weight
-must be a float constant (an initializer or a Constant node) read by that one layer: a weight
-that several nodes share, that arrives through casts or quantization, or a batched MatMul
-weight is skipped with its reason.
+must be a float constant (an initializer or a Constant node) read by that one layer, or an
+integer constant dequantized on its way there (QDQ: DequantizeLinear with constant scale and
+zero point, per tensor or per axis). A quantized weight is read dequantized and written back
+quantized with its scales kept: a zero is the zero point, exactly zero after dequantizing;
+values a method changed (SparseGPT's update) are rounded to the grid and clipped to its range.
+A weight that several nodes share, that arrives through other ops, or a batched MatMul weight
+is skipped with its reason.
 """
 from __future__ import annotations
 
@@ -76,13 +80,48 @@ class Skipped:
     reason: str
 
 
+@dataclass
+class Quantization:
+    """How a stored integer weight dequantizes: (q - zero_point) * scale along `axis`."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+
+    def _along(self, value: np.ndarray, ndim: int) -> np.ndarray:
+        if value.ndim == 0:
+            return value
+        shape = [1] * ndim
+        shape[self.axis % ndim] = value.size
+        return value.reshape(shape)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        zero = self._along(self.zero_point.astype(np.float64), q.ndim)
+        scale = self._along(self.scale, q.ndim)
+        return ((q.astype(np.float64) - zero) * scale).astype(self.scale.dtype)
+
+    def quantize(self, value: np.ndarray, dtype) -> tuple[np.ndarray, int]:
+        """The grid values of `value` (zeros exactly at the zero point), and how many were clipped."""
+        info = np.iinfo(dtype)
+        zero = self._along(self.zero_point.astype(np.float64), value.ndim)
+        scale = self._along(self.scale.astype(np.float64), value.ndim)
+        grid = np.round(value.astype(np.float64) / scale) + zero
+        clipped = int(((grid < info.min) | (grid > info.max)).sum())
+        grid = np.where(value == 0, np.broadcast_to(zero, value.shape), np.clip(grid, info.min, info.max))
+        return grid.astype(dtype), clipped
+
+
 class WeightStore:
-    """Read and write a model's constant tensors by name (initializers and Constant nodes)."""
+    """Read and write a model's constant tensors by name (initializers and Constant nodes);
+    quantized weights (registered by sparse_layers) are read and written as their float values."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
         self.initializers = {t.name: t for t in graph.initializer}
         self.constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output}
+        self.producers = {out: n for n in graph.node for out in n.output}
+        self.quantized: dict[str, Quantization] = {}
+        self.clipped: dict[str, int] = {}  # weights that left the quantization range, by tensor
         self.readers: dict[str, int] = {}
         for node in graph.node:
             for name in node.input:
@@ -101,11 +140,40 @@ class WeightStore:
         return None
 
     def read(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.tensor(name))
+        value = numpy_helper.to_array(self.tensor(name))
+        return self.quantized[name].dequantize(value) if name in self.quantized else value
 
     def write(self, name: str, value: np.ndarray) -> None:
         tensor = self.tensor(name)
-        tensor.CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(tensor).dtype), tensor.name))
+        dtype = numpy_helper.to_array(tensor).dtype
+        if name in self.quantized:
+            value, clipped = self.quantized[name].quantize(value, dtype)
+            if clipped:
+                self.clipped[name] = clipped
+        tensor.CopyFrom(numpy_helper.from_array(value.astype(dtype), tensor.name))
+
+    def quantized_weight(self, name: str) -> tuple[str, Quantization] | str | None:
+        """(stored tensor, its quantization) when `name` is a DequantizeLinear of constants read
+        by nothing else; a reason when it is a DequantizeLinear that cannot be handled; else None."""
+        node = self.producers.get(name)
+        if node is None or node.op_type != "DequantizeLinear":
+            return None
+        q, scale = node.input[0], self.tensor(node.input[1])
+        zero = self.tensor(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        stored = self.tensor(q)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if stored is None or scale is None or (len(node.input) > 2 and node.input[2] and zero is None):
+            return "its DequantizeLinear reads computed values"
+        if attrs.get("block_size"):
+            return "blocked quantization"
+        if stored.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+                                    onnx.TensorProto.UINT16):
+            return f"weight {q!r} is stored as {onnx.TensorProto.DataType.Name(stored.data_type)}"
+        if self.readers.get(q, 0) > 1 or self.readers.get(name, 0) > 1:
+            return f"quantized weight {q!r} is shared with other nodes"
+        scale_value = numpy_helper.to_array(scale)
+        zero_value = numpy_helper.to_array(zero) if zero is not None else np.zeros_like(scale_value, np.int64)
+        return q, Quantization(scale_value, zero_value, int(attrs.get("axis", 1)))
 
 
 def sparse_layers(model: onnx.ModelProto, store: WeightStore) -> tuple[list[SparseLayer], list[Skipped]]:
@@ -119,13 +187,21 @@ def sparse_layers(model: onnx.ModelProto, store: WeightStore) -> tuple[list[Spar
             continue
         weight = node.input[1]
         tensor = store.tensor(weight)
+        quantized = store.quantized_weight(weight) if tensor is None else None
+        if isinstance(quantized, str):
+            skipped.append(Skipped(name, node.op_type, f"quantized weight: {quantized}"))
+            continue
+        if quantized is not None:  # QDQ: the layer's weight is the stored integer tensor
+            weight, quantization = quantized
+            tensor = store.tensor(weight)
+            store.quantized[weight] = quantization
         if tensor is None:
             if store.tensor(node.input[0]) is None:  # an activation times an activation: no weight at all
                 continue
-            skipped.append(Skipped(name, node.op_type, f"weight {weight!r} is computed (casts, quantization or "
-                                                       "other ops on the way), not a constant"))
+            skipped.append(Skipped(name, node.op_type, f"weight {weight!r} is computed (casts or other ops on the "
+                                                       "way), not a constant"))
             continue
-        if tensor.data_type not in FLOAT_TYPES:
+        if tensor.data_type not in FLOAT_TYPES and weight not in store.quantized:
             skipped.append(Skipped(name, node.op_type, f"weight {weight!r} is not a float tensor"))
             continue
         if store.readers.get(weight, 0) > 1:

@@ -81,6 +81,9 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, sparsity: float, method: 
         if layer.weight in done:
             masks[layer.weight] = layer.to_matrix(store.read(layer.weight)) != 0
     eligible = [layer for layer in eligible if layer.weight in masks]
+    if store.clipped:
+        notes.append(f"{sum(store.clipped.values())} updated weight(s) of {len(store.clipped)} quantized layer(s) "
+                     "fell outside the integer range and were clipped (scales are kept)")
     report = {"pattern": str(pattern), "method": method, "target": target, "global": global_rank,
               **sparsity_report(model, store, eligible, skipped, pattern, compressed_before, zeros_before),
               "notes": notes}
