@@ -76,6 +76,9 @@ def sparsity_line(sp: dict) -> str:
     holds = sp.get("pattern_holds")
     if holds:
         line += f"; {sp['pattern']} holds on {holds['layers']} of {holds['of']}"
+    tensorrt = sp.get("tensorrt_2_4")
+    if tensorrt and tensorrt["ready"]:
+        line += " (ready for TensorRT's 2:4 sparse kernels)"
     if sp["skipped"]:
         first = sp["skipped"][0]
         line += f"; {len(sp['skipped'])} layer(s) left dense (e.g. {first['node']}: {first['reason']})"

@@ -59,6 +59,10 @@ def test_n_of_m_holds_on_every_reported_layer(pattern, m):
         assert ((groups == 0).sum(-1) >= m // 2).all(), name  # along the input channels, every group
     # the stem reads 3 channels: it cannot hold the pattern, is left dense and listed
     assert [s["reason"] for s in report["skipped"]] == [f"3 input channels are not a multiple of {m} ({pattern})"]
+    if pattern == "2:4":  # every layer that can hold it does; the stem runs dense
+        assert report["tensorrt_2_4"] == {"ready": True, "layers": len(names), "dense": [report["skipped"][0]["node"]]}
+    else:
+        assert "tensorrt_2_4" not in report
     assert result.verification.ort == "passed"
     assert result.report["params"]["after"] == result.report["params"]["before"]  # shapes stay
 
@@ -175,6 +179,7 @@ def test_cli_writes_a_sparse_model_and_says_so(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout + proc.stderr
     assert "sparsity 2:4 (magnitude): 50.0% of" in text and "2:4 holds on 15 of 15" in text
+    assert "ready for TensorRT's 2:4 sparse kernels" in text
     assert "weights zipped" in text
     model = onnx.load(str(out))
     zeros = sum(int((numpy_helper.to_array(t) == 0).sum()) for t in model.graph.initializer)

@@ -139,8 +139,14 @@ def sparsity_report(model: onnx.ModelProto, store: WeightStore, layers: list[Spa
         "sparse_storage": {**storage_estimate(stored), "written": False},
     }
     if pattern.kind == "nm":
-        report["pattern_holds"] = {"layers": sum(r["pattern_holds"] for r in rows), "of": len(rows),
+        holds = sum(r["pattern_holds"] for r in rows)
+        report["pattern_holds"] = {"layers": holds, "of": len(rows),
                                    "ineligible": sum(1 for s in skipped if "not a multiple" in s.reason)}
+        if (pattern.n, pattern.m) == (2, 4):
+            # what TensorRT's sparse tensor-core kernels take (it picks them per layer when the
+            # engine is built with sparsity enabled); the layers left dense run dense
+            report["tensorrt_2_4"] = {"ready": bool(rows) and holds == len(rows), "layers": holds,
+                                      "dense": [s.name for s in skipped]}
     return report
 
 
