@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .core.criteria import criterion
 from .core.dependency import Analysis
 from .core.disk_weights import has_disk_weights
 from .core.errors import OptionError
@@ -160,13 +161,17 @@ def options_from(options=None, **kwargs):
 def pruning_pipeline(options) -> Pipeline:
     """The passes that carry out `options` (checked PruneOptions), in order."""
     plan_settings, layer_settings = stage(options, PlanSettings), stage(options, LayerSettings)
-    passes = [ValidateInput(stage(options, InputSettings)), LoadCalibration(stage(options, CalibrationSettings))]
+    passes = [ValidateInput(stage(options, InputSettings)),
+              LoadCalibration(stage(options, CalibrationSettings), labels=options.labels)]
     if layer_settings.requested:
         passes.append(RemoveLayers(layer_settings))
     sparsity = stage(options, SparsitySettings)
     channels = plan_settings.channels_requested or not (layer_settings.requested or sparsity.requested)
     gradual = options.schedule == "cubic"
     if channels:
+        chosen = criterion(plan_settings.importance)
+        if getattr(chosen, "needs_gradients", False) and options.calib is not None:
+            type(chosen).check_runtime()  # now, not after the analysis
         passes += [Analyze(heads=plan_settings.heads_mode, hidden=plan_settings.hidden_mode),
                    Recover(stage(options, RecoverySettings)), PlanChannels(plan_settings)]
         if gradual:

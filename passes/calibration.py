@@ -35,11 +35,14 @@ class CalibrationSettings:
 class LoadCalibration(Pass):
     name = "calibration"
 
-    def __init__(self, settings: CalibrationSettings) -> None:
+    def __init__(self, settings: CalibrationSettings, labels: str | None = None) -> None:
         self.settings = settings
+        self.labels = labels  # the key of class ids in .npz calibration files, read where present
 
     def run(self, model: onnx.ModelProto, context: Context) -> PassResult:
         context.calibration = calibration_data(self.settings, model)
+        if context.calibration is not None and self.labels and isinstance(self.settings.calib, (str, Path)):
+            context.calibration.labels = _labels(self.labels, self.settings.calib)
         described = context.calibration.description if context.calibration is not None else None
         mask = context.calibration.mask_input if context.calibration is not None else None
         if mask is not None:
@@ -68,3 +71,15 @@ def calibration_data(settings: CalibrationSettings, model: onnx.ModelProto, defa
     if settings.calib_mask is not None:
         data.with_mask(None if settings.calib_mask.lower() == "none" else settings.calib_mask)
     return data
+
+
+def _labels(key: str, calib):
+    """The class ids under `key` in the .npz calibration file(s), or None where there are none."""
+    from onnxprune.core.errors import OptionError
+    from onnxprune.sensitivity.formats import load_labels
+
+    try:
+        labels = load_labels(key, calib)
+    except OptionError:  # no such key, or not .npz files: the data has no labels
+        return None
+    return labels if labels.ndim == 1 and labels.dtype.kind in "iu" else None

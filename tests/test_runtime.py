@@ -51,3 +51,21 @@ def test_plain_onnxruntime_is_not_mistaken_for_the_training_flavour():
             runtime.import_training_api()
     else:
         pytest.skip("the training flavour is installed here")
+
+
+@pytest.mark.parametrize("name", ["taylor", "fisher", "obd"])
+def test_gradient_criteria_without_the_training_flavour_fail_at_once(tmp_path, monkeypatch, name):
+    """Gradient criteria take gradients through onnxruntime-training: without it the run stops
+    before any analysis, in one line naming the criterion and the extra."""
+    import numpy as np
+
+    import onnxprune
+
+    monkeypatch.setattr(runtime, "_import_ort", lambda: None)
+    np.savez(tmp_path / "c.npz", input=np.zeros((2, 3, 32, 32), np.float32))
+    with pytest.raises(RuntimeMissing, match=rf"--importance {name} takes gradients: .*onnxprune\[training\]") as info:
+        onnxprune.prune(str(FIXTURE), filters=0.3, importance=name, calib=str(tmp_path / "c.npz"))
+    assert "\n" not in str(info.value)
+    # without calibration data it falls back to l2 and says so, as the data criteria do
+    result = onnxprune.prune(str(FIXTURE), filters=0.3, importance=name, latency_runs=0)
+    assert any(f"--importance {name}: no calibration data" in note for note in result.report["notes"])

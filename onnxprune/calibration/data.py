@@ -158,6 +158,7 @@ class CalibrationData:
         self.allow_nonfinite = allow_nonfinite
         # the input whose zeros mark padding ([batch, sequence]): statistics leave those rows out
         self.mask_input = _attention_mask(inputs)
+        self.labels = None  # one class id per sample, in order, where the data holds them (gradient criteria)
         self._produce = produce
         self._used = False
         self._resume = None  # a one-shot source's iterator after first() peeked at it
@@ -198,6 +199,7 @@ class CalibrationData:
         data = CalibrationData(self.inputs, self._produce, self.description, limit, self.one_shot, self.notes,
                                self.allow_nonfinite)
         data.mask_input = self.mask_input
+        data.labels = self.labels
         return data
 
     def with_mask(self, name: str | None) -> CalibrationData:

@@ -1,2 +1,2 @@
 """Importance criteria, one module each. See onnxprune.core.criteria for the contract."""
-from . import activation, bn_scale, magnitude, random  # noqa: F401
+from . import activation, bn_scale, gradient, magnitude, random  # noqa: F401
