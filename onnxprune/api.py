@@ -39,6 +39,8 @@ from .passes.validate import InputSettings, ValidateInput
 from .passes.verify import Verify, VerifySettings
 from .pipeline import Context, Pipeline
 from .settings import checked, combine, stage
+from .sparsity.sparsify import GRADIENT_METHODS
+from .training.gradients import require_gradients
 
 # The stages of a prune, in pipeline order; their settings make up PruneOptions.
 STAGES = (InputSettings, CalibrationSettings, LayerSettings, PlanSettings, RecoverySettings, SparsitySettings,
@@ -171,13 +173,15 @@ def pruning_pipeline(options) -> Pipeline:
     if channels:
         chosen = criterion(plan_settings.importance)
         if getattr(chosen, "needs_gradients", False) and options.calib is not None:
-            type(chosen).check_runtime()  # now, not after the analysis
+            require_gradients(f"--importance {chosen.name}")  # now, not after the analysis
         passes += [Analyze(heads=plan_settings.heads_mode, hidden=plan_settings.hidden_mode),
                    Recover(stage(options, RecoverySettings)), PlanChannels(plan_settings)]
         if gradual:
             passes.append(GradualPruning(stage(options, FineTuneSettings), image_spec=options.image_spec))
         passes.append(RemoveChannels())
     finetune = stage(options, FineTuneSettings)
+    if sparsity.requested and sparsity.sparsity_method in GRADIENT_METHODS and options.calib is not None:
+        require_gradients(f"--sparsity-method {sparsity.sparsity_method}")  # now, not after the analysis
     if sparsity.requested:  # the layers that are left lose weights, not shape
         during = FineTune(finetune, image_spec=options.image_spec) if gradual else None
         table = options.sensitivity if options.sensitivity is not None and options.sensitivity.sparsity else None

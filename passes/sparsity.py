@@ -51,7 +51,8 @@ class SparsitySettings:
         "kernels, 4:8) or block:RxC (R outputs by C inputs).", metavar="PATTERN", show_default=True))
     sparsity_method: str = setting("magnitude", check=choice(lambda: METHODS), cli=Flag(
         "--sparsity-method", "How weights are chosen: magnitude |w|; wanda |w| x rms of its input; sparsegpt, the "
-        "layer's input Hessian, the weights that stay updated to make up (wanda and sparsegpt need --calib).",
+        "layer's input Hessian, the weights that stay updated to make up; taylor |g w| and obd E[g^2] w^2 / 2 from "
+        "gradients (need the [training] extra). All but magnitude need --calib.",
         choices=lambda: METHODS, show_default=True))
 
     layer_sparsity: tuple = setting((), check=_layer_sparsities, cli=Flag(

@@ -29,22 +29,10 @@ class GradientCriterion(Criterion):
     # how many calibration samples the gradients are taken on (one forward and backward each)
     samples = 256
 
-    @classmethod
-    def check_runtime(cls) -> None:
-        """RuntimeMissing, naming the criterion, unless onnxruntime-training is usable."""
-        from onnxprune.core.errors import RuntimeMissing
-        from onnxprune.core.runtime import import_training_api
-
-        try:
-            import_training_api()
-        except RuntimeMissing as exc:
-            raise RuntimeMissing(f"--importance {cls.name} takes gradients: {exc}".replace("fine-tuning needs",
-                                                                                            "it needs")) from None
-
     def prepare(self, analysis, groups, calibration) -> None:
-        from onnxprune.training.gradients import per_sample_gradients
+        from onnxprune.training.gradients import per_sample_gradients, require_gradients
 
-        self.check_runtime()
+        require_gradients(f"--importance {self.name}")
 
         sites: dict[tuple[str, int], np.ndarray] = {}  # (weight, axis) -> the weight, that axis first
         members: dict[int, list] = {}

@@ -2,6 +2,7 @@
 
 Scores: `magnitude` |w|; `wanda` |w| times the rms of the input channel it multiplies, measured
 on calibration data (Wanda, Sun et al. 2023), compared within each output as the paper does;
+`taylor` and `obd` from per-sample gradients of the loss (onnxruntime-training);
 `sparsegpt` chooses and updates with the layer's input Hessian (sparsegpt.py), layer after
 layer on the already sparse upstream model. Per layer every eligible layer reaches the
 sparsity (N:M sets its own); with `global_rank` unstructured weights (or blocks) are ranked
@@ -22,7 +23,8 @@ from .layers import Skipped, SparseLayer, WeightStore, sparse_layers
 from .patterns import Pattern, block_scores, complies, expand_blocks, layer_mask, lowest
 from .storage import storage_estimate
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "taylor", "obd")
+GRADIENT_METHODS = ("taylor", "obd")  # scored from gradients: onnxruntime-training
 
 
 @dataclass
@@ -61,10 +63,17 @@ def sparsify(model: onnx.ModelProto, pattern: Pattern, sparsity: float, method: 
         if method == "sparsegpt" else (set(), [])
     rest = [layer for layer in eligible if layer.weight not in done]
     rms = _input_rms(model, rest, calibration) if method == "wanda" else {}
+    gradient_scores = _gradient_scores(model, store, rest, calibration, method, notes) \
+        if method in GRADIENT_METHODS else {}
     scores = {}
     for layer in rest:
         matrix = np.abs(layer.to_matrix(store.read(layer.weight)).astype(np.float64))
-        if method == "wanda":
+        if method in GRADIENT_METHODS:
+            if layer.weight not in gradient_scores:
+                skipped.append(Skipped(layer.name, layer.node.op_type, "not a trained weight: no gradient for it"))
+                continue
+            matrix = layer.to_matrix(gradient_scores[layer.weight])
+        elif method == "wanda":
             if layer.weight not in rms:
                 skipped.append(Skipped(layer.name, layer.node.op_type, "no calibration statistics for its input"))
                 continue
@@ -171,6 +180,37 @@ def global_masks(layers: list[SparseLayer], scores: dict, pattern: Pattern, spar
         start += unit.size
         masks[name] = expand_blocks(part, pattern.rows, pattern.cols) if pattern.kind == "block" else part
     return masks
+
+
+def _gradient_scores(model: onnx.ModelProto, store: WeightStore, layers: list[SparseLayer], calibration,
+                     method: str, notes: list[str]) -> dict[str, np.ndarray]:
+    """{weight: score of each weight} from per-sample gradients of the cross-entropy (labels from
+    the calibration data, else the model's predictions): taylor, the mean |g * w|, the
+    first-order change of the loss when the weight goes; obd, E[g^2] * w^2 / 2, Optimal Brain
+    Damage with the empirical Fisher for the Hessian's diagonal."""
+    from ..criteria.gradient import GradientCriterion
+    from ..training.gradients import per_sample_gradients
+
+    weights = {layer.weight: store.read(layer.weight).astype(np.float64) for layer in layers}
+    sums = {name: np.zeros_like(w) for name, w in weights.items()}
+
+    def visit(gradients: dict) -> None:
+        for name, w in weights.items():
+            g = gradients.get(name)
+            if g is None:
+                continue
+            g = np.asarray(g, np.float64)
+            sums[name] += np.abs(g * w) if method == "taylor" else g * g
+
+    run = per_sample_gradients(model, calibration, visit, labels=getattr(calibration, "labels", None),
+                               limit=GradientCriterion.samples)
+    count = max(run.samples, 1)
+    source = "the data's labels" if run.labels == "given" else "the model's own predictions"
+    notes.append(f"sparsity {method}: gradients of the cross-entropy against {source} on {run.samples} calibration "
+                 f"sample(s) in {run.seconds:.1f} s")
+    trained = set(run.weights)
+    return {name: (sums[name] / count if method == "taylor" else sums[name] / count * weights[name] ** 2 / 2)
+            for name in weights if name in trained}
 
 
 def _input_rms(model: onnx.ModelProto, layers: list[SparseLayer], calibration) -> dict[str, np.ndarray]:

@@ -26,6 +26,16 @@ from .losses import LABELS_INPUT, LossSpec
 from .prepare import prepare
 
 
+def require_gradients(what: str) -> None:
+    """RuntimeMissing, naming `what` asked for gradients, unless onnxruntime-training is usable."""
+    from ..core.errors import RuntimeMissing
+
+    try:
+        import_training_api()
+    except RuntimeMissing as exc:
+        raise RuntimeMissing(f"{what} takes gradients: {str(exc).replace('fine-tuning needs', 'it needs')}") from None
+
+
 @dataclass
 class GradientRun:
     samples: int = 0

@@ -50,10 +50,12 @@ def data(samples=12, labels=True):
     return x, batches
 
 
-def by_hand(model, x, labels):
-    """Per-sample gradients of the cross-entropy, and the three scores of the 8 hidden neurons."""
+def by_hand(model, x, labels, per_weight=None):
+    """Per-sample gradients of the cross-entropy, and the three scores of the 8 hidden neurons
+    (with `per_weight`, a dict, also each weight's mean |g w| and mean g^2 under W1_taylor, ...)."""
     w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     taylor, fisher, obd_w1, obd_w2 = np.zeros(8), np.zeros(8), np.zeros(8), np.zeros(8)
+    sums = {key: 0.0 for key in ("W1_taylor", "W2_taylor", "W1_g2", "W2_g2")}
     for i, row in enumerate(x.astype(np.float64)):
         z = row @ w["W1"] + w["B1"]
         r = np.maximum(z, 0)
@@ -71,7 +73,12 @@ def by_hand(model, x, labels):
         fisher += first ** 2
         obd_w1 += (g1 ** 2 * w["W1"] ** 2).sum(axis=0)
         obd_w2 += (g2 ** 2 * w["W2"] ** 2).sum(axis=1)
+        for name, g in (("W1", g1), ("W2", g2)):
+            sums[f"{name}_taylor"] = sums[f"{name}_taylor"] + np.abs(g * w[name])
+            sums[f"{name}_g2"] = sums[f"{name}_g2"] + g * g
     n = len(x)
+    if per_weight is not None:
+        per_weight.update({key: value / n for key, value in sums.items()})
     return {"taylor": taylor / n, "fisher": fisher / (2 * n), "obd": (obd_w1 + obd_w2) / (2 * n)}
 
 
@@ -122,3 +129,30 @@ def test_labels_in_the_calibration_file_are_used(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "gradients of the cross-entropy against the data's labels on 12 calibration sample(s)" in done.stdout
+
+
+@pytest.mark.parametrize("method", ["taylor", "obd"])
+def test_weight_sparsity_by_gradients_matches_numpy(tmp_path, method):
+    """--sparsity-method taylor|obd zeroes, in each layer, the weights numpy's scores rank lowest."""
+    model = mlp()
+    x, batches = data()
+    np.savez(tmp_path / "calib.npz", x=x, labels=batches.labels)
+    expected = {}
+    by_hand(model, x, batches.labels, per_weight=expected)
+    w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    result = onnxprune.prune(model, sparsity=0.5, sparsity_method=method, calib=str(tmp_path / "calib.npz"),
+                             latency_runs=0)
+    after = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    for name in ("W1", "W2"):
+        score = expected[f"{name}_taylor"] if method == "taylor" else expected[f"{name}_g2"] * w[name] ** 2 / 2
+        order = np.argsort(score.reshape(-1), kind="stable")
+        want = np.ones(score.size, bool)
+        want[order[: score.size // 2]] = False
+        # scores within float error of each other may swap: compare away from the cut
+        cut = np.sort(score.reshape(-1))[score.size // 2 - 1: score.size // 2 + 1]
+        clear = np.abs(score.reshape(-1)[:, None] - cut[None, :]).min(axis=1) > 1e-6 * max(cut.max(), 1e-12)
+        got = after[name].reshape(-1) != 0
+        assert np.array_equal(got[clear], want[clear]), name
+        assert (~got).sum() == score.size // 2
+    assert any(f"sparsity {method}: gradients of the cross-entropy against the data's labels on 12" in note
+               for note in result.report["notes"]), result.report["notes"]
