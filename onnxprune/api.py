@@ -129,6 +129,9 @@ def options_from(options=None, **kwargs):
             if sparsity.pattern.kind == "nm":
                 raise OptionError("schedule", options.schedule, f"{sparsity.pattern} has no intermediate sparsity: "
                                   "sparsify at once and fine-tune (the zeros are held while training)")
+            if sparsity.layer_sparsity:
+                raise OptionError("schedule", options.schedule, "reaches one sparsity in every layer; "
+                                  "{layer_sparsity} applies to one-shot sparsity")
             if sparsity.sparsity_method != "magnitude":
                 raise OptionError("schedule", options.schedule, f"zeroes weights by magnitude as they train; "
                                   f"{{sparsity_method}} {sparsity.sparsity_method} chooses once (drop one)")

@@ -192,8 +192,7 @@ class Sparsify(Pass):
                   "schedule": {"kind": "cubic", "updates": masker.history},
                   **sparsity_report(model, store, layers, skipped, s.pattern, compressed_before, zeros_before),
                   "notes": []}
-        return model, SparsityResult({name: mask for name, mask in masker.masks.items()}, report)
-
+        return model, SparsityResult(dict(masker.masks), report)
 
 
 class StoreSparse(Pass):
@@ -243,8 +242,6 @@ class StoreSparse(Pass):
 def _same_outputs(dense: onnx.ModelProto, stored: onnx.ModelProto, context: Context) -> str | None:
     """None when the stored form passes the checker and, where the run's verification had
     inputs, onnxruntime gives the dense model's outputs from it bit for bit; else why not."""
-    import numpy as np
-
     from onnxprune.core.verify import session
 
     try:

@@ -596,6 +596,8 @@ def test_gradual_sparsity_is_refused_where_it_has_no_meaning(tmp_path):
         onnxprune.prune(model, sparsity=0.5, filters=0.3, **base)
     with pytest.raises(onnxprune.OptionError, match="magnitude"):
         onnxprune.prune(model, sparsity=0.5, sparsity_method="wanda", calib=train, **base)
+    with pytest.raises(onnxprune.OptionError, match="layer_sparsity"):
+        onnxprune.prune(model, sparsity=0.5, layer_sparsity=("W1=0.2",), **base)
 
 
 def test_interrupted_gradual_sparsity_resumes_with_its_zeros(tmp_path, monkeypatch):
