@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from ..core.errors import OptionError
+from ..core.progress import progress
 from .layers import Skipped, SparseLayer, WeightStore, sparse_layers
 from .patterns import Pattern, block_scores, complies, expand_blocks, layer_mask, lowest
 from .storage import storage_estimate
@@ -244,7 +245,7 @@ def _sparsegpt(model: onnx.ModelProto, store: WeightStore, layers: list[SparseLa
 
     waves, notes = _waves(model, layers), []
     done: set[str] = set()
-    for number, wave in enumerate(waves, start=1):
+    for wave in progress(waves, "sparsegpt", unit="wave"):
         accumulators, fits = {}, []
         for layer in wave:
             geometry = _patch_geometry(layer)
