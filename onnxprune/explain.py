@@ -36,6 +36,9 @@ def nothing_removed_reason(options, plan, analysis) -> str:
         reasons = Counter(short_reason(s["reason"]) for s in plan.skipped)
         reason, count = reasons.most_common(1)[0]
         return f"no group can be pruned; {count} of {len(plan.skipped)} skipped for: {reason}"
+    if getattr(options, "zero_channels", False):
+        return ("--zero-channels: no channel has all its coupled weights, biases and norm parameters at zero "
+                "(fine-tune with --regularize group-lasso to make some)")
     ratios = {"filters": options.filters, "neurons": options.neurons if options.neurons is not None
               else options.filters, "heads": options.heads if options.heads is not None else options.filters,
               "head_dim": options.head_dim or 0.0, "hidden": options.hidden or 0.0}

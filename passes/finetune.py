@@ -30,11 +30,16 @@ from onnxprune.settings import (
 )
 from onnxprune.training.losses import LOSSES
 from onnxprune.training.prepare import BATCHNORM_MODES
+from onnxprune.training.regularize import REGULARIZERS
 from onnxprune.training.schedule import LR_SCHEDULES
 
 
 def _data(name, value):
     return value  # a path or Python batches: read when the pass runs
+
+
+def _optional_regularizer(name, value):
+    return None if value is None else choice(REGULARIZERS)(name, value)
 
 
 def _optional_loss(name, value):
@@ -113,6 +118,13 @@ class FineTuneSettings:
     # trains for, and which of the teacher's channels each channel of the model is.
     train_fraction: float = setting(1.0)
     channel_origin: dict | None = setting(None)
+    regularize: str | None = setting(None, check=_optional_regularizer, cli=Flag(
+        "--regularize", "Drive structure to exactly zero while training: group-lasso (whole channels, every coupled "
+        "weight together; remove them after with --zero-channels) or l1 (BatchNorm scales, network slimming; prune "
+        "after with --importance bn). Needs --reg-strength.", choices=lambda: REGULARIZERS))
+    reg_strength: float | None = setting(None, check=optional_positive, cli=Flag(
+        "--reg-strength", "Strength of --regularize: each step shrinks by learning rate x this.", metavar="X",
+        parse=float))
     keep_zeros: bool = setting(False, check=switch, cli=Flag(
         "--keep-zeros", "Hold every weight of a Conv/MatMul/Gemm that is zero now at zero while training: a sparse "
         "model stays sparse (sparsity set in the same run is always kept).", is_flag=True))
@@ -129,8 +141,13 @@ class FineTuneSettings:
     def cross_check(self) -> None:
         if self.resume and self.checkpoint is None:
             raise OptionError("resume", True, "needs {checkpoint} (the folder to resume from)")
+        if (self.regularize is None) != (self.reg_strength is None):
+            raise OptionError("regularize" if self.regularize is None else "reg_strength",
+                              self.reg_strength if self.regularize is None else self.regularize,
+                              "give {regularize} and {reg_strength} together")
         if not self.requested:
-            for name in ("val", "teacher", "steps", "checkpoint", "train_output", "train_limit", "keep_zeros"):
+            for name in ("val", "teacher", "steps", "checkpoint", "train_output", "train_limit", "keep_zeros",
+                         "regularize"):
                 if getattr(self, name) not in (None, False):
                     raise OptionError(name, getattr(self, name), "applies to fine-tuning: give {finetune} DATA")
 
@@ -151,6 +168,47 @@ def present_zeros(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 class FineTune(Pass):
     name = "finetune"
+
+    def _regularizer(self, model: onnx.ModelProto, context: Context):
+        """The --regularize step, over the channel groups of the model about to be trained."""
+        from onnxprune.core.dependency import with_input_shapes
+        from onnxprune.core.shapes import complete_shapes, concrete_input_shapes
+        from onnxprune.training.regularize import Regularizer
+
+        from .analyze import analyze_dynamic
+
+        working = complete_shapes(with_input_shapes(model, context.input_shapes, copy=True))
+        measuring, guessed = concrete_input_shapes(working, context.input_shapes)
+        analysis, _ = analyze_dynamic(working, measuring if guessed else None, False)
+        regularizer = Regularizer(analysis, self.settings.regularize, self.settings.reg_strength)
+        if regularizer.kind == "l1" and not regularizer.scales:
+            raise OptionError("regularize", "l1", "slims BatchNormalization scales, and this model has none (folded "
+                              "into the convolutions, say): use group-lasso")
+        if not regularizer.groups:
+            raise OptionError("regularize", regularizer.kind, "the model has no prunable channel group to regularize")
+        return regularizer
+
+    def _regularized(self, regularizer, trained: onnx.ModelProto, context: Context) -> dict:
+        """What the regularization left at zero in the trained model, and a note on what to do with it."""
+        from onnx import numpy_helper
+
+        values = {t.name: t for t in trained.graph.initializer}
+
+        class Read:  # the trained values by name, as the training state offers them
+            def __init__(self, tensor):
+                self.data = numpy_helper.to_array(tensor)
+
+        summary = regularizer.summary({name: Read(t) for name, t in values.items()})
+        if regularizer.untrained:
+            summary["untrained_tensors"] = len(regularizer.untrained)
+        if summary["kind"] == "group-lasso":
+            context.notes.append(f"group-lasso: {summary['channels_zero']} of {summary['channels']} channels are "
+                                 f"exactly zero, in {summary['groups_with_zeros']} group(s); `onnxprune MODEL "
+                                 "--zero-channels` removes them without changing the function")
+        else:
+            context.notes.append(f"l1: {summary['scales_zero']} of {summary['scales']} BatchNorm scales are exactly "
+                                 "zero; prune with --importance bn (and --global to rank them across layers)")
+        return summary
 
     def __init__(self, settings: FineTuneSettings, image_spec: str | None = None, seed: int | None = None,
                  masker=None) -> None:
@@ -210,7 +268,10 @@ class FineTune(Pass):
             if sparse:
                 context.notes.append(f"fine-tuning: {sparse} layer(s) have 40% or more zero weights, which training "
                                      "fills in; give --keep-zeros to keep them sparse")
-        outcome = FineTuner(model, config, teacher, kept, masker=masker).fit(train, val)
+        regularizer = self._regularizer(model, context) if s.regularize is not None else None
+        outcome = FineTuner(model, config, teacher, kept, masker=masker, regularizer=regularizer).fit(train, val)
+        if regularizer is not None:
+            outcome.report["regularization"] = self._regularized(regularizer, outcome.model, context)
         if masker is not None and masker.unwritable:
             context.notes.append(f"fine-tuning: {len(masker.unwritable)} masked tensor(s) are not trained parameters "
                                  "and kept their values")

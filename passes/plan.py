@@ -19,6 +19,7 @@ from onnxprune.core.plan import (
     load_plan_file,
     plan_entries,
     plan_from_json,
+    plan_from_removed,
 )
 from onnxprune.core.shapes import static_copy
 from onnxprune.pipeline import Context, Pass, PassResult, require
@@ -83,6 +84,10 @@ class PlanSettings:
         "as 14 elementwise/reduce ops computing the original statistics; exact where the removed channels are "
         "zero, slower) or fused (kept as one LayerNormalization over the kept channels; approximate).",
         choices=lambda: HIDDEN_LAYERNORM, show_default=True))
+    zero_channels: bool = setting(False, check=switch, cli=Flag(
+        "--zero-channels", "Remove exactly the channels whose coupled weights, biases and norm parameters are all "
+        "zero (after fine-tuning with --regularize group-lasso, say), in every group; exact, no ratio needed.",
+        is_flag=True))
     importance: str = setting("l2", check=choice(criteria_names), cli=Flag(
         "--importance", "How channels are scored.", choices=criteria_names, show_default=True))
     round_to: int = setting(1, check=integer(1), cli=Flag(
@@ -120,6 +125,12 @@ class PlanSettings:
             if given:
                 raise OptionError("plan", None, "the plan says which channels go; drop "
                                   + ", ".join("{" + name + "}" for name in given))
+        if self.zero_channels:
+            given = [name for name in ("filters", "neurons", "heads", "head_dim", "hidden", "target_macs",
+                                       "target_params", "plan") if getattr(self, name)]
+            if given:
+                raise OptionError("zero_channels", True, "removes the channels that are zero, however many; drop "
+                                  + ", ".join("{" + name + "}" for name in given))
         if self.heads is not None and self.head_dim is not None:
             raise OptionError("head_dim", self.head_dim, "give it or {heads}, not both: a head's dims are read as "
                               "channels only when heads are not")
@@ -141,7 +152,7 @@ class PlanSettings:
     @property
     def channels_requested(self) -> bool:
         return bool(self.filters or self.neurons or self.heads or self.head_dim or self.hidden
-                    or self.plan is not None
+                    or self.plan is not None or self.zero_channels
                     or self.target_macs or self.target_params)
 
 
@@ -158,6 +169,11 @@ class PlanChannels(Pass):
         s, analysis = self.settings, context.analysis
         if s.plan is not None:
             context.plan = plan_from_json(analysis, s.plan)
+        elif s.zero_channels:
+            from onnxprune.training.regularize import zero_channels
+
+            context.plan = plan_from_removed(analysis, zero_channels(analysis, exclude=s.exclude))
+            context.plan.criterion = "zero channels"
         else:
             crit, notes = self._criterion(context)
             if (s.target_macs is not None or s.target_params is not None) and s.keep_counts is None:

@@ -99,10 +99,12 @@ UNFOLD_MIN_BATCH = 8
 
 class FineTuner:
     def __init__(self, model: onnx.ModelProto, config: TrainingConfig, teacher: onnx.ModelProto | None = None,
-                 kept_channels: dict[str, np.ndarray] | None = None, masker=None) -> None:
+                 kept_channels: dict[str, np.ndarray] | None = None, masker=None, regularizer=None) -> None:
         self.model = model
         # gradual pruning's ChannelMasker (masks.py): channels held at zero, growing on a schedule
         self.masker = masker
+        # group-lasso or l1 (regularize.py): a proximal step after every optimizer step
+        self.regularizer = regularizer
         self.config = config
         self.teacher = teacher
         # tensor -> the teacher's channels each of the model's channels is (a pruning plan's survivors)
@@ -314,6 +316,8 @@ class FineTuner:
             digest.update(init.SerializeToString())
         settings = {k: v for k, v in asdict(self.config).items() if k not in ("checkpoint", "resume",
                                                                               "checkpoint_every")}
+        if self.regularizer is not None:
+            settings["regularize"] = [self.regularizer.kind, self.regularizer.strength]
         return {"weights": digest.hexdigest(), "settings": json.loads(json.dumps(settings, default=str)),
                 "loss": asdict(spec), "data": train.description}
 
@@ -387,7 +391,8 @@ class _Run:
             with self._signals():
                 if self.before is None:
                     self.before = self.evaluate()
-                    if self.before is not None and masker is None:  # the weights as they came compete too
+                    if self.before is not None and masker is None and self.tuner.regularizer is None:
+                        # the weights as they came compete too (not where training is to zero things)
                         self.best = {"epoch": 0, "score": self.before.score(), "metrics": self.before.to_json(),
                                      "weights": self._weights()}
                 self.module.train()
@@ -405,6 +410,8 @@ class _Run:
                             if self.step in updates:
                                 masker.update(self.step, self.total, self.state.parameters)
                             masker.apply(self.state.parameters)
+                        if self.tuner.regularizer is not None:
+                            self.tuner.regularizer.apply(self.state.parameters, self.lr)
                         losses.append(loss)
                         self.batch = index + 1
                         bar.update(1)
@@ -424,8 +431,8 @@ class _Run:
 
     def _step(self, feed, labels) -> float:
         started = time.perf_counter()
-        self.optimizer.set_learning_rate(learning_rate(self.step, self.total, self.config.lr, self.config.lr_schedule,
-                                                       self.config.warmup))
+        self.lr = learning_rate(self.step, self.total, self.config.lr, self.config.lr_schedule, self.config.warmup)
+        self.optimizer.set_learning_rate(self.lr)
         outputs = self.module(*self._inputs(feed, labels))
         loss = float(np.asarray(outputs[0] if isinstance(outputs, (list, tuple)) else outputs))
         if not math.isfinite(loss):
@@ -447,7 +454,8 @@ class _Run:
         if self.val_data is not None:
             metrics = self.evaluate()
             entry["val"] = metrics.to_json()
-            if self.tuner.masker is not None:  # masks grow: only the last weights have all of them
+            if self.tuner.masker is not None or self.tuner.regularizer is not None:
+                # masks grow, zeros accumulate: only the last weights have all of them
                 self.best = {"epoch": self.epoch + 1, "score": metrics.score(), "metrics": metrics.to_json(),
                              "weights": None}
             elif self.best is None or metrics.score() > self.best["score"]:

@@ -613,3 +613,39 @@ def test_interrupted_gradual_sparsity_resumes_with_its_zeros(tmp_path, monkeypat
     for name, value in weights(straight.model).items():
         np.testing.assert_allclose(weights(resumed.model)[name], value, rtol=1e-6, atol=1e-7)
     assert resumed.report["sparsity"]["total"] == straight.report["sparsity"]["total"]
+
+
+def test_group_lasso_zeroes_whole_channels_that_then_go_exactly(tmp_path):
+    """--regularize group-lasso: the proximal step sets every value coupled to a channel to zero
+    together, so --zero-channels removes those channels without changing the function."""
+    model = cnn()
+    train, val = task(tmp_path)
+    tuned = onnxprune.finetune(model, train, val=val, epochs=2, lr=1e-2, batch_size=16, regularize="group-lasso",
+                               reg_strength=22.0)
+    summary = tuned.report["finetune"]["regularization"]
+    assert summary["kind"] == "group-lasso" and summary["channels"] == 8
+    assert 0 < summary["channels_zero"] < 8, summary
+    assert any("--zero-channels" in note for note in tuned.report["notes"])
+    pruned = onnxprune.prune(tuned.model, zero_channels=True, latency_runs=0)
+    assert pruned.report["summary"]["channels_removed"] == summary["channels_zero"]
+    x = np.load(val)["input"]
+    np.testing.assert_allclose(run(pruned.model, x), run(tuned.model, x), rtol=1e-5, atol=1e-6)
+    # the same strength without the regularizer leaves every channel
+    plain = onnxprune.finetune(model, train, val=val, epochs=2, lr=1e-2, batch_size=16)
+    assert onnxprune.prune(plain.model, zero_channels=True, latency_runs=0).report["summary"]["channels_removed"] == 0
+
+
+def test_l1_slims_batchnorm_scales_and_needs_some(tmp_path):
+    train, _ = task(tmp_path)
+    tuned = onnxprune.finetune(cnn(), train, epochs=2, lr=1e-2, batch_size=16, regularize="l1", reg_strength=10.0)
+    summary = tuned.report["finetune"]["regularization"]
+    scale = weights(tuned.model)["S"]
+    assert summary["scales"] == 8 and 0 < summary["scales_zero"] == int((scale == 0).sum()) < 8
+    # the zero scales are what --importance bn ranks lowest
+    pruned = onnxprune.prune(tuned.model, filters=summary["scales_zero"] / 8, importance="bn", latency_runs=0)
+    (decision,) = [d for d in pruned.plan.decisions if len(d.removed)]
+    assert sorted(decision.removed.tolist()) == np.flatnonzero(scale == 0).tolist()
+    with pytest.raises(onnxprune.OptionError, match="l1.*BatchNormalization.*group-lasso"):
+        onnxprune.finetune(folded_cnn(), train, epochs=1, regularize="l1", reg_strength=1.0)
+    with pytest.raises(onnxprune.OptionError, match="together"):
+        onnxprune.finetune(cnn(), train, regularize="group-lasso")
