@@ -49,13 +49,14 @@ STAGES = (InputSettings, CalibrationSettings, LayerSettings, PlanSettings, Recov
 PruneOptions = combine("PruneOptions", STAGES, doc="""Every option of prune(), one field per setting of its passes:
 InputSettings (input_shapes, seed), CalibrationSettings (calib, image_spec, calib_limit, allow_nonfinite, calib_mask),
 LayerSettings (layers, drop_layers, layer_importance), PlanSettings (filters, neurons, heads, head_dim, hidden,
-hidden_layernorm, importance, round_to, global_rank, exclude, plan, target_macs, target_params, min_keep,
-sensitivity), RecoverySettings (recover), SparsitySettings (sparsity, pattern, sparsity_method,
-layer_sparsity, sparse_storage), VerifySettings (verify), FineTuneSettings (finetune, val, labels, loss,
-teacher, temperature, kd_alpha, epochs, steps, batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad,
-batchnorm, unfold_bn, train_output, train_images, train_limit, keep_zeros, checkpoint, resume), MeasureSettings
-(latency_runs, latency_budget_s), LatencySettings (target_latency), IterativeSettings (iterative, rewind),
-GradualSettings (schedule). Each is declared, with its check and CLI flag, in its pass's file under passes/.""")
+hidden_layernorm, zero_channels, importance, round_to, global_rank, exclude, plan, target_macs, target_params,
+min_keep, sensitivity), RecoverySettings (recover), SparsitySettings (sparsity, pattern, sparsity_method,
+layer_sparsity, sparse_storage), VerifySettings (verify), FineTuneSettings (finetune, val, labels, loss, teacher,
+temperature, kd_alpha, epochs, steps, batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad, batchnorm,
+unfold_bn, train_output, train_images, train_limit, regularize, reg_strength, keep_zeros, checkpoint, resume),
+MeasureSettings (latency_runs, latency_budget_s), LatencySettings (target_latency), IterativeSettings (iterative,
+rewind), GradualSettings (schedule, mask_by). Each is declared, with its check and CLI flag, in its pass's file
+under passes/.""")
 
 
 @dataclass
@@ -133,8 +134,9 @@ def options_from(options=None, **kwargs):
                 raise OptionError("schedule", options.schedule, "reaches one sparsity in every layer; "
                                   "{layer_sparsity} applies to one-shot sparsity")
             if sparsity.sparsity_method != "magnitude":
-                raise OptionError("schedule", options.schedule, f"zeroes weights by magnitude as they train; "
-                                  f"{{sparsity_method}} {sparsity.sparsity_method} chooses once (drop one)")
+                raise OptionError("schedule", options.schedule, f"zeroes weights as they train, by magnitude or "
+                                  f"movement ({{mask_by}}); {{sparsity_method}} {sparsity.sparsity_method} chooses "
+                                  "once (drop one)")
         for name in ("layers", "drop_layers", "plan", "target_latency", "recover", "iterative"):
             if getattr(options, name) not in (None, 0, 0.0, (), False, 1):
                 raise OptionError("schedule", options.schedule, f"does not combine with {{{name}}} yet")
@@ -180,7 +182,8 @@ def pruning_pipeline(options) -> Pipeline:
         passes += [Analyze(heads=plan_settings.heads_mode, hidden=plan_settings.hidden_mode),
                    Recover(stage(options, RecoverySettings)), PlanChannels(plan_settings)]
         if gradual:
-            passes.append(GradualPruning(stage(options, FineTuneSettings), image_spec=options.image_spec))
+            passes.append(GradualPruning(stage(options, FineTuneSettings), image_spec=options.image_spec,
+                                         mask_by=options.mask_by))
         passes.append(RemoveChannels())
     finetune = stage(options, FineTuneSettings)
     if sparsity.requested and sparsity.sparsity_method in GRADIENT_METHODS and options.calib is not None:
@@ -189,7 +192,7 @@ def pruning_pipeline(options) -> Pipeline:
         during = FineTune(finetune, image_spec=options.image_spec) if gradual else None
         table = options.sensitivity if options.sensitivity is not None and options.sensitivity.sparsity else None
         passes.append(Sparsify(sparsity, global_rank=options.global_rank, exclude=options.exclude, gradual=during,
-                               sensitivity=table))
+                               sensitivity=table, mask_by=options.mask_by))
     passes.append(Verify(stage(options, VerifySettings)))
     if finetune.requested:
         FineTune.check_runtime()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import onnx
 
 from onnxprune.core.dependency import analyze, with_input_shapes
-from onnxprune.core.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError, OptionError
 from onnxprune.core.graph import Graph
 from onnxprune.core.plan import plan_from_removed
 from onnxprune.core.shapes import complete_shapes
@@ -24,6 +24,7 @@ from onnxprune.settings import Flag, choice, setting
 from .finetune import FineTune, FineTuneSettings
 
 SCHEDULES = ("oneshot", "cubic")
+MASK_BY = ("magnitude", "movement")
 
 
 @dataclass
@@ -33,14 +34,24 @@ class GradualSettings:
         "fine-tuning, more and more on Zhu & Gupta's cubic schedule (full by 3/4 of the steps): channels are "
         "removed at the end; with --sparsity, weights zeroed by magnitude at each update.",
         choices=lambda: SCHEDULES, show_default=True))
+    mask_by: str = setting("magnitude", check=choice(MASK_BY), cli=Flag(
+        "--mask-by", "With --schedule cubic, what each update masks: the smallest weights now (magnitude: a "
+        "channel's producer weights by L2 norm) or the least movement away from zero over the training so far "
+        "(movement pruning, Sanh et al. 2020: the sum of -gradient x weight over the steps).",
+        choices=lambda: MASK_BY, show_default=True))
+
+    def cross_check(self) -> None:
+        if self.mask_by != "magnitude" and self.schedule != "cubic":
+            raise OptionError("mask_by", self.mask_by, "chooses what gradual masks take: give {schedule} cubic")
 
 
 class GradualPruning(Pass):
     name = "gradual"
 
-    def __init__(self, finetune: FineTuneSettings, image_spec: str | None = None) -> None:
+    def __init__(self, finetune: FineTuneSettings, image_spec: str | None = None, mask_by: str = "magnitude") -> None:
         self.finetune = finetune
         self.image_spec = image_spec
+        self.mask_by = mask_by
 
     def requires(self, model, context: Context) -> None:
         require(context.plan is not None and context.analysis is not None, self.name, "a plan")
@@ -53,7 +64,7 @@ class GradualPruning(Pass):
         if not final:
             raise OnnxPruneError("schedule cubic: the plan removes nothing to mask")
         working = context.analysis.graph.model  # the unpruned model the plan was made on (shapes fixed as asked)
-        masker = ChannelMasker(context.analysis, final)
+        masker = ChannelMasker(context.analysis, final, mask_by=self.mask_by)
         tuned = FineTune(self.finetune, image_spec=self.image_spec, masker=masker)
         result = tuned(working, context)
         trained = result.model
@@ -66,7 +77,7 @@ class GradualPruning(Pass):
         plan = plan_from_removed(context.analysis, masker.removed())
         plan.criterion, plan.notes = context.plan.criterion, context.plan.notes
         context.plan = plan
-        report = {"gradual": {"schedule": "cubic", "updates": masker.history,
+        report = {"gradual": {"schedule": "cubic", "mask_by": self.mask_by, "updates": masker.history,
                               "masked": {key: len(v) for key, v in masker.removed().items()}}}
         return PassResult(analysed, report)
 

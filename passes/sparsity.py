@@ -89,12 +89,13 @@ class Sparsify(Pass):
     name = "sparsity"
 
     def __init__(self, settings: SparsitySettings, global_rank: bool = False, exclude=(), gradual=None,
-                 sensitivity=None) -> None:
+                 sensitivity=None, mask_by: str = "magnitude") -> None:
         self.settings = settings
         self.global_rank = global_rank
         self.exclude = exclude
         self.gradual = gradual  # a FineTune pass to reach the sparsity during (--schedule cubic)
         self.sensitivity = sensitivity  # a SensitivityResult measured with --sparsity: per-layer sparsities
+        self.mask_by = mask_by  # what the gradual masks choose by: magnitude or movement
 
     def requires(self, model, context: Context) -> None:
         if self.gradual is not None:
@@ -117,7 +118,8 @@ class Sparsify(Pass):
                               context.calibration, ratios=self._layer_ratios(model, context))
         context.weight_masks = result.masks
         total = result.report["total"]
-        note = (f"sparsity {s.pattern} by {s.sparsity_method}: {total['sparsity']:.1%} of the weights of "
+        method = result.report["method"]
+        note = (f"sparsity {s.pattern} by {method}: {total['sparsity']:.1%} of the weights of "
                 f"{total['layers']} layer(s) are zero")
         if result.report["skipped"]:
             note += f"; {len(result.report['skipped'])} layer(s) left dense (see sparsity.skipped in the report)"
@@ -180,7 +182,8 @@ class Sparsify(Pass):
         compressed_before = compressed_weight_bytes(model)
         store, layers, skipped = eligible_layers(model, s.pattern, self.exclude)
         zeros_before = {layer.weight: int((store.read(layer.weight) == 0).sum()) for layer in layers}
-        masker = GradualWeightMasker(layers, s.pattern, s.sparsity, global_rank=self.global_rank)
+        masker = GradualWeightMasker(layers, s.pattern, s.sparsity, global_rank=self.global_rank,
+                                     mask_by=self.mask_by)
         self.gradual.masker = masker
         model = self.gradual(model, context).model  # its report part goes to the context as it runs
         if masker.unwritable:
@@ -188,7 +191,7 @@ class Sparsify(Pass):
                                  "stayed dense")
         store = WeightStore(model)
         layers = [layer for layer in layers if layer.weight in masker.masks]
-        report = {"pattern": str(s.pattern), "method": "magnitude", "target": s.sparsity, "global": self.global_rank,
+        report = {"pattern": str(s.pattern), "method": self.mask_by, "target": s.sparsity, "global": self.global_rank,
                   "schedule": {"kind": "cubic", "updates": masker.history},
                   **sparsity_report(model, store, layers, skipped, s.pattern, compressed_before, zeros_before),
                   "notes": []}

@@ -45,7 +45,7 @@ class ChannelMasker:
     training copy's parameter names), growing to `final` ({group key: channels removed})."""
 
     def __init__(self, analysis: Analysis, final: dict[str, int], ramp_fraction: float = 0.75,
-                 updates: int = 20) -> None:
+                 updates: int = 20, mask_by: str = "magnitude") -> None:
         groups, _ = candidate_groups(analysis)
         self.analysis = analysis
         self.groups: dict[str, Group] = {group_key(analysis, g): g for g in groups
@@ -57,6 +57,9 @@ class ChannelMasker:
         self.history: list[dict] = []
         self.unwritable: set[str] = set()  # coupled tensors that are not parameters of the training graph
         self.unfolded: dict[str, tuple[str, str]] = {}  # conv weight -> scale, shift of its unfolded BatchNorm
+        # movement: the sum over steps of -gradient x weight of every producer weight
+        self.movement = Movement({att.tensor.name for g in self.groups.values() for att in g.members
+                                  if att.role == "weight_out"}) if mask_by == "movement" else None
 
     def couple(self, unfolded) -> None:
         """Mask the scale and shift of BatchNorms unfolded after convolutions (prepare.py's
@@ -83,7 +86,8 @@ class ChannelMasker:
             have = self.masked[key]
             if wanted <= len(have):
                 continue
-            scores = self._producer_norms(group, parameters)
+            scores = self._producer_norms(group, parameters) if self.movement is None else \
+                self._producer_movement(group)
             scores[have] = np.inf
             extra = np.argsort(scores, kind="stable")[: wanted - len(have)]
             self.masked[key] = np.sort(np.concatenate([have, extra]))
@@ -91,6 +95,8 @@ class ChannelMasker:
 
     def apply(self, parameters) -> None:
         """Hold every masked channel's coupled weights at their neutral values."""
+        if self.movement is not None:
+            self.movement.accumulate(parameters)
         edits: dict[str, np.ndarray] = {}
         for key, group in self.groups.items():
             channels = self.masked[key]
@@ -133,8 +139,28 @@ class ChannelMasker:
                 total[channel] += float((moved[rows] ** 2).sum())
         return total
 
+    def _producer_movement(self, group: Group) -> np.ndarray:
+        """Per channel, the movement of its producer weights so far (higher: moved away from zero)."""
+        total = np.zeros(group.channels)
+        for att in group.members:
+            moved = self.movement.sums.get(att.tensor.name) if att.role == "weight_out" else None
+            if moved is None:
+                continue
+            moved = np.moveaxis(moved, att.axis, 0)
+            for channel in range(group.channels):
+                total[channel] += float(moved[self.analysis.channel_index(att, group, np.array([channel]))].sum())
+        return total
+
     def removed(self) -> dict[str, list[int]]:
         return {key: [int(i) for i in channels] for key, channels in self.masked.items() if len(channels)}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What a checkpoint must keep besides the masks: the movement sums."""
+        return dict(self.movement.sums) if self.movement is not None else {}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        if self.movement is not None:
+            self.movement.sums.update(arrays)
 
 
 class WeightMasker:
@@ -179,8 +205,9 @@ class GradualWeightMasker:
     across all layers (`global_rank`). Zeros only grow, and are held after every step."""
 
     def __init__(self, layers, pattern, target: float, global_rank: bool = False, ramp_fraction: float = 0.75,
-                 updates: int = 20) -> None:
+                 updates: int = 20, mask_by: str = "magnitude") -> None:
         self.layers = {layer.weight: layer for layer in layers}  # onnxprune.sparsity.SparseLayer
+        self.movement = Movement(set(self.layers)) if mask_by == "movement" else None
         self.pattern = pattern
         self.target = target
         self.global_rank = global_rank
@@ -206,7 +233,11 @@ class GradualWeightMasker:
             if name not in parameters:
                 self.unwritable.add(name)
                 continue
-            score = np.abs(layer.to_matrix(np.asarray(parameters[name].data, np.float64)))
+            if self.movement is None:
+                score = np.abs(layer.to_matrix(np.asarray(parameters[name].data, np.float64)))
+            else:  # never below a zeroed weight's score
+                score = layer.to_matrix(self.movement.sums.get(name, np.zeros(layer.shape))).astype(np.float64)
+                score = score - score.min() if score.size else score
             if name in self.masks:
                 score[~layer.to_matrix(self.masks[name])] = -1.0  # zeroed before: stays zeroed
             scores[name] = score
@@ -221,9 +252,19 @@ class GradualWeightMasker:
                              if size else 0.0})
 
     def apply(self, parameters) -> None:
+        if self.movement is not None:
+            self.movement.accumulate(parameters)
         for name, mask in self.masks.items():
             value = np.asarray(parameters[name].data)
             parameters[name] = np.where(mask, value, 0).astype(value.dtype)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What a checkpoint must keep besides the masks: the movement sums."""
+        return dict(self.movement.sums) if self.movement is not None else {}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        if self.movement is not None:
+            self.movement.sums.update(arrays)
 
     def removed(self) -> dict[str, int]:
         """How many weights of each layer are zeroed: what a checkpoint keeps (the zeros
@@ -238,3 +279,24 @@ class GradualWeightMasker:
             mask = np.ones(value.size, dtype=bool)
             mask[np.argsort(np.abs(value).reshape(-1), kind="stable")[:count]] = False
             self.masks[name] = mask.reshape(value.shape)
+
+
+class Movement:
+    """Movement pruning's scores (Sanh et al. 2020): for each weight, the sum over training steps
+    of -gradient x weight, high for weights that training moves away from zero. Read after
+    every optimizer step from the step's gradients (still held until the next step's
+    forward run) and the weights."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+        self.sums: dict[str, np.ndarray] = {}
+
+    def accumulate(self, parameters) -> None:
+        for name in self.names:
+            if name not in parameters:
+                continue
+            grad = parameters[name].grad
+            if grad is None:
+                continue
+            change = -np.asarray(grad, np.float64) * np.asarray(parameters[name].data, np.float64)
+            self.sums[name] = self.sums[name] + change if name in self.sums else change

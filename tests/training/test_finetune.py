@@ -649,3 +649,61 @@ def test_l1_slims_batchnorm_scales_and_needs_some(tmp_path):
         onnxprune.finetune(folded_cnn(), train, epochs=1, regularize="l1", reg_strength=1.0)
     with pytest.raises(onnxprune.OptionError, match="together"):
         onnxprune.finetune(cnn(), train, regularize="group-lasso")
+
+
+LINEAR = """
+g (float[N,8] x) => (float[N,4] y) {
+  y = MatMul(x, W)
+}"""
+
+
+def _moving_task(tmp_path):
+    """A linear classifier whose label is the argmax of the first four features: those rows of W
+    start small and must grow; the last four (noise) start large and are best shrunk."""
+    rng = np.random.default_rng(2)
+    w = np.concatenate([rng.choice([-0.05, 0.05], size=(4, 4)), rng.choice([-2.0, 2.0], size=(4, 4))]).astype(
+        np.float32)
+    model = text_model(LINEAR, {"W": w})
+    x = rng.standard_normal((480, 8)).astype(np.float32)
+    np.savez(tmp_path / "train.npz", x=x, labels=x[:, :4].argmax(axis=1).astype(np.int64))
+    return model, tmp_path / "train.npz"
+
+
+def test_movement_keeps_what_training_moves_away_from_zero(tmp_path):
+    """At 50% sparsity reached on the cubic schedule, magnitude keeps the large noise weights;
+    movement (the sum of -gradient x weight) keeps the informative ones that grow."""
+    model, train = _moving_task(tmp_path)
+    kept = {}
+    for mask_by in ("magnitude", "movement"):
+        result = onnxprune.prune(model, sparsity=0.5, schedule="cubic", mask_by=mask_by, finetune=train, epochs=2,
+                                 lr=2e-2, batch_size=16, weight_decay=0.0, latency_runs=0)
+        assert result.report["sparsity"]["method"] == mask_by
+        w = weights(result.model)["W"]
+        kept[mask_by] = (w[:4] != 0).sum() / (w != 0).sum()  # share of the survivors that are informative
+        assert (w == 0).mean() == 0.5
+    assert kept["movement"] >= 0.75 and kept["magnitude"] <= 0.5, kept
+    with pytest.raises(onnxprune.OptionError, match="mask_by.*cubic"):
+        onnxprune.prune(model, sparsity=0.5, mask_by="movement")
+
+
+def test_interrupted_movement_pruning_resumes_with_its_scores(tmp_path, monkeypatch):
+    model, train = _moving_task(tmp_path)
+    options = dict(sparsity=0.5, schedule="cubic", mask_by="movement", finetune=train, epochs=2, lr=2e-2,
+                   batch_size=16, latency_runs=0)
+    straight = onnxprune.prune(model, **options, checkpoint=tmp_path / "a")
+    _interrupt(monkeypatch, 25, lambda: onnxprune.prune(model, **options, checkpoint=tmp_path / "b"))
+    assert (tmp_path / "b" / "state" / "step-00000025" / "masker.npz").exists()
+    resumed = onnxprune.prune(model, **options, checkpoint=tmp_path / "b", resume=True)
+    np.testing.assert_allclose(weights(resumed.model)["W"], weights(straight.model)["W"], rtol=1e-6, atol=1e-7)
+
+
+def test_gradual_channels_by_movement(tmp_path):
+    model = cnn()
+    train, val = task(tmp_path)
+    result = onnxprune.prune(model, filters=0.5, neurons=0.0, finetune=train, val=val, epochs=2, lr=1e-2,
+                             batch_size=16, schedule="cubic", mask_by="movement")
+    gradual = result.report["gradual"]
+    assert gradual["mask_by"] == "movement" and gradual["updates"][-1]["masked"] == 4
+    data = np.load(val)
+    accuracy = (run(result.model, data["input"]).argmax(1) == data["labels"]).mean()
+    assert accuracy == pytest.approx(result.report["finetune"]["after"]["accuracy"])
