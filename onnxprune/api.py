@@ -311,7 +311,7 @@ def run_pruning(model: onnx.ModelProto, options, owned: bool = False) -> PruneRe
     return PruneResult(result.model, plan, context.analysis, context.verification, _ordered(context.report))
 
 
-_REPORT_ORDER = ("tool", "runtime", "criterion", "ratio", "heads_ratio", "neurons_ratio", "head_dim_ratio",
+_REPORT_ORDER = ("tool", "runtime", "criterion", "gradients", "ratio", "heads_ratio", "neurons_ratio", "head_dim_ratio",
                  "calibration",
                  "input_shapes", "notes", "params", "macs", "file_bytes", "latency_ms", "latency_measured",
                  "verification", "finetune", "iterative", "gradual", "groups", "summary", "layers", "recovery",

@@ -176,6 +176,10 @@ class PlanChannels(Pass):
             context.plan.criterion = "zero channels"
         else:
             crit, notes = self._criterion(context)
+            run = getattr(crit, "run", None)  # a gradient criterion's measurement
+            if run is not None:
+                context.report["gradients"] = {"criterion": crit.name, "samples": run.samples, "labels": run.labels,
+                                               "seconds": run.seconds}
             if (s.target_macs is not None or s.target_params is not None) and s.keep_counts is None:
                 context.plan = self._target_plan(context, crit)
             else:

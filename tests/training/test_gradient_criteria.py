@@ -114,6 +114,9 @@ def test_planted_dead_neurons_score_zero_and_go_exactly(tmp_path, name):
         return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
     np.testing.assert_allclose(run(result.model), run(model), rtol=1e-6, atol=1e-6)
+    gradients = result.report["gradients"]
+    assert gradients["criterion"] == name and gradients["samples"] == 12 and gradients["labels"] == "predicted"
+    assert gradients["seconds"] > 0
     assert any(f"--importance {name}: gradients" in note and "own predictions" in note
                for note in result.report["notes"]), result.report["notes"]
 
