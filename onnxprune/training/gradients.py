@@ -51,7 +51,7 @@ def per_sample_gradients(model: onnx.ModelProto, feeds: Iterable[dict], visit: C
     """Run every sample of `feeds` (dicts of batched inputs) through forward and backward, one
     at a time, and call `visit({weight: gradient})` for each; at most `limit` samples.
     `labels` (one class id per sample, in order) replaces the predicted labels."""
-    from .trainer import TrainingConfig, _generate, _probe_step, _unlabelled_class_axis
+    from .trainer import TrainingConfig, generate_artifacts, probe_step, unlabelled_class_axis
 
     started = time.perf_counter()
     artifacts_api, api = import_training_api()
@@ -63,7 +63,7 @@ def per_sample_gradients(model: onnx.ModelProto, feeds: Iterable[dict], visit: C
     scores_of = _scores_session(model, graph.loss_input)
     first = scores_of(samples[0])
     rank = first.ndim
-    class_axis = _unlabelled_class_axis(model, graph.loss_input, rank)
+    class_axis = unlabelled_class_axis(model, graph.loss_input, rank)
     if rank < 2:
         raise OnnxPruneError(f"gradient criteria need class scores to take a cross-entropy of; output "
                              f"{graph.loss_input!r} has rank {rank}")
@@ -73,10 +73,10 @@ def per_sample_gradients(model: onnx.ModelProto, feeds: Iterable[dict], visit: C
     spec = LossSpec("ce", labels=True, teacher=False, rank=rank, class_axis=class_axis)
     with tempfile.TemporaryDirectory(prefix="onnxprune-grad-") as tmp:
         folder = Path(tmp)
-        _generate(artifacts_api, graph, spec, folder, TrainingConfig(weight_decay=0.0))
+        generate_artifacts(artifacts_api, graph, spec, folder, TrainingConfig(weight_decay=0.0))
         feed = dict(samples[0])
         feed[LABELS_INPUT] = _label(labels, 0, first, class_axis)
-        _probe_step(folder, feed)  # a crash in onnxruntime-training becomes a one-line error
+        probe_step(folder, feed)  # a crash in onnxruntime-training becomes a one-line error
         state = api.CheckpointState.load_checkpoint(str(folder / "checkpoint"))
         module = api.Module(str(folder / "training_model.onnx"), state, str(folder / "eval_model.onnx"))
         module.train()
@@ -115,9 +115,9 @@ def _label(labels, index: int, scores, class_axis: int) -> np.ndarray:
 
 def _scores_session(model: onnx.ModelProto, tensor: str):
     """The original model's `tensor` (the class scores) for a feed, from one onnxruntime session."""
-    from .trainer import _session
+    from .trainer import tensor_session
 
-    session = _session(model, tensor)
+    session = tensor_session(model, tensor)
     return lambda feed: session.run([tensor], feed)[0]
 
 

@@ -183,9 +183,9 @@ class FineTuner:
                             build):
         """Generate the artifacts and try one step; if that fails with a dynamic batch, try again
         with the batch fixed. Returns (graph, batch) when the fixed batch was needed, else None."""
-        _generate(artifacts_api, graph, spec, artifacts, self.config)
+        generate_artifacts(artifacts_api, graph, spec, artifacts, self.config)
         try:
-            _probe_step(artifacts, feed)
+            probe_step(artifacts, feed)
             return None
         except NotTrainable as first:
             batch = len(next(iter(feed.values())))
@@ -197,9 +197,9 @@ class FineTuner:
                 raise
             log.info("training step failed with a dynamic batch (%s); trying a fixed batch of %d", first, batch)
             static = build(batch)
-            _generate(artifacts_api, static, spec, artifacts, self.config)
+            generate_artifacts(artifacts_api, static, spec, artifacts, self.config)
             try:
-                _probe_step(artifacts, feed)
+                probe_step(artifacts, feed)
             except NotTrainable:
                 raise first from None
             return static, batch
@@ -269,7 +269,7 @@ class FineTuner:
         """The loss's shape facts, read from one forward run of the model on the first batch."""
         scores = _forward(self.model, graph.loss_input, feed)
         rank = scores.ndim
-        class_axis = _unlabelled_class_axis(self.model, graph.loss_input, rank)
+        class_axis = unlabelled_class_axis(self.model, graph.loss_input, rank)
         # mse reads the labels as targets only without a teacher to match
         uses_labels = train.has_labels and (kind in ("ce", "kd") or self.mse_on_labels)
         if uses_labels and kind in ("ce", "kd"):
@@ -657,7 +657,7 @@ class _Teacher:
 
     def __init__(self, model: onnx.ModelProto, tensor: str) -> None:
         self.tensor = tensor
-        self.session = _session(model, tensor)
+        self.session = tensor_session(model, tensor)
         self.output_name = model.graph.output[0].name
         self._last = None
 
@@ -676,7 +676,7 @@ class _Teacher:
         return self(feed)
 
 
-def _session(model: onnx.ModelProto, tensor: str):
+def tensor_session(model: onnx.ModelProto, tensor: str):
     import onnxruntime as ort
 
     outputs = {o.name for o in model.graph.output}
@@ -703,7 +703,7 @@ def _with_output(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
 
 def _forward(model: onnx.ModelProto, tensor: str, feed: dict) -> np.ndarray:
     try:
-        return _session(model, tensor).run([tensor], feed)[0]
+        return tensor_session(model, tensor).run([tensor], feed)[0]
     except OnnxPruneError:
         raise
     except Exception as exc:  # onnxruntime's own error types
@@ -723,7 +723,9 @@ def _check_fresh(folder: Path, config: TrainingConfig) -> None:
                              "start over")
 
 
-def _generate(artifacts_api, graph: TrainingGraph, spec: LossSpec, folder: Path, config: TrainingConfig) -> None:
+def generate_artifacts(artifacts_api, graph: TrainingGraph, spec: LossSpec, folder: Path,
+                       config: TrainingConfig) -> None:
+    """The training, eval and optimizer graphs and the checkpoint for `graph` with `spec`'s loss."""
     import onnxruntime
     from onnxruntime.training import onnxblock
 
@@ -761,7 +763,7 @@ optimizer.step()
 """
 
 
-def _probe_step(folder: Path, feed: dict) -> None:
+def probe_step(folder: Path, feed: dict) -> None:
     """One training step in a child process first: onnxruntime-training 1.19 can crash the
     process on some graphs (a segmentation fault in a gradient kernel, seen on a Paddle export),
     and a crash must become a one-line error, not the end of the user's process."""
@@ -891,7 +893,7 @@ def _value(model: onnx.ModelProto, name: str) -> np.ndarray:
     raise OnnxPruneError(f"no weight {name!r} in the model (a bug)")
 
 
-def _unlabelled_class_axis(model: onnx.ModelProto, name: str, rank: int) -> int:
+def unlabelled_class_axis(model: onnx.ModelProto, name: str, rank: int) -> int:
     """The class axis of scores when no labels say it: 1 (ONNX's convention, [N, C, ...] as
     classifiers and segmenters give), except where the declared shape reads [batch, sequence,
     classes]: a rank-3 output whose axis 1 is a named (dynamic) dim and whose last is fixed, as

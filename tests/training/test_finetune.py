@@ -315,7 +315,7 @@ def test_graphs_that_need_a_fixed_batch_train_at_one(tmp_path, monkeypatch):
     train, val = task(tmp_path, samples=200)  # 150 training samples: 6 batches of 24 and a partial one
     options = dict(val=val, epochs=1, lr=1e-2, batch_size=24)
     dynamic = onnxprune.finetune(model, train, **options).report["finetune"]
-    original_probe = trainer_module._probe_step
+    original_probe = trainer_module.probe_step
     calls = []
 
     def fail_first(folder, feed):
@@ -324,7 +324,7 @@ def test_graphs_that_need_a_fixed_batch_train_at_one(tmp_path, monkeypatch):
             raise trainer_module.NotTrainable("simulated failure with a dynamic batch")
         return original_probe(folder, feed)
 
-    monkeypatch.setattr(trainer_module, "_probe_step", fail_first)
+    monkeypatch.setattr(trainer_module, "probe_step", fail_first)
     result = onnxprune.finetune(model, train, **options)
     static = result.report["finetune"]
     assert [d.dim_value for d in calls] == [0, 24]
