@@ -31,7 +31,7 @@ from machine_info import machine, write_section  # noqa: E402
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "benchmarks" / "results" / "group_lasso.json"
 TITLE = "## Group lasso, then removing the zero channels"
-STRENGTHS = (2.0, 5.0, 10.0)
+STRENGTHS = (0.5, 1.0, 2.0, 5.0, 10.0)
 TRAINING = dict(loss="ce", lr=1e-3, batch_size=64, unfold_bn="off")
 
 
