@@ -497,8 +497,11 @@ def _big_model(path: Path, hidden: int = 4096) -> None:
 
 def _interrupt_during_write(src: Path, out: Path, sig: int) -> subprocess.CompletedProcess:
     """Start a run and send `sig` as soon as its staging folder appears next to `out`."""
+    # SIGINT at its default in the run, as in a terminal: a suite started in the background of
+    # a shell without job control inherits it ignored, and Python then never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "onnxprune", str(src), "--filters", "0.3", "--no-verify",
-                             "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     prefix = f".onnxprune-{proc.pid}-"
     deadline = time.monotonic() + 600
     caught = False
