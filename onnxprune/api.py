@@ -33,6 +33,7 @@ from .passes.latency import LatencySettings, TargetLatency
 from .passes.layers import LayerSettings, RemoveLayers
 from .passes.measure import Measure, MeasureSettings
 from .passes.plan import PlanChannels, PlanSettings
+from .passes.quantize import Quantize, QuantizeSettings
 from .passes.recovery import Recover, RecoverySettings
 from .passes.sparsity import Sparsify, SparsitySettings, StoreSparse
 from .passes.validate import InputSettings, ValidateInput
@@ -44,7 +45,8 @@ from .training.gradients import require_gradients
 
 # The stages of a prune, in pipeline order; their settings make up PruneOptions.
 STAGES = (InputSettings, CalibrationSettings, LayerSettings, PlanSettings, RecoverySettings, SparsitySettings,
-          VerifySettings, FineTuneSettings, MeasureSettings, LatencySettings, IterativeSettings, GradualSettings)
+          VerifySettings, FineTuneSettings, MeasureSettings, QuantizeSettings, LatencySettings, IterativeSettings,
+          GradualSettings)
 
 PruneOptions = combine("PruneOptions", STAGES, doc="""Every option of prune(), one field per setting of its passes:
 InputSettings (input_shapes, seed), CalibrationSettings (calib, image_spec, calib_limit, allow_nonfinite, calib_mask),
@@ -54,9 +56,9 @@ min_keep, sensitivity), RecoverySettings (recover), SparsitySettings (sparsity, 
 layer_sparsity, sparse_storage), VerifySettings (verify), FineTuneSettings (finetune, val, labels, loss, teacher,
 temperature, kd_alpha, epochs, steps, batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad, batchnorm,
 unfold_bn, train_output, train_images, train_limit, regularize, reg_strength, keep_zeros, checkpoint, resume),
-MeasureSettings (latency_runs, latency_budget_s), LatencySettings (target_latency), IterativeSettings (iterative,
-rewind), GradualSettings (schedule, mask_by). Each is declared, with its check and CLI flag, in its pass's file
-under passes/.""")
+MeasureSettings (latency_runs, latency_budget_s), QuantizeSettings (quantize, quant_calibration), LatencySettings
+(target_latency), IterativeSettings (iterative, rewind), GradualSettings (schedule, mask_by). Each is declared,
+with its check and CLI flag, in its pass's file under passes/.""")
 
 
 @dataclass
@@ -199,6 +201,12 @@ def pruning_pipeline(options) -> Pipeline:
         if not gradual:
             passes.append(FineTune(finetune, image_spec=options.image_spec))
     passes.append(Measure(stage(options, MeasureSettings), options))
+    quantize = stage(options, QuantizeSettings)
+    if quantize.requested:
+        if sparsity.sparse_storage:
+            raise OptionError("sparse_storage", True, "stores float weights sparse; {quantize} rewrites them "
+                              "(drop one)")
+        passes.append(Quantize(quantize, latency_runs=options.latency_runs, latency_budget_s=options.latency_budget_s))
     if sparsity.sparse_storage:
         passes.append(StoreSparse())
     if options.target_latency is not None:

@@ -29,6 +29,7 @@ from .passes.iterative import IterativeSettings
 from .passes.latency import LatencySettings
 from .passes.layers import LayerSettings
 from .passes.plan import PlanSettings
+from .passes.quantize import QuantizeSettings
 from .passes.recovery import RecoverySettings
 from .passes.sparsity import SparsitySettings
 from .passes.validate import InputSettings
@@ -113,7 +114,8 @@ def _print_version(ctx, param, value):
 
 # In --help: what to remove first, then how, then the data and inputs it is measured on.
 _PRUNE_FIELDS = cli_settings((PlanSettings, LayerSettings, SparsitySettings, LatencySettings, RecoverySettings,
-                              CalibrationSettings, FineTuneSettings, IterativeSettings, GradualSettings, InputSettings))
+                              CalibrationSettings, FineTuneSettings, IterativeSettings, GradualSettings,
+                              QuantizeSettings, InputSettings))
 assert {f.name for f in _PRUNE_FIELDS} == {f.name for f in cli_settings(STAGES)}
 
 

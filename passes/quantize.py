@@ -1,0 +1,182 @@
+"""Quantize the pruned model for deployment: INT8 through onnxruntime.quantization, or FP16.
+
+Runs last, after pruning, recovery, fine-tuning and measuring, so the report holds the
+original, the pruned and the pruned+quantized model side by side. With calibration data the
+quantization is static (QDQ: QuantizeLinear/DequantizeLinear around each op, the form TensorRT
+and onnxruntime's int8 kernels take), its activation ranges from the tool's calibration batches
+(MinMax, Entropy or Percentile); without it, dynamic (weights int8, activations quantized at run
+time). Weights are quantized per output channel where the opset allows (13 and newer); an older
+model is converted to opset 13 first, since per-channel DequantizeLinear does not exist before.
+`fp16` converts float weights and activations to float16 and keeps the inputs and outputs float32.
+
+The quantized model must load in onnxruntime and run on the verification inputs; how far its
+outputs are from the original's is reported next to the pruned model's.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxprune.core.errors import OnnxPruneError
+from onnxprune.core.metrics import timed_runs
+from onnxprune.core.modelio import model_bytes
+from onnxprune.pipeline import Context, Pass, PassResult
+from onnxprune.settings import Flag, choice, setting
+
+FORMATS = ("int8", "uint8", "fp16")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+PER_CHANNEL_OPSET = 13
+QUANTIZE_SAMPLES = 256  # calibration samples the activation ranges are measured on
+
+
+def _optional_format(name, value):
+    return None if value is None else choice(FORMATS)(name, value)
+
+
+@dataclass
+class QuantizeSettings:
+    quantize: str | None = setting(None, check=_optional_format, cli=Flag(
+        "--quantize", "Quantize the result: int8 or uint8 (static QDQ calibrated on --calib, per channel; dynamic "
+        "without --calib) or fp16. The report compares original, pruned and quantized.", choices=lambda: FORMATS))
+    quant_calibration: str = setting("minmax", check=choice(CALIBRATION_METHODS), cli=Flag(
+        "--quant-calibration", "How static quantization sets activation ranges from --calib.",
+        choices=lambda: CALIBRATION_METHODS, show_default=True))
+
+    @property
+    def requested(self) -> bool:
+        return self.quantize is not None
+
+
+class Quantize(Pass):
+    name = "quantize"
+
+    def __init__(self, settings: QuantizeSettings, latency_runs: int = 20, latency_budget_s: float | None = 10.0):
+        self.settings = settings
+        self.latency_runs = latency_runs
+        self.latency_budget_s = latency_budget_s
+
+    def run(self, model: onnx.ModelProto, context: Context) -> PassResult:
+        from onnxprune.core.runtime import require_runtime
+
+        require_runtime("quantizing")
+        s = self.settings
+        notes: list[str] = []
+        if s.quantize == "fp16":
+            quantized, how = _to_fp16(model), {"format": "fp16"}
+        else:
+            quantized, how = _to_int8(model, s.quantize, s.quant_calibration, context.calibration, notes)
+        report = {**how, "file_bytes": {"original": context.before["file_bytes"],
+                                        "pruned": context.report.get("file_bytes", {}).get("after"),
+                                        "quantized": model_bytes(quantized)}}
+        report.update(self._compare(context, model, quantized))
+        context.notes.extend(f"quantize: {note}" for note in notes)
+        return PassResult(quantized, {"quantization": report, "notes": list(context.notes)})
+
+    def _compare(self, context: Context, pruned: onnx.ModelProto, quantized: onnx.ModelProto) -> dict:
+        """Outputs of the pruned and quantized models against the original's on the verification
+        inputs, and the three models' latency (where the run verified in onnxruntime)."""
+        from onnxprune.core.verify import session
+
+        checker = context.checker
+        if checker is None or checker.feeds is None or checker.outputs is None:
+            return {"fidelity": None}
+        try:
+            quantized_session = session(quantized)
+            got = quantized_session.run(None, checker.feeds)
+        except Exception as exc:  # onnxruntime's own error types
+            raise OnnxPruneError(f"the quantized model does not run in onnxruntime ({str(exc).splitlines()[0]})") \
+                from None
+        pruned_session = session(pruned)
+        fidelity = {"pruned": _closeness(checker.outputs, pruned_session.run(None, checker.feeds)),
+                    "quantized": _closeness(checker.outputs, got)}
+        out = {"fidelity": fidelity}
+        if self.latency_runs:
+            latency = {}
+            for name, sess in (("original", checker.session), ("pruned", pruned_session),
+                               ("quantized", quantized_session)):
+                latency[name] = round(timed_runs(sess, checker.feeds, self.latency_runs,
+                                                 budget_s=self.latency_budget_s)[0], 4)
+            out["latency_ms"] = latency
+        return out
+
+
+def _closeness(reference: list, outputs: list) -> dict:
+    """Largest |difference| relative to the reference's largest |value|, and the cosine, over
+    the float outputs."""
+    worst, cosines = 0.0, []
+    for a, b in zip(reference, outputs):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.dtype.kind != "f" or a.shape != b.shape:
+            continue
+        a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        scale = np.abs(a).max() if a.size else 0.0
+        worst = max(worst, float(np.abs(a - b).max() / scale) if scale > 0 else 0.0)
+        norms = np.linalg.norm(a) * np.linalg.norm(b)
+        cosines.append(float(a @ b / norms) if norms > 0 else 1.0)
+    return {"max_rel_diff": round(worst, 6), "cosine": round(min(cosines), 6) if cosines else None}
+
+
+def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return convert_float_to_float16(copy, keep_io_types=True)
+
+
+def _to_int8(model: onnx.ModelProto, fmt: str, method: str, calibration, notes: list[str]):
+    from onnxruntime import quantization as q
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    work = model
+    if opset < PER_CHANNEL_OPSET:
+        try:
+            work = onnx.version_converter.convert_version(model, PER_CHANNEL_OPSET)
+            notes.append(f"opset {opset} converted to {PER_CHANNEL_OPSET} for per-channel weights")
+        except Exception as exc:  # the converter raises several types
+            notes.append(f"opset {opset} could not be converted to {PER_CHANNEL_OPSET} ({str(exc).splitlines()[0]}): "
+                         "weights quantized per tensor")
+    per_channel = next((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), 0) >= PER_CHANNEL_OPSET
+    activations = q.QuantType.QUInt8 if fmt == "uint8" else q.QuantType.QInt8
+    with tempfile.TemporaryDirectory(prefix="onnxprune-quant-") as tmp:
+        src, dst = Path(tmp) / "model.onnx", Path(tmp) / "quantized.onnx"
+        onnx.save(work, str(src))
+        if calibration is None:
+            q.quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=q.QuantType.QInt8)
+            how = {"format": f"{fmt} dynamic", "per_channel": per_channel, "calibration": None}
+            notes.append("no --calib: dynamic quantization (weights int8, activations quantized at run time)")
+        else:
+            reader = _reader(q.CalibrationDataReader, calibration, QUANTIZE_SAMPLES)
+            methods = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
+                       "percentile": q.CalibrationMethod.Percentile}
+            q.quantize_static(str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ, per_channel=per_channel,
+                              weight_type=q.QuantType.QInt8, activation_type=activations,
+                              calibrate_method=methods[method])
+            how = {"format": f"{fmt} QDQ", "per_channel": per_channel,
+                   "calibration": {"samples": reader.samples, "method": method}}
+        quantized = onnx.load(str(dst))
+    return quantized, how
+
+
+def _reader(base, calibration, limit: int):
+    """onnxruntime.quantization's CalibrationDataReader over the tool's calibration batches, at
+    most `limit` samples; `.samples` counts what it gave."""
+
+    class Reader(base):
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+            self.samples = 0
+
+        def get_next(self):
+            if self.samples >= limit:
+                return None
+            feed = next(self.batches, None)
+            if feed is not None:
+                self.samples += len(next(iter(feed.values())))
+            return feed
+
+    return Reader()
