@@ -63,9 +63,26 @@ def summary_table(report: dict) -> str:
         lines.append(check)
     if report.get("finetune"):
         lines.append(finetune_table(report["finetune"]))
+    if report.get("quantization"):
+        lines.append(quantization_line(report["quantization"]))
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def quantization_line(q: dict) -> str:
+    """Original, pruned and quantized side by side, in one line."""
+    sizes = q["file_bytes"]
+    line = (f"quantized {q['format']}: file {_fmt_bytes(sizes['original'])} original, "
+            f"{_fmt_bytes(sizes['pruned'])} pruned, {_fmt_bytes(sizes['quantized'])} quantized")
+    fidelity = q.get("fidelity")
+    if fidelity and fidelity["quantized"]["cosine"] is not None:
+        line += (f"; cosine with the original's outputs {fidelity['pruned']['cosine']:.4f} pruned, "
+                 f"{fidelity['quantized']['cosine']:.4f} quantized")
+    latency = q.get("latency_ms")
+    if latency:
+        line += (f"; latency {latency['original']:.3f} / {latency['pruned']:.3f} / {latency['quantized']:.3f} ms")
+    return line
 
 
 def sparsity_line(sp: dict) -> str:

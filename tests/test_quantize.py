@@ -42,6 +42,19 @@ def test_static_qdq_per_channel_with_calibration(tmp_path, fmt):
     assert np.isfinite(session.run(None, {"input": x[:1]})[0]).all()
 
 
+def test_cli_prints_the_three_models_side_by_side(tmp_path):
+    import subprocess
+    import sys
+
+    calib, _ = _calib(tmp_path)
+    out = tmp_path / "q.onnx"
+    done = subprocess.run([sys.executable, "-m", "onnxprune", str(FIXTURE), "--filters", "0.3", "--quantize", "int8",
+                           "--calib", str(calib), "-o", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "quantized int8 QDQ: file" in done.stdout and "pruned" in done.stdout and out.exists()
+    assert any(n.op_type == "DequantizeLinear" for n in onnx.load(str(out)).graph.node)
+
+
 def test_dynamic_without_data_and_fp16(tmp_path):
     dynamic = prune(onnx.load(str(FIXTURE)), filters=0.3, quantize="int8", latency_runs=0)
     assert dynamic.report["quantization"]["format"] == "int8 dynamic"
