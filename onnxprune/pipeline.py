@@ -92,6 +92,16 @@ class Context:
     notes: list = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
+    def own(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """The model to change in place: `model` when this run owns it, else a copy (which the
+        run then owns). The caller's model is never changed."""
+        if self.owned:
+            return model
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        self.owned = True
+        return copy
+
 
 class Pass:
     """One stage. Subclasses set `name` and implement `run`; `requires` and `ensures` raise

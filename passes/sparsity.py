@@ -106,11 +106,7 @@ class Sparsify(Pass):
         if context.reference is None:  # nothing before this pass analysed the model: verify against it as given
             context.reference = complete_shapes(with_input_shapes(model, context.input_shapes, copy=True))
             note_shapes(context, context.reference)
-        if not context.owned:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            model = copy
-        context.owned = True
+        model = context.own(model)
         if self.gradual is not None:
             model, result = self._during_finetuning(model, context)
         else:

@@ -59,14 +59,14 @@ class ValidateInput(Pass):
         file_bytes = model_bytes(model)  # as given (sparse initializers count as stored)
         modified = False
         if len(model.graph.sparse_initializer):
-            model = self._own(model, context)
+            model = context.own(model)
             count = densify(model)
             modified = True
             context.notes.append(f"{count} sparse initializer(s) read as dense tensors, as onnxruntime loads them "
                                  "(--sparse-storage writes sparse weights sparse again)")
         order = check_graph(model)
         if order is not None:
-            model = self._own(model, context)
+            model = context.own(model)
             modified = True
             sort_nodes(model, order)
             context.notes.append(UNSORTED_NOTE)
@@ -74,16 +74,6 @@ class ValidateInput(Pass):
         context.keep_value_info = len(model.graph.value_info) > 0
         context.before = {"params": cost.count_params(model), "file_bytes": file_bytes}
         return PassResult(model, modified=modified)
-
-    @staticmethod
-    def _own(model: onnx.ModelProto, context: Context) -> onnx.ModelProto:
-        """The model to change: a copy unless this run loaded it (the caller's model is never changed)."""
-        if context.owned:
-            return model
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        context.owned = True
-        return copy
 
 
 def interface(model: onnx.ModelProto) -> dict:

@@ -60,3 +60,26 @@ def max_rel_diff(a_list, b_list, atol=0.0):
         scale = max(float(np.abs(a).max()), atol, 1e-12)
         worst = max(worst, float(np.abs(a - b).max()) / scale)
     return worst
+
+
+def quantize_qdq(model, folder, per_channel: bool):
+    """`model` quantized as onnxruntime's quantizer writes QDQ graphs (int8 weights, uint8
+    activations), calibrated on 4 random batches at its first input's static dims."""
+    import onnx
+    import pytest
+
+    quantization = pytest.importorskip("onnxruntime.quantization")
+    src, dst = folder / "float.onnx", folder / f"qdq-{per_channel}.onnx"
+    onnx.save(model, str(src))
+    name = model.graph.input[0].name
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    batches = iter([{name: np.random.default_rng(i).standard_normal(shape).astype(np.float32)} for i in range(4)])
+
+    class Reader(quantization.CalibrationDataReader):
+        def get_next(self):
+            return next(batches, None)
+
+    quantization.quantize_static(str(src), str(dst), Reader(), quant_format=quantization.QuantFormat.QDQ,
+                                 per_channel=per_channel, weight_type=quantization.QuantType.QInt8,
+                                 activation_type=quantization.QuantType.QUInt8)
+    return onnx.load(str(dst))

@@ -6,7 +6,7 @@ from planting import prune_planted
 from onnxprune import prune
 from onnxprune.core.metrics import random_inputs
 from onnxprune.core.shapes import concrete_input_shapes
-from conftest import run_model
+from conftest import quantize_qdq, run_model
 
 ARCHS = ["resnet", "mobilenetv3", "densenet", "unet", "nhwc"]
 
@@ -122,23 +122,9 @@ def test_planted_across_opsets_and_ir_versions(export_fixture, arch, opset):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_planted_in_qdq_graphs_quantized_by_onnxruntime(export_fixture, tmp_path, arch, per_channel):
     """QDQ graphs as onnxruntime's quantizer writes them: int8 weights stay int8."""
-    quantization = pytest.importorskip("onnxruntime.quantization")
     import onnx
 
-    model = export_fixture(arch)
-    src, dst = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
-    onnx.save(model, str(src))
-    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    batches = iter([{"input": np.random.default_rng(i).standard_normal(shape).astype(np.float32)} for i in range(4)])
-
-    class Reader(quantization.CalibrationDataReader):
-        def get_next(self):
-            return next(batches, None)
-
-    quantization.quantize_static(str(src), str(dst), Reader(), quant_format=quantization.QuantFormat.QDQ,
-                                 per_channel=per_channel, weight_type=quantization.QuantType.QInt8,
-                                 activation_type=quantization.QuantType.QUInt8)
-    qdq = onnx.load(str(dst))
+    qdq = quantize_qdq(export_fixture(arch), tmp_path, per_channel)
     # Compared as written: onnxruntime's fused int8 kernels saturate on AVX2 CPUs (see run_model),
     # which is a property of the runtime on this machine, not of the pruned graph.
     result = prune_planted(qdq, 0.3, optimized=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import max_rel_diff, run_model
+from conftest import max_rel_diff, quantize_qdq, run_model
 from onnx import numpy_helper
 from textmodel import text_model
 
@@ -447,7 +447,6 @@ def test_cli_sensitivity_of_weights(tmp_path):
 def _quantized_resnet(tmp_path, per_channel: bool, planted: float = 0.0):
     """tiny_resnet with `planted` of every layer's weights zero, quantized by onnxruntime
     (QDQ, int8 symmetric weights: a float zero is the zero point)."""
-    quantization = pytest.importorskip("onnxruntime.quantization")
     model = resnet()
     rng = np.random.default_rng(7)
     for tensor in model.graph.initializer:
@@ -456,19 +455,7 @@ def _quantized_resnet(tmp_path, per_channel: bool, planted: float = 0.0):
             value = value.copy().reshape(-1)
             value[rng.choice(value.size, size=math.ceil(planted * value.size), replace=False)] = 0.0
             tensor.CopyFrom(numpy_helper.from_array(value.reshape(tensor.dims), tensor.name))
-    src, dst = tmp_path / "float.onnx", tmp_path / f"qdq-{per_channel}.onnx"
-    onnx.save(model, str(src))
-    batches = iter([{"input": np.random.default_rng(i).standard_normal((1, 3, 32, 32)).astype(np.float32)}
-                    for i in range(4)])
-
-    class Reader(quantization.CalibrationDataReader):
-        def get_next(self):
-            return next(batches, None)
-
-    quantization.quantize_static(str(src), str(dst), Reader(), quant_format=quantization.QuantFormat.QDQ,
-                                 per_channel=per_channel, weight_type=quantization.QuantType.QInt8,
-                                 activation_type=quantization.QuantType.QUInt8)
-    return onnx.load(str(dst))
+    return quantize_qdq(model, tmp_path, per_channel)
 
 
 def _int8(model):

@@ -91,11 +91,18 @@ def per_channel(analysis: Analysis, group: Group, roles, kind: str) -> tuple[np.
         per_position = weight_per_position(analysis, att, kind)
         if per_position is None:
             continue
-        for offset, exp, n in analysis.positions(att, group):
-            block = per_position[offset:offset + n * exp].reshape(n, exp)
-            total += block.sum(axis=1)
-            used += 1
+        total += channel_totals(analysis, att, group, per_position)
+        used += len(analysis.positions(att, group))
     return total, used
+
+
+def channel_totals(analysis: Analysis, att: Attachment, group: Group, per_position: np.ndarray) -> np.ndarray:
+    """Values per position of a member's axis summed onto the group's channels (a channel may
+    sit at several positions: expanded, or repeated in a concatenation)."""
+    total = np.zeros(group.channels, dtype=np.float64)
+    for offset, exp, n in analysis.positions(att, group):
+        total += per_position[offset:offset + n * exp].reshape(n, exp).sum(axis=1)
+    return total
 
 
 @dataclass

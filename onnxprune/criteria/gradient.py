@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.core.criteria import SCORED_ROLES, Criterion, register_criterion
+from onnxprune.core.criteria import SCORED_ROLES, Criterion, channel_totals, register_criterion
 from onnxprune.core.progress import log
 
 
@@ -72,8 +72,8 @@ class GradientCriterion(Criterion):
                 for att, key in chosen:
                     if key not in products:
                         continue
-                    total += _per_channel(analysis, att, group, products[key])
-                    curvature[gid] += _per_channel(analysis, att, group, diagonal[key])
+                    total += channel_totals(analysis, att, group, products[key])
+                    curvature[gid] += channel_totals(analysis, att, group, diagonal[key])
                 absolute[gid] += np.abs(total)
                 squared[gid] += total * total
 
@@ -103,14 +103,6 @@ class GradientCriterion(Criterion):
             squares, _ = per_channel(analysis, group, SCORED_ROLES, "l2sq")
             return np.sqrt(squares)
         return self._scores[self.name][group.id]
-
-
-def _per_channel(analysis, att, group, per_position: np.ndarray) -> np.ndarray:
-    """A member's per-position values summed onto the group's channels."""
-    total = np.zeros(group.channels)
-    for offset, exp, n in analysis.positions(att, group):
-        total += per_position[offset:offset + n * exp].reshape(n, exp).sum(axis=1)
-    return total
 
 
 @register_criterion

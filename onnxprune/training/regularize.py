@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.criteria import channel_totals
 from ..core.dependency import Analysis, Group
 from ..core.plan import candidate_groups, group_key
 
@@ -65,9 +66,8 @@ class Regularizer:
                     edits[name] = np.array(parameters[name].data, copy=True)
                 moved = np.moveaxis(edits[name], att.axis, 0)
                 views.append((att, moved))
-                for offset, exp, n in self.analysis.positions(att, group):
-                    block = moved[offset:offset + n * exp].reshape(n, -1).astype(np.float64)
-                    norms += (block * block).sum(axis=1)
+                squares = np.square(moved.reshape(len(moved), -1), dtype=np.float64).sum(axis=1)
+                norms += channel_totals(self.analysis, att, group, squares)
             norms = np.sqrt(norms)
             factor = np.where(norms > 0, np.maximum(0.0, 1.0 - threshold / np.maximum(norms, 1e-30)), 0.0)
             for att, moved in views:  # views into `edits`: scaled in place
@@ -111,8 +111,7 @@ def zero_channels(analysis: Analysis, value_of=None, exclude=(), keep_one: bool 
             seen = True
             moved = np.moveaxis(np.asarray(value), att.axis, 0)
             nonzero = (moved.reshape(moved.shape[0], -1) != 0).any(axis=1)
-            for offset, exp, n in analysis.positions(att, group):
-                alive |= nonzero[offset:offset + n * exp].reshape(n, exp).any(axis=1)
+            alive |= channel_totals(analysis, att, group, nonzero) > 0
         dead = np.flatnonzero(~alive) if seen else np.zeros(0, np.int64)
         if keep_one and len(dead) == group.channels:
             dead = dead[1:]
