@@ -70,11 +70,9 @@ def test_dynamic_without_data_and_fp16(tmp_path):
 def test_an_opset_11_export_with_constant_weights_quantizes_per_channel(tmp_path):
     """Paddle at opset 11 keeps weights in Constant nodes; per-channel DequantizeLinear needs
     opset 13: the model is converted, and the quantized result loads and runs."""
-    from real_models import fetch  # noqa: F401  (the shared corpus, where present)
+    from real_models import fetch
 
-    path = ROOT.parent / "shared" / "models" / "rapidocr_cls_ppocr_mobile_v2.onnx"
-    if not path.exists():
-        pytest.skip("the shared model corpus is not here")
+    path = fetch("rapidocr_cls_ppocr_mobile_v2.onnx")
     x = np.random.default_rng(0).random((8, 3, 48, 192)).astype(np.float32)
     np.savez(tmp_path / "cls.npz", x=x)
     result = prune(onnx.load(str(path)), filters=0.3, quantize="int8", calib=str(tmp_path / "cls.npz"),

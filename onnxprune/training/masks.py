@@ -154,14 +154,6 @@ class ChannelMasker:
     def removed(self) -> dict[str, list[int]]:
         return {key: [int(i) for i in channels] for key, channels in self.masked.items() if len(channels)}
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """What a checkpoint must keep besides the masks: the movement sums."""
-        return dict(self.movement.sums) if self.movement is not None else {}
-
-    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        if self.movement is not None:
-            self.movement.sums.update(arrays)
-
 
 class WeightMasker:
     """The zeros of sparse weights ({parameter name: True where a weight stays}), held after
@@ -258,14 +250,6 @@ class GradualWeightMasker:
             value = np.asarray(parameters[name].data)
             parameters[name] = np.where(mask, value, 0).astype(value.dtype)
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """What a checkpoint must keep besides the masks: the movement sums."""
-        return dict(self.movement.sums) if self.movement is not None else {}
-
-    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        if self.movement is not None:
-            self.movement.sums.update(arrays)
-
     def removed(self) -> dict[str, int]:
         """How many weights of each layer are zeroed: what a checkpoint keeps (the zeros
         themselves are in the saved weights)."""
@@ -285,7 +269,7 @@ class Movement:
     """Movement pruning's scores (Sanh et al. 2020): for each weight, the sum over training steps
     of -gradient x weight, high for weights that training moves away from zero. Read after
     every optimizer step from the step's gradients (still held until the next step's
-    forward run) and the weights."""
+    forward run) and the weights. A masker's `movement`; checkpoints save its `sums`."""
 
     def __init__(self, names: set[str]) -> None:
         self.names = names

@@ -552,7 +552,8 @@ class _Run:
         (staging / "progress.json").write_text(json.dumps(progress))
         if self.best is not None and self.best["weights"] is not None:
             np.savez(staging / "best.npz", **{f"w{i}": v for i, v in enumerate(self.best["weights"].values())})
-        arrays = getattr(self.tuner.masker, "arrays", dict)()  # e.g. movement scores
+        movement = getattr(self.tuner.masker, "movement", None)  # movement pruning's scores, if masks use them
+        arrays = movement.sums if movement is not None else {}
         if arrays:
             (staging / "masker.json").write_text(json.dumps(list(arrays)))
             np.savez(staging / "masker.npz", **{f"a{i}": v for i, v in enumerate(arrays.values())})
@@ -578,10 +579,11 @@ class _Run:
             self.best = {**saved["best"], "score": tuple(saved["best"]["score"]), "weights": weights}
         if saved.get("masks") is not None and self.tuner.masker is not None:
             self.tuner.masker.restore(saved["masks"], self.state.parameters)
-        if (saved["path"] / "masker.json").exists() and self.tuner.masker is not None:
+        movement = getattr(self.tuner.masker, "movement", None)
+        if (saved["path"] / "masker.json").exists() and movement is not None:
             names = json.loads((saved["path"] / "masker.json").read_text())
             with np.load(saved["path"] / "masker.npz") as npz:
-                self.tuner.masker.load_arrays({name: npz[f"a{i}"] for i, name in enumerate(names)})
+                movement.sums.update({name: npz[f"a{i}"] for i, name in enumerate(names)})
         self.resumed_from = self.step
         log.info("fine-tuning resumed at step %d (epoch %d, batch %d)", self.step, self.epoch + 1, self.batch)
 
