@@ -320,6 +320,7 @@ def run_pruning(model: onnx.ModelProto, options, owned: bool = False) -> PruneRe
 
 
 _REPORT_ORDER = ("tool", "runtime", "criterion", "gradients", "ratio", "heads_ratio", "neurons_ratio", "head_dim_ratio",
+                 "rounding",
                  "calibration",
                  "input_shapes", "notes", "params", "macs", "file_bytes", "latency_ms", "latency_measured",
                  "verification", "finetune", "iterative", "gradual", "groups", "summary", "layers", "recovery",

@@ -52,8 +52,8 @@ def nothing_removed_reason(options, plan, analysis) -> str:
     ratio = ratios.get(kind, options.filters)
     would_remove = math.floor(ratio * largest.group.channels)
     if would_remove and options.round_to > 1:
-        return (f"--round-to {options.round_to}: rounding the kept channels up to a multiple of {options.round_to} "
-                f"keeps every channel (largest group: {largest.group.channels})")
+        return (f"--round-to {options.round_to}: the multiple of {options.round_to} nearest to the kept width asked "
+                f"is the full width (largest group: {largest.group.channels})")
     if not would_remove:
         unit = "heads" if kind == "heads" else "channels"
         return (f"--{kind.replace('_', '-')} {ratio:g} removes floor({ratio:g} x {largest.group.channels}) = 0 "

@@ -195,6 +195,8 @@ class PlanChannels(Pass):
             report["head_dim_ratio"] = s.head_dim
         if s.hidden is not None:
             report["hidden_ratio"] = s.hidden
+        if context.plan.rounding is not None:
+            report["rounding"] = context.plan.rounding
         return PassResult(model, report, modified=False)
 
     def _methods(self, context: Context) -> tuple[str, ...]:

@@ -7,17 +7,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from ops.test_attention_rules import ATTENTION, WEIGHTS as ATTENTION_WEIGHTS
+from ops.test_attention_rules import ATTENTION
+from ops.test_attention_rules import WEIGHTS as ATTENTION_WEIGHTS
 from real_models import fetch, fetch_zoo
 from textmodel import text_model
 
+from onnxprune.allocation.ratio import keep_count
 from onnxprune.allocation.target import _DamageCurve, allocate, allocate_by_sensitivity, make_target_plan
-from onnxprune.core.cost import CostModel
+from onnxprune.api import prune
 from onnxprune.core.apply import apply_plan
-from onnxprune.core.errors import OnnxPruneError
+from onnxprune.core.cost import CostModel, count_macs, count_params
 from onnxprune.core.criteria import criterion
-from onnxprune.core.cost import count_macs, count_params
 from onnxprune.core.dependency import analyze_model
+from onnxprune.core.errors import OnnxPruneError
 from onnxprune.core.plan import candidate_groups, group_key, plan_from_json, plan_from_removed
 from onnxprune.core.shapes import concrete_input_shapes, static_copy
 
@@ -217,6 +219,36 @@ def test_coarse_steps_still_land_close_to_the_target():
         plan = make_target_plan(c.analysis, criterion("l2"), "macs", target, static)
         reached = c.pruned_cost(plan_json=plan.to_json())["macs"] / c.cost_model.before["macs"]
         assert 0.98 * target <= reached <= target, (target, reached)
+
+
+@pytest.mark.parametrize("channels, remove, step, keep", [
+    (16, 6, 8, 8),     # 10 asked: 8 is nearer than 16 (always rounding up kept the group whole)
+    (16, 4, 8, 8),     # 12 asked: a tie goes to removing at least what was asked
+    (16, 3, 8, 16),    # 13 asked: 16 is nearer; the group stays whole
+    (16, 1, 8, 16),    # 15 asked: never halved for one channel
+    (20, 2, 8, 16),    # 18 asked: 16 and the full 20 tie
+    (128, 38, 8, 88),  # 90 asked: 88, not 96
+    (6, 5, 8, 6),      # narrower than the step: only the full width is a multiple-or-whole
+    (64, 0, 8, 64), (10, 3, 1, 7), (10, 10, 1, 1),
+])
+def test_kept_counts_round_to_the_nearest_multiple(channels, remove, step, keep):
+    assert keep_count(channels, remove, step) == keep
+
+
+def test_round_to_reports_what_it_removed_against_what_was_asked():
+    """The zoo ResNet-50 at --filters 0.3 --round-to 8: every kept width a multiple of 8, and the
+    report's share is the channels really removed."""
+    model = onnx.load(str(fetch_zoo("light_resnet50.onnx")))
+    result = prune(model, filters=0.3, round_to=8, verify=False, latency_runs=0)
+    rounding = result.report["rounding"]
+    removed = sum(len(d.removed) for d in result.plan.decisions)
+    assert rounding["removed"] == removed and rounding["asked"] != removed
+    assert rounding["removed_ratio"] == round(removed / rounding["channels"], 4)
+    assert abs(rounding["removed_ratio"] - 0.3) < 0.03  # nearest, not always up
+    for d in result.plan.decisions:
+        kept = d.group.channels - len(d.removed)
+        assert kept % 8 == 0 or kept == d.group.channels, (d.key, d.group.channels, kept)
+    assert any(f"removed {removed} channel(s) against {rounding['asked']} asked" in n for n in result.report["notes"])
 
 
 @pytest.mark.parametrize("round_to", [4, 8])

@@ -122,10 +122,17 @@ def test_round_to_counts_what_the_hardware_sees(encoder):
     # 4 heads of 8 dims: any head count is a multiple of 8 wide, so rounding to 8 keeps the cut
     result = prune(encoder, filters=0.0, heads=0.25, round_to=8, latency_runs=0)
     assert _removed_by_kind(result) == {"heads": [(4, 1)] * 4}
-    # rounding to 16 needs an even head count: 3 of 4 rounds back up to 4, and the notes say so
+    # rounding to 16 needs an even head count: 3 of 4 is as near to 2 as to 4, and the tie goes
+    # to removing at least what was asked; the report says 8 heads went where 4 were asked
     result = prune(encoder, filters=0.0, heads=0.25, round_to=16, latency_runs=0)
+    assert _removed_by_kind(result) == {"heads": [(4, 2)] * 4}
+    assert result.report["rounding"] == {"round_to": 16, "channels": 16, "asked": 4, "removed": 8,
+                                         "removed_ratio": 0.5, "groups_kept_whole": 0}
+    assert any("removed 8 channel(s) against 4 asked" in note for note in result.report["notes"])
+    # rounding to 32 needs a multiple of 4 heads: nothing below 4 is left, so every layer stays whole
+    result = prune(encoder, filters=0.0, heads=0.25, round_to=32, latency_runs=0)
     assert _removed_by_kind(result) == {}
-    assert any("--round-to 16 kept 4 group(s) whole" in note for note in result.report["notes"])
+    assert any("--round-to 32 kept 4 group(s) whole" in note for note in result.report["notes"])
 
 
 class SdpaAttention(Attention):

@@ -15,11 +15,18 @@ from ..core.plan import GroupDecision, Plan, candidate_groups, channel_step, gro
 
 
 def keep_count(channels: int, remove: int, step: int) -> int:
-    """Channels a group keeps when `remove` are asked to go: at least one, rounded up to a multiple of `step`."""
+    """Channels a group keeps when `remove` are asked to go: at least one; with a step, the
+    multiple of `step` (or the full width) nearest to what was asked, the smaller on a tie so
+    that at least the asked share goes. Rounding always up would leave a 16-channel group whole
+    at --round-to 8 for any ratio under 1/2; always down would halve it for one channel asked."""
     keep = max(channels - remove, 1)
-    if step > 1:
-        keep = min(channels, math.ceil(keep / step) * step)
-    return keep
+    if step <= 1 or remove == 0:
+        return keep
+    below = (keep // step) * step
+    above = min(channels, below + step)
+    if below == 0:
+        return above
+    return below if keep - below <= above - keep else above
 
 
 def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: int = 1,
@@ -51,19 +58,29 @@ def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: in
     if keep_counts is not None:
         counts = {g.id: max(0, g.channels - keep_counts.get(group_key(analysis, g), g.channels)) for g in groups}
         round_to = 1  # the counts already are what the rounds lead to
-    rounded_away = []
+    rounded_away, asked, removed_total, total = [], 0, 0, 0
     for g in groups:
         keep = keep_count(g.channels, counts[g.id], channel_step(analysis, g, round_to))
         if counts[g.id] and keep == g.channels:
             rounded_away.append(g)
+        if group_ratio(g):  # the groups a ratio applies to: the share is of their channels
+            asked, removed_total, total = asked + counts[g.id], removed_total + g.channels - keep, total + g.channels
         order = np.argsort(scores[g.id], kind="stable")
         removed = np.sort(order[: g.channels - keep])
         plan.decisions.append(GroupDecision(group_key(analysis, g), g, removed, scores[g.id]))
     plan.notes.extend(crit.notes)
+    if round_to > 1 and asked:
+        plan.rounding = {"round_to": round_to, "channels": total, "asked": asked, "removed": removed_total,
+                         "removed_ratio": round(removed_total / total, 4), "groups_kept_whole": len(rounded_away)}
+        if removed_total != asked:
+            plan.notes.append(f"--round-to {round_to}: kept widths rounded to the nearest multiple of {round_to} "
+                              f"removed {removed_total} channel(s) against {asked} asked "
+                              f"({removed_total / total:.1%} of the channels a ratio applies to, against "
+                              f"{asked / total:.1%})")
     if rounded_away:
         g = rounded_away[0]
-        plan.notes.append(f"--round-to {round_to} kept {len(rounded_away)} group(s) whole: rounding the kept width up "
-                          f"to a multiple of {round_to} left nothing to remove (e.g. {group_key(analysis, g)!r}, "
+        plan.notes.append(f"--round-to {round_to} kept {len(rounded_away)} group(s) whole: the nearest multiple of "
+                          f"{round_to} to the kept width asked is the full width (e.g. {group_key(analysis, g)!r}, "
                           f"{g.channels} {g.kind})")
     untouched = [g for g in groups if g.kind == "head_dim"]
     if untouched and head_dim is None and keep_counts is None:

@@ -41,6 +41,8 @@ class Plan:
     skipped: list[dict] = field(default_factory=list)
     criterion: str = ""
     notes: list[str] = field(default_factory=list)
+    # --round-to's effect on a ratio plan: channels asked against removed (allocation/ratio.py)
+    rounding: dict | None = None
 
     def removed_by_atom(self) -> dict[int, np.ndarray]:
         return {d.group.atom: d.removed for d in self.decisions if len(d.removed)}
