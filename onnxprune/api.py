@@ -14,6 +14,7 @@ from .core.criteria import criterion
 from .core.dependency import Analysis
 from .core.disk_weights import has_disk_weights
 from .core.errors import OptionError
+from .core.files import write_files
 from .core.modelio import save_model
 from .core.plan import Plan
 from .core.validate import load_input
@@ -28,6 +29,7 @@ from .passes.finetune import (
     kept_channels_of,
 )
 from .passes.gradual import GradualPruning, GradualSettings
+from .passes.handover import HandOver, TargetSettings, check_target_options, preset_round_to
 from .passes.iterative import IterativePruning, IterativeSettings
 from .passes.latency import LatencySettings, TargetLatency
 from .passes.layers import LayerSettings, RemoveLayers
@@ -45,8 +47,8 @@ from .training.gradients import require_gradients
 
 # The stages of a prune, in pipeline order; their settings make up PruneOptions.
 STAGES = (InputSettings, CalibrationSettings, LayerSettings, PlanSettings, RecoverySettings, SparsitySettings,
-          VerifySettings, FineTuneSettings, MeasureSettings, QuantizeSettings, LatencySettings, IterativeSettings,
-          GradualSettings)
+          VerifySettings, FineTuneSettings, MeasureSettings, QuantizeSettings, TargetSettings, LatencySettings,
+          IterativeSettings, GradualSettings)
 
 PruneOptions = combine("PruneOptions", STAGES, doc="""Every option of prune(), one field per setting of its passes:
 InputSettings (input_shapes, seed), CalibrationSettings (calib, image_spec, calib_limit, allow_nonfinite, calib_mask),
@@ -56,8 +58,8 @@ min_keep, sensitivity), RecoverySettings (recover), SparsitySettings (sparsity, 
 layer_sparsity, sparse_storage), VerifySettings (verify), FineTuneSettings (finetune, val, labels, loss, teacher,
 temperature, kd_alpha, epochs, steps, batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad, batchnorm,
 unfold_bn, train_output, train_images, train_limit, regularize, reg_strength, keep_zeros, checkpoint, resume),
-MeasureSettings (latency_runs, latency_budget_s), QuantizeSettings (quantize, quant_calibration), LatencySettings
-(target_latency), IterativeSettings (iterative, rewind), GradualSettings (schedule, mask_by). Each is declared,
+MeasureSettings (latency_runs, latency_budget_s), QuantizeSettings (quantize, quant_calibration), TargetSettings
+(target), LatencySettings (target_latency), IterativeSettings (iterative, rewind), GradualSettings (schedule, mask_by). Each is declared,
 with its check and CLI flag, in its pass's file under passes/.""")
 
 
@@ -68,12 +70,36 @@ class PruneResult:
     analysis: Analysis | None
     verification: Verification
     report: dict
+    # Files that go beside the model, {suffix: bytes}: --target ort-mobile's .ort model and its
+    # required-operators config (written by save() as PATH without .onnx + suffix).
+    files: dict = dataclasses.field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
-        """Write the pruned model atomically (with external data when large). A model whose
-        weights stayed on disk (weights='disk') can only be written this way: its weights are
-        read, sliced and written one at a time."""
-        return save_model(self.model, path)
+        """Write the pruned model atomically (with external data when large), and the files that
+        go beside it. A model whose weights stayed on disk (weights='disk') can only be written
+        this way: its weights are read, sliced and written one at a time."""
+        out = save_model(self.model, path)
+        write_beside(out, self.files)
+        return out
+
+
+def beside(path: str | Path, suffix: str) -> Path:
+    """Where a file that goes with the model at `path` is written: model.onnx -> model.ort."""
+    path = Path(path)
+    return path.with_name((path.stem if path.suffix == ".onnx" else path.name) + suffix)
+
+
+def write_beside(path: str | Path, files: dict) -> list[Path]:
+    """Write {suffix: bytes} beside the model at `path`, atomically, all or none."""
+    if not files:
+        return []
+    targets = [beside(path, suffix) for suffix in files]
+
+    def write(staged: list[Path]) -> None:
+        for staged_path, data in zip(staged, files.values()):
+            staged_path.write_bytes(data)
+
+    return write_files(targets, write, needed_bytes=sum(len(d) for d in files.values()))
 
 
 def weights_mode(options) -> str:
@@ -108,6 +134,14 @@ def options_from(options=None, **kwargs):
         if hasattr(settings, "cross_check"):
             settings.cross_check()
         options = dataclasses.replace(options, **{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+    check_target_options(options.target, options.quantize, options.calib is not None)
+    if options.target is not None:
+        for name in ("iterative", "target_latency"):
+            if getattr(options, name) not in (None, 1):
+                raise OptionError("target", options.target, f"does not combine with {{{name}}} yet (prune with "
+                                  "--round-to N, then run again with --target)")
+        options = dataclasses.replace(options, round_to=preset_round_to(options.target, options.round_to,
+                                                                        options.quantize))
     targets = (options.target_macs, options.target_params, options.target_latency)
     if options.sensitivity is not None and options.sensitivity.sparsity:  # a table of layers made sparse
         sparsity = stage(options, SparsitySettings)
@@ -206,9 +240,12 @@ def pruning_pipeline(options) -> Pipeline:
         if sparsity.sparse_storage:
             raise OptionError("sparse_storage", True, "stores float weights sparse; {quantize} rewrites them "
                               "(drop one)")
-        passes.append(Quantize(quantize, latency_runs=options.latency_runs, latency_budget_s=options.latency_budget_s))
+        passes.append(Quantize(quantize, latency_runs=options.latency_runs, latency_budget_s=options.latency_budget_s,
+                               target=options.target))
     if sparsity.sparse_storage:
         passes.append(StoreSparse())
+    if options.target is not None:
+        passes.append(HandOver(stage(options, TargetSettings), options.round_to))
     if options.target_latency is not None:
         if finetune.requested:
             raise OptionError("finetune", None, "does not combine with {target_latency} yet")
@@ -316,15 +353,14 @@ def run_pruning(model: onnx.ModelProto, options, owned: bool = False) -> PruneRe
         last = pipeline.passes[0].last
         return PruneResult(result.model, last.plan, last.analysis, last.verification, _ordered(context.report))
     plan = context.plan if context.plan is not None else Plan()  # whole blocks only: no channel plan
-    return PruneResult(result.model, plan, context.analysis, context.verification, _ordered(context.report))
+    return PruneResult(result.model, plan, context.analysis, context.verification, _ordered(context.report),
+                       files=dict(context.files))
 
 
 _REPORT_ORDER = ("tool", "runtime", "criterion", "gradients", "ratio", "heads_ratio", "neurons_ratio", "head_dim_ratio",
-                 "rounding",
-                 "calibration",
-                 "input_shapes", "notes", "params", "macs", "file_bytes", "latency_ms", "latency_measured",
-                 "verification", "finetune", "iterative", "gradual", "groups", "summary", "layers", "recovery",
-                 "skipped", "rolled_back", "barriers", "seconds")
+                 "rounding", "calibration", "input_shapes", "notes", "params", "macs", "file_bytes", "latency_ms",
+                 "latency_measured", "verification", "finetune", "iterative", "gradual", "quantization", "target",
+                 "groups", "summary", "layers", "recovery", "skipped", "rolled_back", "barriers", "seconds")
 
 
 def _ordered(report: dict) -> dict:

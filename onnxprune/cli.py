@@ -18,13 +18,14 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .api import STAGES, finetune, options_from, prune, weights_mode
+from .api import STAGES, beside, finetune, options_from, prune, weights_mode, write_beside
 from .core.errors import OnnxPruneError, OptionError, VerificationError, first_line
 from .core.files import STDOUT, RunFiles, write_text
 from .core.progress import showing_progress
 from .passes.calibration import CalibrationSettings
 from .passes.finetune import FineTuneSettings
 from .passes.gradual import GradualSettings
+from .passes.handover import CONFIG_SUFFIX, ORT_SUFFIX, TargetSettings
 from .passes.iterative import IterativeSettings
 from .passes.latency import LatencySettings
 from .passes.layers import LayerSettings
@@ -115,7 +116,7 @@ def _print_version(ctx, param, value):
 # In --help: what to remove first, then how, then the data and inputs it is measured on.
 _PRUNE_FIELDS = cli_settings((PlanSettings, LayerSettings, SparsitySettings, LatencySettings, RecoverySettings,
                               CalibrationSettings, FineTuneSettings, IterativeSettings, GradualSettings,
-                              QuantizeSettings, InputSettings))
+                              QuantizeSettings, TargetSettings, InputSettings))
 assert {f.name for f in _PRUNE_FIELDS} == {f.name for f in cli_settings(STAGES)}
 
 
@@ -159,6 +160,9 @@ def prune_command(input_path, output, report_path, plan_path, dry_run, no_verify
     files.write("--plan", plan_path)
     if not dry_run:
         files.write("-o" if output else "output", out_path)
+        if given.get("target") == "ort-mobile":
+            for suffix in (ORT_SUFFIX, CONFIG_SUFFIX):
+                files.write("--target ort-mobile", beside(out_path, suffix))
     own_checkpoint = _default_checkpoint(given, out_path)
     files.write_folder("--checkpoint", given.get("checkpoint"))
     files.check()
@@ -182,6 +186,9 @@ def prune_command(input_path, output, report_path, plan_path, dry_run, no_verify
         if not dry_run:
             save_model(result.model, out_path, protect=files.reads)
             report["output"] = str(out_path)
+            extras = write_beside(out_path, result.files)
+            if extras:
+                report["output_files"] = [str(p) for p in extras]
         _remove_checkpoint(own_checkpoint)
     if plan_path:
         _write_json(plan_path, result.plan.to_json(), "--plan")
@@ -189,7 +196,8 @@ def prune_command(input_path, output, report_path, plan_path, dry_run, no_verify
     if report_path and not to_stdout:
         _write_json(report_path, report, "--report")
     click.echo(summary_table(report), err=to_stdout)
-    click.echo(f"wrote {out_path}" if not dry_run else "dry run: no model written", err=to_stdout)
+    written = [str(out_path), *report.get("output_files", [])]
+    click.echo(f"wrote {', '.join(written)}" if not dry_run else "dry run: no model written", err=to_stdout)
     if to_stdout:
         click.echo(json.dumps(report, indent=2))
 

@@ -90,6 +90,8 @@ class Context:
     caches: Caches = field(default_factory=Caches)
     report: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    # Files to write beside the output model, {suffix: bytes} (--target ort-mobile's .ort model).
+    files: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
     def own(self, model: onnx.ModelProto) -> onnx.ModelProto:

@@ -65,6 +65,8 @@ def summary_table(report: dict) -> str:
         lines.append(finetune_table(report["finetune"]))
     if report.get("quantization"):
         lines.append(quantization_line(report["quantization"]))
+    if report.get("target"):
+        lines.append(target_line(report["target"]))
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -83,6 +85,25 @@ def quantization_line(q: dict) -> str:
     if latency:
         line += (f"; latency {latency['original']:.3f} / {latency['pruned']:.3f} / {latency['quantized']:.3f} ms")
     return line
+
+
+def target_line(t: dict) -> str:
+    """What --target set and checked, in one line (its notes follow)."""
+    parts = []
+    widths = t.get("widths")
+    if widths:
+        parts.append(f"{widths['groups'] - len(widths['not_multiples'])} of {widths['groups']} channel groups "
+                     f"multiples of {widths['multiple_of']}")
+    if t.get("static_dims"):
+        parts.append("static dims " + ", ".join(f"{k} {v}" for k, v in t["static_dims"].items()))
+    lint = t.get("lint")
+    if lint:
+        parts.append(f"lint {lint['skipped'] if lint.get('skipped') else 'passed' if lint['passed'] else 'failed'}")
+    if t.get("ort_format"):
+        ort = t["ort_format"]
+        parts.append(f".ort model {_fmt_bytes(ort['bytes'])}, {len(ort['required_operators'])} operator line(s) "
+                     "in its required-operators config")
+    return f"target {t['name']}: " + ("; ".join(parts) if parts else "checked")
 
 
 def sparsity_line(sp: dict) -> str:

@@ -14,6 +14,9 @@ pruning pipeline runs them:
 - sparsity.Sparsify: zero weights of the layers that are left (unstructured, N:M, blocks)
 - verify.Verify: check against the original, roll back what breaks it
 - measure.Measure: params, MACs, size and latency before and after
+- quantize.Quantize: int8 (QDQ, calibrated) or fp16 for deployment
+- sparsity.StoreSparse: write weights that are mostly zeros as sparse tensors
+- handover.HandOver: checks and files for a back end (--target tensorrt, ort-mobile, cpu)
 - latency.TargetLatency: search the MAC budget that meets a latency target
 
 Each file also declares its pass's settings; `onnxprune.api.PruneOptions` and the CLI options

@@ -24,6 +24,9 @@ class MeasureSettings:
     latency_budget_s: float | None = setting(10.0, check=optional_seconds)  # seconds per model for timing it
 
 
+SLOWER = 1.1  # latency after / before above which the report says the result is slower
+
+
 class Measure(Pass):
     """`options` (the run's settings, for saying why nothing was removed) is optional."""
 
@@ -45,6 +48,12 @@ class Measure(Pass):
             "file_bytes": {"before": context.before["file_bytes"], "after": model_bytes(model)},
         }
         report.update(self._latency(context))
+        latency = report.get("latency_ms")
+        if latency and latency["after"] > SLOWER * latency["before"]:
+            context.notes.append(f"the pruned model runs slower than the original here ({latency['after']:g} against "
+                                 f"{latency['before']:g} ms): channel counts off the multiples of 8 that "
+                                 "onnxruntime's blocked kernels take can cost more than the MACs save; try "
+                                 "--round-to 8 or --target cpu, and measure on the target")
         decisions = plan.decisions if plan is not None else []
         report["summary"] = {
             "groups_pruned": sum(1 for d in decisions if len(d.removed)),

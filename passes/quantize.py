@@ -55,8 +55,10 @@ class QuantizeSettings:
 class Quantize(Pass):
     name = "quantize"
 
-    def __init__(self, settings: QuantizeSettings, latency_runs: int = 20, latency_budget_s: float | None = 10.0):
+    def __init__(self, settings: QuantizeSettings, latency_runs: int = 20, latency_budget_s: float | None = 10.0,
+                 target: str | None = None):
         self.settings = settings
+        self.target = target  # --target tensorrt: int8 with every zero point 0 (all TensorRT takes)
         self.latency_runs = latency_runs
         self.latency_budget_s = latency_budget_s
 
@@ -66,20 +68,32 @@ class Quantize(Pass):
         require_runtime("quantizing")
         s = self.settings
         notes: list[str] = []
+        symmetric = self.target == "tensorrt"
         if s.quantize == "fp16":
             quantized, how = _to_fp16(model), {"format": "fp16"}
         else:
-            quantized, how = _to_int8(model, s.quantize, s.quant_calibration, context.calibration, notes)
+            quantized, how = _to_int8(model, s.quantize, s.quant_calibration, context.calibration, notes,
+                                      symmetric=symmetric, float_biases=symmetric)
+        try:
+            compared = self._compare(context, model, quantized)
+        except OnnxPruneError as exc:
+            if s.quantize == "fp16" or context.calibration is None or symmetric:
+                raise
+            # onnxruntime's int32 biases go wrong on some exports (biases shaped [1, C]): keep them float
+            quantized, how = _to_int8(model, s.quantize, s.quant_calibration, context.calibration, notes,
+                                      float_biases=True)
+            compared = self._compare(context, model, quantized)
+            notes.append(f"{str(exc)[:160]}; quantized again with float biases, which runs")
         report = {**how, "file_bytes": {"original": context.before["file_bytes"],
                                         "pruned": context.report.get("file_bytes", {}).get("after"),
                                         "quantized": model_bytes(quantized)}}
-        report.update(self._compare(context, model, quantized))
+        report.update(compared)
         latency = report.get("latency_ms")
         if latency and latency["quantized"] > 1.1 * latency["pruned"]:
             notes.append(f"the quantized model runs slower than the pruned float one here ({latency['quantized']:g} "
                          f"against {latency['pruned']:g} ms): onnxruntime's int8 kernels pay off on CPUs with VNNI "
                          "and on GPUs/TensorRT; measure on the target")
-        context.notes.extend(f"quantize: {note}" for note in notes)
+        context.notes.extend(f"quantize: {note}" for note in dict.fromkeys(notes))
         return PassResult(quantized, {"quantization": report, "notes": list(context.notes)})
 
     def _compare(self, context: Context, pruned: onnx.ModelProto, quantized: onnx.ModelProto) -> dict:
@@ -134,7 +148,11 @@ def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return convert_float_to_float16(copy, keep_io_types=True)
 
 
-def _to_int8(model: onnx.ModelProto, fmt: str, method: str, calibration, notes: list[str]):
+def _to_int8(model: onnx.ModelProto, fmt: str, method: str, calibration, notes: list[str], symmetric: bool = False,
+             float_biases: bool = False):
+    """`symmetric`: int8 activations and weights with zero points 0 and MatMul weights per output
+    column too (with `float_biases`, what TensorRT's explicit quantization takes); `float_biases`:
+    biases stay float rather than int32."""
     from onnxruntime import quantization as q
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -160,11 +178,32 @@ def _to_int8(model: onnx.ModelProto, fmt: str, method: str, calibration, notes: 
             reader = _reader(q.CalibrationDataReader, calibration, QUANTIZE_SAMPLES)
             methods = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
                        "percentile": q.CalibrationMethod.Percentile}
-            q.quantize_static(str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ, per_channel=per_channel,
-                              weight_type=q.QuantType.QInt8, activation_type=activations,
-                              calibrate_method=methods[method])
-            how = {"format": f"{fmt} QDQ", "per_channel": per_channel,
-                   "calibration": {"samples": reader.samples, "method": method}}
+            # TensorRT: int8 Q/DQ only, zero points 0; biases stay float (it fuses them itself)
+            extra = {"ActivationSymmetric": True, "WeightSymmetric": True,
+                     "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}} if symmetric else {}
+            if float_biases:
+                extra["QuantizeBias"] = False
+
+            def quantize(options: dict) -> None:
+                q.quantize_static(str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ,
+                                  per_channel=per_channel, weight_type=q.QuantType.QInt8, activation_type=activations,
+                                  calibrate_method=methods[method], extra_options=options)
+
+            try:
+                quantize(extra)
+            except ValueError as exc:
+                # onnxruntime's widening of weight scales for int32 biases fails on biases that
+                # are not 1-D (tf2onnx writes [1, C]); without that step the biases still quantize
+                reader = _reader(q.CalibrationDataReader, calibration, QUANTIZE_SAMPLES)
+                try:
+                    quantize({**extra, "QDQDisableWeightAdjustForInt32Bias": True})
+                except Exception as again:  # its calibration and quantizers raise several types
+                    raise OnnxPruneError(f"--quantize: onnxruntime's quantizer fails on this model "
+                                         f"({str(again).splitlines()[0][:200]})") from None
+                notes.append(f"onnxruntime's weight-scale adjustment for int32 biases failed "
+                             f"({str(exc).splitlines()[0][:120]}); quantized without it")
+            how = {"format": f"{fmt} QDQ" + (" symmetric" if symmetric else ""), "per_channel": per_channel,
+                   "float_biases": float_biases, "calibration": {"samples": reader.samples, "method": method}}
         quantized = onnx.load(str(dst))
     return quantized, how
 
