@@ -134,6 +134,9 @@ def options_from(options=None, **kwargs):
         if hasattr(settings, "cross_check"):
             settings.cross_check()
         options = dataclasses.replace(options, **{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+    if options.val is not None and options.finetune is None and options.quantize is None:
+        raise OptionError("val", options.val, "applies to fine-tuning and quantization: give {finetune} DATA or "
+                          "{quantize}")
     check_target_options(options.target, options.quantize, options.calib is not None)
     if options.target is not None:
         for name in ("iterative", "target_latency"):
@@ -241,7 +244,8 @@ def pruning_pipeline(options) -> Pipeline:
             raise OptionError("sparse_storage", True, "stores float weights sparse; {quantize} rewrites them "
                               "(drop one)")
         passes.append(Quantize(quantize, latency_runs=options.latency_runs, latency_budget_s=options.latency_budget_s,
-                               target=options.target))
+                               target=options.target, val=options.val, labels=options.labels,
+                               image_spec=options.image_spec))
     if sparsity.sparse_storage:
         passes.append(StoreSparse())
     if options.target is not None:

@@ -84,6 +84,10 @@ def quantization_line(q: dict) -> str:
     latency = q.get("latency_ms")
     if latency:
         line += (f"; latency {latency['original']:.3f} / {latency['pruned']:.3f} / {latency['quantized']:.3f} ms")
+    top1 = (q.get("accuracy") or {}).get("top1")
+    if top1:
+        line += "; top-1 on --val " + " / ".join(f"{top1[k]:.4f}" for k in ("original", "pruned", "quantized")
+                                                  if k in top1)
     return line
 
 

@@ -69,7 +69,8 @@ class FineTuneSettings:
         reads=True))
     val: object = setting(None, check=_data, cli=Flag(
         "--val", "Validation data (same forms): measured before training and after every epoch; the best epoch "
-        "is kept.", metavar="DATA", parse=Path, reads=True))
+        "is kept. With --quantize, the original, pruned and quantized models' accuracy on it.", metavar="DATA",
+        parse=Path, reads=True))
     labels: str = setting("labels", check=optional_text, cli=Flag(
         "--labels", "Key of the labels in the .npz data.", metavar="KEY", show_default=True))
     loss: str | None = setting(None, check=_optional_loss, cli=Flag(
@@ -146,8 +147,8 @@ class FineTuneSettings:
                               self.reg_strength if self.regularize is None else self.regularize,
                               "give {regularize} and {reg_strength} together")
         if not self.requested:
-            for name in ("val", "teacher", "steps", "checkpoint", "train_output", "train_limit", "keep_zeros",
-                         "regularize"):
+            for name in ("teacher", "steps", "checkpoint", "train_output", "train_limit", "keep_zeros",
+                         "regularize"):  # --val also measures --quantize (checked in api.options_from)
                 if getattr(self, name) not in (None, False):
                     raise OptionError(name, getattr(self, name), "applies to fine-tuning: give {finetune} DATA")
 

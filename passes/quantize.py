@@ -56,11 +56,13 @@ class Quantize(Pass):
     name = "quantize"
 
     def __init__(self, settings: QuantizeSettings, latency_runs: int = 20, latency_budget_s: float | None = 10.0,
-                 target: str | None = None):
+                 target: str | None = None, val=None, labels: str | None = None, image_spec=None):
         self.settings = settings
         self.target = target  # --target tensorrt: int8 with every zero point 0 (all TensorRT takes)
         self.latency_runs = latency_runs
         self.latency_budget_s = latency_budget_s
+        # --val data (with --labels): the three models' top-1 accuracy on it
+        self.val, self.labels, self.image_spec = val, labels, image_spec
 
     def run(self, model: onnx.ModelProto, context: Context) -> PassResult:
         from onnxprune.core.runtime import require_runtime
@@ -88,6 +90,8 @@ class Quantize(Pass):
                                         "pruned": context.report.get("file_bytes", {}).get("after"),
                                         "quantized": model_bytes(quantized)}}
         report.update(compared)
+        if self.val is not None:
+            report["accuracy"] = self._accuracy(context, model, quantized)
         latency = report.get("latency_ms")
         if latency and latency["quantized"] > 1.1 * latency["pruned"]:
             notes.append(f"the quantized model runs slower than the pruned float one here ({latency['quantized']:g} "
@@ -121,6 +125,36 @@ class Quantize(Pass):
                 latency[name] = round(timed_runs(sess, checker.feeds, self.latency_runs,
                                                  budget_s=self.latency_budget_s)[0], 4)
             out["latency_ms"] = latency
+        return out
+
+
+    def _accuracy(self, context: Context, pruned: onnx.ModelProto, quantized: onnx.ModelProto) -> dict:
+        """Top-1 accuracy of the original, pruned and quantized models on the --val data (the
+        first output's argmax against the labels), or the cosine of their outputs with the
+        original's where the data has no labels."""
+        from onnxprune.core.verify import session
+        from onnxprune.training.data import DEFAULT_LABELS, load_training_data
+
+        data = load_training_data(self.val, pruned, labels=self.labels or DEFAULT_LABELS, image_spec=self.image_spec)
+        models = {"original": context.reference, "pruned": pruned, "quantized": quantized}
+        sessions = {name: session(m) for name, m in models.items() if m is not None}
+        correct = {name: 0 for name in sessions}
+        cosines = {name: [] for name in sessions}
+        samples = 0
+        for feed, labels in data.epoch(0, context.seed, shuffle=False):
+            first = {name: np.asarray(sess.run(None, feed)[0]) for name, sess in sessions.items()}
+            count = len(next(iter(feed.values())))
+            samples += count
+            for name, scores in first.items():
+                if labels is not None:
+                    correct[name] += int((scores.reshape(count, -1).argmax(axis=1) == np.asarray(labels)).sum())
+                if "original" in first:
+                    cosines[name].append(_closeness([first["original"]], [scores])["cosine"])
+        out = {"data": data.description, "samples": samples}
+        if data.has_labels:
+            out["top1"] = {name: round(correct[name] / samples, 6) for name in sessions}
+        else:
+            out["cosine"] = {name: round(min(values), 6) for name, values in cosines.items() if values}
         return out
 
 

@@ -85,3 +85,23 @@ def test_an_opset_11_export_with_constant_weights_quantizes_per_channel(tmp_path
     out = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"x": x[:1]})[0]
     assert out.shape == (1, 2) and np.isfinite(out).all()
+
+
+def test_accuracy_of_the_three_models_on_val_data(tmp_path):
+    """--val with --quantize: top-1 of original, pruned and quantized on labelled data. The
+    labels are the original's own predictions, so it scores 1.0 on them exactly."""
+    import onnxruntime as ort
+
+    calib, x = _calib(tmp_path)
+    model = onnx.load(str(FIXTURE))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    labels = np.concatenate([sess.run(None, {"input": x[i:i + 1]})[0].argmax(axis=1) for i in range(len(x))])
+    np.savez(tmp_path / "val.npz", input=x, labels=labels)
+    result = prune(model, filters=0.0, quantize="int8", calib=str(calib), val=str(tmp_path / "val.npz"),
+                   latency_runs=0)
+    accuracy = result.report["quantization"]["accuracy"]
+    assert accuracy["samples"] == 16
+    assert accuracy["top1"]["original"] == 1.0 == accuracy["top1"]["pruned"]  # ratio 0: the same function
+    assert 0.5 <= accuracy["top1"]["quantized"] <= 1.0
+    with pytest.raises(OptionError, match="fine-tuning and quantization"):
+        prune(model, filters=0.3, val=str(tmp_path / "val.npz"))

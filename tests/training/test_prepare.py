@@ -274,7 +274,7 @@ def test_fine_tuning_options_are_checked_before_any_work(tmp_path):
     np.savez(tmp_path / "d.npz", input=np.zeros((4, 3, 8, 8), np.float32), labels=np.zeros(4, np.int64))
     cases = [
         (["--filters", "0.3", "--iterative", "2"], "--iterative 2: needs --finetune data"),
-        (["--filters", "0.3", "--val", tmp_path / "d.npz"], "applies to fine-tuning: give --finetune DATA"),
+        (["--filters", "0.3", "--val", tmp_path / "d.npz"], "applies to fine-tuning and quantization: give --finetune DATA or --quantize"),
         (["--filters", "0.3", "--finetune", tmp_path / "d.npz", "--lr", "0"], "--lr 0.0: must be a positive number"),
         (["--filters", "0.3", "--finetune", tmp_path / "d.npz", "--unfold-bn", "maybe"], "--unfold-bn"),
         (["--filters", "0.3", "--finetune", tmp_path / "d.npz", "--schedule", "cubic", "--recover", "bias"],
