@@ -59,8 +59,8 @@ layer_sparsity, sparse_storage), VerifySettings (verify), FineTuneSettings (fine
 temperature, kd_alpha, epochs, steps, batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad, batchnorm,
 unfold_bn, train_output, train_images, train_limit, regularize, reg_strength, keep_zeros, checkpoint, resume),
 MeasureSettings (latency_runs, latency_budget_s), QuantizeSettings (quantize, quant_calibration), TargetSettings
-(target), LatencySettings (target_latency), IterativeSettings (iterative, rewind), GradualSettings (schedule, mask_by). Each is declared,
-with its check and CLI flag, in its pass's file under passes/.""")
+(target), LatencySettings (target_latency), IterativeSettings (iterative, rewind), GradualSettings (schedule,
+mask_by). Each is declared, with its check and CLI flag, in its pass's file under passes/.""")
 
 
 @dataclass
