@@ -58,9 +58,10 @@ min_keep, sensitivity), RecoverySettings (recover), SparsitySettings (sparsity, 
 layer_sparsity, sparse_storage), VerifySettings (verify), FineTuneSettings (finetune, val, labels, loss, teacher,
 temperature, kd_alpha, epochs, steps, batch_size, lr, weight_decay, lr_schedule, warmup, clip_grad, batchnorm,
 unfold_bn, train_output, train_images, train_limit, regularize, reg_strength, keep_zeros, checkpoint, resume),
-MeasureSettings (latency_runs, latency_budget_s), QuantizeSettings (quantize, quant_calibration), TargetSettings
-(target), LatencySettings (target_latency), IterativeSettings (iterative, rewind), GradualSettings (schedule,
-mask_by). Each is declared, with its check and CLI flag, in its pass's file under passes/.""")
+MeasureSettings (latency_runs, latency_budget_s), QuantizeSettings (quantize, quant_calibration, quant_mode,
+quant_reduce_range), TargetSettings (target), LatencySettings (target_latency), IterativeSettings (iterative,
+rewind), GradualSettings (schedule, mask_by). Each is declared, with its check and CLI flag, in its pass's file
+under passes/.""")
 
 
 @dataclass
@@ -137,7 +138,9 @@ def options_from(options=None, **kwargs):
     if options.val is not None and options.finetune is None and options.quantize is None:
         raise OptionError("val", options.val, "applies to fine-tuning and quantization: give {finetune} DATA or "
                           "{quantize}")
-    check_target_options(options.target, options.quantize, options.calib is not None)
+    if options.quant_mode == "static" and options.calib is None:
+        raise OptionError("quant_mode", "static", "needs {calib} data: the activation ranges are measured on it")
+    check_target_options(options.target, options.quantize, options.calib is not None, options.quant_mode)
     if options.target is not None:
         for name in ("iterative", "target_latency"):
             if getattr(options, name) not in (None, 1):

@@ -15,6 +15,9 @@ outputs are from the original's is reported next to the pruned model's.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxprune.core.errors import OnnxPruneError
+from onnxprune.core.errors import OnnxPruneError, OptionError
 from onnxprune.core.metrics import timed_runs
 from onnxprune.core.modelio import model_bytes
 from onnxprune.pipeline import Context, Pass, PassResult
@@ -30,8 +33,11 @@ from onnxprune.settings import Flag, choice, setting
 
 FORMATS = ("int8", "uint8", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+MODES = ("auto", "static", "dynamic")
+CONVOLUTIONS = ("Conv", "ConvTranspose")
 PER_CHANNEL_OPSET = 13
 QUANTIZE_SAMPLES = 256  # calibration samples the activation ranges are measured on
+KERNEL_LOSS = 0.01  # output cosine lost to onnxruntime's int8 kernels (against exact) worth a note
 
 
 def _optional_format(name, value):
@@ -46,10 +52,39 @@ class QuantizeSettings:
     quant_calibration: str = setting("minmax", check=choice(CALIBRATION_METHODS), cli=Flag(
         "--quant-calibration", "How static quantization sets activation ranges from --calib.",
         choices=lambda: CALIBRATION_METHODS, show_default=True))
+    quant_mode: str = setting("auto", check=choice(MODES), cli=Flag(
+        "--quant-mode", "int8 static (QDQ, activation ranges from --calib) or dynamic (activations quantized at "
+        "run time); auto: static for models with convolutions, dynamic for the others (transformers, MLPs: "
+        "onnxruntime runs their dynamic int8 faster on CPU) and without --calib. --target tensorrt and "
+        "ort-mobile quantize statically.", choices=lambda: MODES, show_default=True))
+    quant_reduce_range: bool = setting(False, cli=Flag(
+        "--quant-reduce-range", "int8 weights in 7 bits, which onnxruntime's int8 kernels compute exactly on x86 "
+        "CPUs without VNNI (where 8-bit products saturate); set by --target cpu.", is_flag=True))
 
     @property
     def requested(self) -> bool:
         return self.quantize is not None
+
+    def cross_check(self) -> None:
+        if self.quant_mode != "auto" and self.quantize not in ("int8", "uint8"):
+            raise OptionError("quant_mode", self.quant_mode, "applies to {quantize} int8 or uint8")
+        if self.quant_reduce_range and self.quantize not in ("int8", "uint8"):
+            raise OptionError("quant_reduce_range", True, "applies to {quantize} int8 or uint8")
+
+
+def int8_mode(settings: QuantizeSettings, model: onnx.ModelProto, calibrated: bool, target: str | None
+              ) -> tuple[str, str]:
+    """'static' or 'dynamic' for this model, and why."""
+    if settings.quant_mode != "auto":
+        return settings.quant_mode, f"--quant-mode {settings.quant_mode}"
+    if not calibrated:
+        return "dynamic", "no --calib: activations are quantized at run time"
+    if target in ("tensorrt", "ort-mobile"):
+        return "static", f"--target {target} runs static QDQ"
+    if any(node.op_type in CONVOLUTIONS for node in model.graph.node):
+        return "static", "convolutions: static QDQ"
+    return "dynamic", ("no convolutions: dynamic int8, which onnxruntime's CPU kernels run faster than static QDQ "
+                       "for matrix products (--quant-mode static for QDQ)")
 
 
 class Quantize(Pass):
@@ -73,19 +108,34 @@ class Quantize(Pass):
         symmetric = self.target == "tensorrt"
         if s.quantize == "fp16":
             quantized, how = _to_fp16(model), {"format": "fp16"}
+            recipe = None
         else:
-            quantized, how = _to_int8(model, s.quantize, s.quant_calibration, context.calibration, notes,
-                                      symmetric=symmetric, float_biases=symmetric)
+            mode, why = int8_mode(s, model, context.calibration is not None, self.target)
+            # 7-bit weights: x86 CPUs without VNNI saturate onnxruntime's 8-bit products
+            recipe = Int8Recipe(s.quantize, mode, s.quant_calibration, symmetric=symmetric, float_biases=symmetric,
+                                reduce_range=s.quant_reduce_range or self.target == "cpu")
+            quantized, how = _to_int8(model, recipe, context.calibration, notes)
+            how["mode_reason"] = why
         try:
             compared = self._compare(context, model, quantized)
         except OnnxPruneError as exc:
-            if s.quantize == "fp16" or context.calibration is None or symmetric:
+            if recipe is None or recipe.mode == "dynamic" or recipe.float_biases:
                 raise
             # onnxruntime's int32 biases go wrong on some exports (biases shaped [1, C]): keep them float
-            quantized, how = _to_int8(model, s.quantize, s.quant_calibration, context.calibration, notes,
-                                      float_biases=True)
+            recipe = dataclasses.replace(recipe, float_biases=True)
+            quantized, how = _to_int8(model, recipe, context.calibration, notes)
+            how["mode_reason"] = why
             compared = self._compare(context, model, quantized)
             notes.append(f"{str(exc)[:160]}; quantized again with float biases, which runs")
+        fidelity = compared.get("fidelity") or {}
+        kernels, exact = (fidelity.get("quantized") or {}).get("cosine"), \
+            (fidelity.get("quantized_exact") or {}).get("cosine")
+        if kernels is not None and exact is not None and kernels < exact - KERNEL_LOSS:
+            notes.append(f"onnxruntime's int8 kernels on this CPU lose precision the quantized model does not have "
+                         f"(output cosine {kernels:.4f} with them, {exact:.4f} computed exactly): x86 CPUs without "
+                         "VNNI saturate 8-bit products; --quant-reduce-range (set by --target cpu) quantizes weights "
+                         "to 7 bits, which they run exactly, and GPUs, TensorRT and VNNI CPUs run the model as "
+                         "computed exactly")
         report = {**how, "file_bytes": {"original": context.before["file_bytes"],
                                         "pruned": context.report.get("file_bytes", {}).get("after"),
                                         "quantized": model_bytes(quantized)}}
@@ -116,7 +166,8 @@ class Quantize(Pass):
                 from None
         pruned_session = session(pruned)
         fidelity = {"pruned": _closeness(checker.outputs, pruned_session.run(None, checker.feeds)),
-                    "quantized": _closeness(checker.outputs, got)}
+                    "quantized": _closeness(checker.outputs, got),
+                    "quantized_exact": _closeness(checker.outputs, _exact_session(quantized).run(None, checker.feeds))}
         out = {"fidelity": fidelity}
         if self.latency_runs:
             latency = {}
@@ -138,6 +189,8 @@ class Quantize(Pass):
         data = load_training_data(self.val, pruned, labels=self.labels or DEFAULT_LABELS, image_spec=self.image_spec)
         models = {"original": context.reference, "pruned": pruned, "quantized": quantized}
         sessions = {name: session(m) for name, m in models.items() if m is not None}
+        if self.settings.quantize != "fp16":
+            sessions["quantized_exact"] = _exact_session(quantized)
         correct = {name: 0 for name in sessions}
         cosines = {name: [] for name in sessions}
         samples = 0
@@ -174,6 +227,26 @@ def _closeness(reference: list, outputs: list) -> dict:
     return {"max_rel_diff": round(worst, 6), "cosine": round(min(cosines), 6) if cosines else None}
 
 
+def _exact_session(quantized: onnx.ModelProto):
+    """A session that runs QuantizeLinear/DequantizeLinear as written, in float, with no graph
+    optimization fusing them into int8 kernels: the quantized model's own arithmetic."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(quantized.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    fmt: str  # int8 or uint8 activations
+    mode: str  # static or dynamic
+    method: str  # calibration method (static)
+    symmetric: bool = False  # zero points 0, MatMul weights per output column (TensorRT)
+    float_biases: bool = False  # biases stay float rather than int32
+    reduce_range: bool = False  # 7-bit weights (exact on x86 CPUs without VNNI)
+
+
 def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -182,13 +255,12 @@ def _to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return convert_float_to_float16(copy, keep_io_types=True)
 
 
-def _to_int8(model: onnx.ModelProto, fmt: str, method: str, calibration, notes: list[str], symmetric: bool = False,
-             float_biases: bool = False):
-    """`symmetric`: int8 activations and weights with zero points 0 and MatMul weights per output
-    column too (with `float_biases`, what TensorRT's explicit quantization takes); `float_biases`:
-    biases stay float rather than int32."""
+def _to_int8(model: onnx.ModelProto, recipe: Int8Recipe, calibration, notes: list[str]):
+    """The model quantized by onnxruntime.quantization as `recipe` says, and the report's
+    description of it."""
     from onnxruntime import quantization as q
 
+    fmt, method = recipe.fmt, recipe.method
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     work = model
     if opset < PER_CHANNEL_OPSET:
@@ -204,24 +276,30 @@ def _to_int8(model: onnx.ModelProto, fmt: str, method: str, calibration, notes: 
         src, dst = Path(tmp) / "model.onnx", Path(tmp) / "quantized.onnx"
         onnx.save(work, str(src))
         _pre_process(src, notes)
-        if calibration is None:
-            q.quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=q.QuantType.QInt8)
-            how = {"format": f"{fmt} dynamic", "per_channel": per_channel, "calibration": None}
-            notes.append("no --calib: dynamic quantization (weights int8, activations quantized at run time)")
+        if recipe.mode == "dynamic":
+            with _quiet_logging():
+                q.quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=q.QuantType.QInt8,
+                                   reduce_range=recipe.reduce_range)
+            how = {"format": f"{fmt} dynamic", "per_channel": per_channel, "reduce_range": recipe.reduce_range,
+                   "calibration": None}
+            if calibration is None:
+                notes.append("no --calib: dynamic quantization (weights int8, activations quantized at run time)")
         else:
             reader = _reader(q.CalibrationDataReader, calibration, QUANTIZE_SAMPLES)
             methods = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
                        "percentile": q.CalibrationMethod.Percentile}
             # TensorRT: int8 Q/DQ only, zero points 0; biases stay float (it fuses them itself)
             extra = {"ActivationSymmetric": True, "WeightSymmetric": True,
-                     "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}} if symmetric else {}
-            if float_biases:
+                     "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}} if recipe.symmetric else {}
+            if recipe.float_biases:
                 extra["QuantizeBias"] = False
 
             def quantize(options: dict) -> None:
-                q.quantize_static(str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ,
-                                  per_channel=per_channel, weight_type=q.QuantType.QInt8, activation_type=activations,
-                                  calibrate_method=methods[method], extra_options=options)
+                with _quiet_logging():
+                    q.quantize_static(str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ,
+                                      per_channel=per_channel, weight_type=q.QuantType.QInt8,
+                                      activation_type=activations, calibrate_method=methods[method],
+                                      reduce_range=recipe.reduce_range, extra_options=options)
 
             try:
                 quantize(extra)
@@ -236,10 +314,25 @@ def _to_int8(model: onnx.ModelProto, fmt: str, method: str, calibration, notes: 
                                          f"({str(again).splitlines()[0][:200]})") from None
                 notes.append(f"onnxruntime's weight-scale adjustment for int32 biases failed "
                              f"({str(exc).splitlines()[0][:120]}); quantized without it")
-            how = {"format": f"{fmt} QDQ" + (" symmetric" if symmetric else ""), "per_channel": per_channel,
-                   "float_biases": float_biases, "calibration": {"samples": reader.samples, "method": method}}
+            how = {"format": f"{fmt} QDQ" + (" symmetric" if recipe.symmetric else ""), "per_channel": per_channel,
+                   "float_biases": recipe.float_biases, "reduce_range": recipe.reduce_range,
+                   "calibration": {"samples": reader.samples, "method": method}}
         quantized = onnx.load(str(dst))
     return quantized, how
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """onnxruntime.quantization logs advice and per-tensor warnings on the root logger (pre-
+    processing, per-channel axes of LayerNorm scales it leaves alone): keep them out of the run's
+    output; what matters is in the notes."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _reader(base, calibration, limit: int):

@@ -173,8 +173,8 @@ def test_real_models_hand_over_with_each_preset(tmp_path, name):
     shapes, _ = concrete_input_shapes(model)
     calib = _calib(tmp_path, model, samples=4)
     for target in ("tensorrt", "ort-mobile", "cpu"):
-        result = prune(model, filters=0.3, target=target, quantize="int8", calib=calib, input_shapes=shapes,
-                       latency_runs=1, calib_limit=4)
+        result = prune(model, filters=0.3, target=target, quantize="int8", quant_mode="static", calib=calib,
+                       input_shapes=shapes, latency_runs=1, calib_limit=4)
         t, q = result.report["target"], result.report["quantization"]
         assert q["per_channel"] and "QDQ" in q["format"], (target, q)
         assert result.report["summary"]["channels_removed"] > 0 or result.report["summary"].get("nothing_removed")

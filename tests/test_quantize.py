@@ -105,3 +105,51 @@ def test_accuracy_of_the_three_models_on_val_data(tmp_path):
     assert 0.5 <= accuracy["top1"]["quantized"] <= 1.0
     with pytest.raises(OptionError, match="fine-tuning and quantization"):
         prune(model, filters=0.3, val=str(tmp_path / "val.npz"))
+
+
+def _mlp():
+    """input [1, 16] -> MatMul -> Relu -> MatMul -> [1, 4]: no convolution."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), name)
+               for name, s in (("W1", (16, 32)), ("W2", (32, 4)))]
+    nodes = [helper.make_node("MatMul", ["input", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["output"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_auto_mode_is_static_for_convolutions_and_dynamic_for_matrix_products(tmp_path):
+    np.savez(tmp_path / "mlp.npz", input=np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32))
+    auto = prune(_mlp(), neurons=0.25, quantize="int8", calib=str(tmp_path / "mlp.npz"), latency_runs=0)
+    q = auto.report["quantization"]
+    assert q["format"] == "int8 dynamic" and q["mode_reason"].startswith("no convolutions")
+    assert any(n.op_type == "DynamicQuantizeLinear" for n in auto.model.graph.node)
+    static = prune(_mlp(), neurons=0.25, quantize="int8", quant_mode="static", calib=str(tmp_path / "mlp.npz"),
+                   latency_runs=0)
+    assert static.report["quantization"]["format"] == "int8 QDQ"
+    calib, _ = _calib(tmp_path)
+    conv = prune(onnx.load(str(FIXTURE)), filters=0.3, quantize="int8", calib=str(calib), latency_runs=0)
+    assert conv.report["quantization"]["mode_reason"] == "convolutions: static QDQ"
+    with pytest.raises(OptionError, match="quant_mode='static': needs calib"):
+        prune(_mlp(), neurons=0.25, quantize="int8", quant_mode="static")
+    with pytest.raises(OptionError, match="quant_mode='dynamic': applies to"):
+        prune(_mlp(), neurons=0.25, quant_mode="dynamic")
+
+
+def test_cpu_target_quantizes_weights_to_7_bits_and_the_exact_run_is_reported(tmp_path):
+    calib, _ = _calib(tmp_path)
+    result = prune(onnx.load(str(FIXTURE)), filters=0.3, quantize="int8", calib=str(calib), target="cpu",
+                   latency_runs=0)
+    q = result.report["quantization"]
+    assert q["reduce_range"] is True and q["format"] == "int8 QDQ"
+    weights = [onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert weights and max(int(np.abs(w).max()) for w in weights) <= 64  # 7 bits: [-64, 64]
+    exact, kernels = q["fidelity"]["quantized_exact"]["cosine"], q["fidelity"]["quantized"]["cosine"]
+    assert abs(exact - kernels) < 0.01  # 7-bit weights: the int8 kernels compute what the model says
+    alone = prune(onnx.load(str(FIXTURE)), filters=0.3, quantize="int8", calib=str(calib), quant_reduce_range=True,
+                  latency_runs=0)
+    assert alone.report["quantization"]["reduce_range"] is True and "target" not in alone.report
