@@ -31,6 +31,7 @@ import onnx
 
 from onnxprune.core.errors import OnnxPruneError, OptionError
 from onnxprune.core.plan import channel_step
+from onnxprune.core.runtime import quiet_tools
 from onnxprune.core.shapes import fix_input_shapes, static_copy
 from onnxprune.pipeline import Context, Pass, PassResult
 from onnxprune.settings import Flag, choice, setting
@@ -282,7 +283,8 @@ def ort_format(model: onnx.ModelProto) -> tuple[dict, dict]:
         source, out = Path(tmp) / "model.onnx", Path(tmp) / "out"
         onnx.save(model, str(source))
         try:
-            _quietly(lambda: convert_onnx_models_to_ort(source, out, optimization_styles=[OptimizationStyle.Fixed]))
+            with quiet_tools():
+                convert_onnx_models_to_ort(source, out, optimization_styles=[OptimizationStyle.Fixed])
         except Exception as exc:  # the converter raises several types
             raise OnnxPruneError(f"--target ort-mobile: the model does not convert to the .ort format "
                                  f"({str(exc).splitlines()[0]})") from None
@@ -307,19 +309,3 @@ def _check_ort_runs(data: bytes) -> None:
     except Exception as exc:  # onnxruntime's own error types
         raise OnnxPruneError(f"--target ort-mobile: the .ort model does not load ({str(exc).splitlines()[0]})") \
             from None
-
-
-def _quietly(call):
-    """Run the converter without its progress prints on standard output (the CLI's report may go there)."""
-    import contextlib
-    import io
-    import logging
-
-    logger = logging.getLogger("ort_format_model.utils")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return call()
-    finally:
-        logger.setLevel(level)

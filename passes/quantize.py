@@ -15,9 +15,7 @@ outputs are from the original's is reported next to the pruned model's.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import onnx
 from onnxprune.core.errors import OnnxPruneError, OptionError
 from onnxprune.core.metrics import timed_runs
 from onnxprune.core.modelio import model_bytes
+from onnxprune.core.runtime import quiet_tools
 from onnxprune.pipeline import Context, Pass, PassResult
 from onnxprune.settings import Flag, choice, setting
 
@@ -277,7 +276,7 @@ def _to_int8(model: onnx.ModelProto, recipe: Int8Recipe, calibration, notes: lis
         onnx.save(work, str(src))
         _pre_process(src, notes)
         if recipe.mode == "dynamic":
-            with _quiet_logging():
+            with quiet_tools():
                 q.quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=q.QuantType.QInt8,
                                    reduce_range=recipe.reduce_range)
             how = {"format": f"{fmt} dynamic", "per_channel": per_channel, "reduce_range": recipe.reduce_range,
@@ -293,12 +292,17 @@ def _to_int8(model: onnx.ModelProto, recipe: Int8Recipe, calibration, notes: lis
                      "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}} if recipe.symmetric else {}
             if recipe.float_biases:
                 extra["QuantizeBias"] = False
+            if method == "entropy":  # ranges measured here; onnxruntime's quantizer takes them as overrides
+                ranges = _entropy_ranges(src, calibration, Path(tmp), symmetric=recipe.symmetric)
+                extra["TensorQuantOverrides"] = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                                 for name, (lo, hi) in ranges.items()}
 
             def quantize(options: dict) -> None:
-                with _quiet_logging():
+                with quiet_tools():
                     q.quantize_static(str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ,
                                       per_channel=per_channel, weight_type=q.QuantType.QInt8,
-                                      activation_type=activations, calibrate_method=methods[method],
+                                      activation_type=activations,
+                                      calibrate_method=methods["minmax" if method == "entropy" else method],
                                       reduce_range=recipe.reduce_range, extra_options=options)
 
             try:
@@ -321,18 +325,29 @@ def _to_int8(model: onnx.ModelProto, recipe: Int8Recipe, calibration, notes: lis
     return quantized, how
 
 
-@contextlib.contextmanager
-def _quiet_logging():
-    """onnxruntime.quantization logs advice and per-tensor warnings on the root logger (pre-
-    processing, per-channel axes of LayerNorm scales it leaves alone): keep them out of the run's
-    output; what matters is in the notes."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
+ENTROPY_BINS, ENTROPY_QUANTIZED_BINS = 2048, 128
+
+
+def _entropy_ranges(src: Path, calibration, folder: Path, symmetric: bool) -> dict[str, tuple[float, float]]:
+    """Activation ranges that minimise the KL divergence between each tensor's histogram and its
+    8-bit quantization, over 2048 bins searched for a 128-level window. (onnxruntime's
+    quantize_static keeps its entropy calibrator at 128 bins for 128 levels, where the only
+    candidate range is the full one: the same as minmax.)"""
+    from onnxruntime import quantization as q
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    calibrator = create_calibrator(str(src), None, augmented_model_path=str(folder / "augmented.onnx"),
+                                   calibrate_method=q.CalibrationMethod.Entropy,
+                                   extra_options={"symmetric": symmetric, "num_bins": ENTROPY_BINS,
+                                                  "num_quantized_bins": ENTROPY_QUANTIZED_BINS})
+    with quiet_tools():
+        calibrator.collect_data(_reader(q.CalibrationDataReader, calibration, QUANTIZE_SAMPLES))
+        tensors = calibrator.compute_data()
+    ranges = {}
+    for name in tensors:
+        low, high = tensors[name].range_value
+        ranges[name] = (float(np.asarray(low).ravel()[0]), float(np.asarray(high).ravel()[0]))
+    return ranges
 
 
 def _reader(base, calibration, limit: int):
@@ -363,7 +378,8 @@ def _pre_process(path: Path, notes: list[str]) -> None:
 
     done = path.with_name("preprocessed.onnx")
     try:
-        quant_pre_process(str(path), str(done), skip_symbolic_shape=True)
+        with quiet_tools():
+            quant_pre_process(str(path), str(done), skip_symbolic_shape=True)
     except Exception as exc:  # its optimizer and shape inference raise several types
         notes.append(f"pre-processing skipped ({str(exc).splitlines()[0][:200]})")
         return

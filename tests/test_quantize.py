@@ -153,3 +153,24 @@ def test_cpu_target_quantizes_weights_to_7_bits_and_the_exact_run_is_reported(tm
     alone = prune(onnx.load(str(FIXTURE)), filters=0.3, quantize="int8", calib=str(calib), quant_reduce_range=True,
                   latency_runs=0)
     assert alone.report["quantization"]["reduce_range"] is True and "target" not in alone.report
+
+
+def test_entropy_calibration_sets_its_own_ranges(tmp_path, capfd):
+    """Entropy ranges differ from minmax's (onnxruntime's quantize_static alone gives minmax's
+    ranges for entropy), and nothing is printed on standard output."""
+    calib, _ = _calib(tmp_path)
+
+    def activation_scales(method):
+        model = prune(onnx.load(str(FIXTURE)), filters=0.3, quantize="int8", calib=str(calib),
+                      quant_calibration=method, latency_runs=0).model
+        constants = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        return {n.input[0]: float(constants[n.input[1]]) for n in model.graph.node
+                if n.op_type == "QuantizeLinear" and constants[n.input[1]].size == 1}
+
+    capfd.readouterr()
+    minmax, entropy = activation_scales("minmax"), activation_scales("entropy")
+    assert minmax.keys() == entropy.keys() and len(minmax) > 10
+    narrower = sum(entropy[k] < minmax[k] * 0.999 for k in minmax)
+    assert narrower >= len(minmax) // 2, (narrower, len(minmax))  # clipping outliers narrows the ranges
+    assert all(entropy[k] <= minmax[k] * 1.001 for k in minmax)
+    assert capfd.readouterr().out == ""

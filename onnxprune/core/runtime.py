@@ -7,7 +7,10 @@ ask for it here and name the extra to install when it is missing.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import logging
 import sys
 import types
 from functools import lru_cache
@@ -103,3 +106,20 @@ def _training_flavour_installed() -> bool:
         except PackageNotFoundError:
             continue
     return False
+
+
+@contextlib.contextmanager
+def quiet_tools():
+    """Run onnxruntime's Python tools (quantization, .ort conversion) without their prints on
+    standard output (where the CLI's report may go) and their advice and warnings on the root
+    and their own loggers; what matters reaches the report's notes."""
+    loggers = [logging.getLogger(), logging.getLogger("ort_format_model.utils")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
