@@ -113,7 +113,7 @@ class HandOver(Pass):
         notes: list[str] = []
         report: dict = {"name": target, "round_to": self.round_to, "why": preset.why}
         report["widths"] = self._widths(context, notes)
-        given = {name: dims for name, dims in context.input_shapes.items()}
+        given = dict(context.input_shapes)
         if given:
             model = bake_input_dims(context.own(model), given)
             report["static_dims"] = given
@@ -158,8 +158,8 @@ class HandOver(Pass):
             kept = d.group.channels - len(d.removed)
             step = channel_step(analysis, d.group, self.round_to)
             if kept % step:
-                why = "left whole: the nearest multiple is the full width" if not len(d.removed) else \
-                    "the rounding could not reach a multiple"
+                why = "kept whole: the model's width (no channels asked, or the full width is the nearest " \
+                    "multiple)" if not len(d.removed) else "the rounding could not reach a multiple"
                 off.append({"key": d.key, "kind": d.group.kind, "channels": d.group.channels, "kept": kept,
                             "why": why})
         for s in plan.skipped:
