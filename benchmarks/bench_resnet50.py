@@ -13,11 +13,9 @@ import argparse
 import datetime as dt
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine_info import machine, write_section  # noqa: E402
+from timing import side_by_side  # noqa: E402
 
 
 def run_tool(args: list[str]) -> tuple[float, float, dict]:
@@ -44,27 +43,9 @@ def run_tool(args: list[str]) -> tuple[float, float, dict]:
 
 
 def latency_side_by_side(paths: dict[str, Path], runs: int, threads: int, rounds: int = 5) -> dict[str, float]:
-    """Median latency per model, measured in alternating blocks within one process.
-
-    Blocks rather than single alternating runs: onnxruntime's intra-op threads spin after
-    a run, and a run of another session during that spin measures the contention, not
-    the model (seen here: 57 ms instead of 28 ms for the same ResNet-50).
-    """
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+    """Median latency per model at 1x3x224x224 (timing.side_by_side)."""
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    times = {k: [] for k in sessions}
-    per_block = max(runs // rounds, 1)
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            for _ in range(2):
-                s.run(None, {"input": x})
-            for _ in range(per_block):
-                t0 = time.perf_counter()
-                s.run(None, {"input": x})
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return side_by_side(paths, {"input": x}, runs, threads, rounds)
 
 
 def macs_after_of(rows, label: str) -> float:
