@@ -72,8 +72,8 @@ def cached_models(workdir: Path, build: bool) -> tuple[Path, Path]:
     resnet, bert = workdir / "resnet50.onnx", workdir / "bert.onnx"
     if not build:
         missing = [str(p) for p in (resnet, bert) if not p.exists()]
-        if missing or not fm._cache().exists():
-            raise SystemExit(f"not built yet: {', '.join(missing) or fm._cache()}; first run "
+        if missing or not fm.cached_cnn_path().exists():
+            raise SystemExit(f"not built yet: {', '.join(missing) or fm.cached_cnn_path()}; first run "
                              ".venv/bin/python benchmarks/bench_quantize.py --models-only (needs torch)")
         return resnet, bert
     fm.trained_cnn()

@@ -37,7 +37,8 @@ def load(split: str) -> tuple[np.ndarray, np.ndarray]:
     return ((images.astype(np.float32) / 255.0 - MEAN) / STD), labels
 
 
-def _cache() -> Path:
+def cached_cnn_path() -> Path:
+    """Where trained_cnn() keeps the trained CNN."""
     root = Path(os.environ.get("ONNXPRUNE_MODEL_CACHE", Path.home() / ".cache" / "onnxprune" / "models"))
     root.mkdir(parents=True, exist_ok=True)
     return root / f"fashion_cnn_e{EPOCHS}.onnx"
@@ -55,7 +56,7 @@ def _network():
 
 def trained_cnn() -> Path:
     """The trained CNN as ONNX (input 'images' [N,1,28,28], output 'logits' [N,10]), cached."""
-    path = _cache()
+    path = cached_cnn_path()
     if path.exists():
         return path
     import torch
