@@ -1,17 +1,20 @@
 """Quantize the pruned model for deployment: INT8 through onnxruntime.quantization, or FP16.
 
 Runs last, after pruning, recovery, fine-tuning and measuring, so the report holds the
-original, the pruned and the pruned+quantized model side by side. With calibration data the
-quantization is static (QDQ: QuantizeLinear/DequantizeLinear around each op, the form TensorRT
-and onnxruntime's int8 kernels take), its activation ranges from the tool's calibration batches
-(MinMax, Entropy or Percentile); without it, dynamic (weights int8, activations quantized at run
-time). Weights are quantized per output channel where the opset allows (13 and newer); an older
-model is converted to opset 13 first, since per-channel DequantizeLinear does not exist before;
+original, the pruned and the pruned+quantized model side by side. int8 is static (QDQ:
+QuantizeLinear/DequantizeLinear around each op, the form TensorRT and onnxruntime's int8 kernels
+take), its activation ranges from the tool's calibration batches (MinMax, Entropy measured here,
+or Percentile), or dynamic (weights int8, activations quantized at run time): int8_mode chooses,
+static for models with convolutions, dynamic for the others and without calibration data.
+Weights are quantized per output channel where the opset allows (13 and newer); an older model
+is converted to opset 13 first, since per-channel DequantizeLinear does not exist before;
 onnxruntime's pre-processing folds BatchNorms into convolutions before quantizing. `fp16`
 converts float weights and activations to float16 and keeps the inputs and outputs float32.
 
 The quantized model must load in onnxruntime and run on the verification inputs; how far its
-outputs are from the original's is reported next to the pruned model's.
+outputs are from the original's is reported next to the pruned model's, with onnxruntime's int8
+kernels and computed exactly (optimizations off), since on x86 CPUs without VNNI the kernels
+saturate 8-bit products and lose what the model does not.
 """
 from __future__ import annotations
 
@@ -176,7 +179,6 @@ class Quantize(Pass):
                                                  budget_s=self.latency_budget_s)[0], 4)
             out["latency_ms"] = latency
         return out
-
 
     def _accuracy(self, context: Context, pruned: onnx.ModelProto, quantized: onnx.ModelProto) -> dict:
         """Top-1 accuracy of the original, pruned and quantized models on the --val data (the
