@@ -47,5 +47,5 @@ def group_json(decision) -> dict:
         "removed": [int(i) for i in decision.removed],
         "kind": g.kind,
         "members": [m.describe() for m in g.members],
-        **({"costs": g.costs} if g.costs else {}),
+        **({"costs": [str(cost) for cost in g.costs]} if g.costs else {}),
     }

@@ -267,7 +267,7 @@ def _width_notes(plan: Plan) -> list[str]:
     costs = [cost for d in plan.decisions if d.group.kind == "hidden" and len(d.removed) for cost in d.group.costs]
     if not costs:
         return []
-    approximate = [cost for cost in costs if ": approximate" in cost]
+    approximate = [cost for cost in costs if not cost.exact]
     note = (f"--hidden: {len(costs)} normalization statistic(s) over the pruned width, "
             f"{len(costs) - len(approximate)} exact where the removed channels are zero")
     if approximate:

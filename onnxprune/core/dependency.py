@@ -50,6 +50,17 @@ class Attachment:
         return {"node": self.node.name, "op": self.node.op, "tensor": tensor, "axis": self.axis, "role": self.role}
 
 
+@dataclass(frozen=True)
+class WidthCost:
+    """What pruning the model width does at one normalization across it (OpContext.across_channels)."""
+
+    text: str
+    exact: bool  # the original's result where the removed channels are zero
+
+    def __str__(self) -> str:
+        return self.text
+
+
 @dataclass
 class Group:
     """Channels that are pruned index-for-index together."""
@@ -65,7 +76,7 @@ class Group:
     # model width: embedding and residual channels, normalized across; analysed with hidden=True)
     kind: str = "filters"
     # hidden groups: what removing channels does at each normalization across them
-    costs: list[str] = field(default_factory=list)
+    costs: list[WidthCost] = field(default_factory=list)
 
     @property
     def prunable(self) -> bool:
@@ -92,7 +103,7 @@ class Context:
         self._new_atoms: list[int] = []
         self._claims: dict[tuple, tuple] = {}
         self._consumed: list[Layout] = []
-        self._hidden: list[tuple[int, str | None]] = []
+        self._hidden: list[tuple[int, WidthCost | None]] = []
 
     # -- reading ---------------------------------------------------------------------
     def layouts(self, tensor: gs.Tensor | None) -> dict[int, Layout]:
@@ -154,13 +165,14 @@ class Context:
             self._hidden.append((atom, None))
         return (Segment(atom),)
 
-    def across_channels(self, layout: Layout, cost: str) -> None:
+    def across_channels(self, layout: Layout, cost: str, exact: bool) -> None:
         """This node takes statistics across these channels (a normalization over the hidden size).
 
         Only in hidden mode (--hidden): their group becomes a "hidden" group, and `cost` says
-        what removing some of them does to this node (exact, or how approximate)."""
+        what removing some of them does to this node; `exact`: whether the result is the
+        original's where the removed channels are zero."""
         for seg in layout:
-            self._hidden.append((seg.atom, f"{self.node.op} {self.node.name!r}: {cost}"))
+            self._hidden.append((seg.atom, WidthCost(f"{self.node.op} {self.node.name!r}: {cost}", exact)))
 
     def set_layout(self, tensor: gs.Tensor, axis: int, layout: Layout) -> None:
         self._outputs.setdefault(tensor.name, {})[axis] = tuple(layout)
@@ -256,7 +268,7 @@ class Analysis:
         self.hidden = hidden
         self.head_atoms: set[int] = set()
         self.head_dim_atoms: set[int] = set()
-        self.hidden_atoms: list[tuple[int, str | None]] = []  # (atom, what removal costs there)
+        self.hidden_atoms: list[tuple[int, WidthCost | None]] = []  # (atom, what removal costs there)
         self.atoms = Atoms()
         self.layouts: dict[str, dict[int, Layout]] = {}
         self.attachments: list[Attachment] = []
@@ -400,7 +412,7 @@ class Analysis:
                     origins[leaf].append(origin)
         head_leaves = {atoms.find(leaf) for a in self.head_atoms for leaf in atoms.leaves(a)}
         head_dim_leaves = {atoms.find(leaf) for a in self.head_dim_atoms for leaf in atoms.leaves(a)}
-        hidden_costs: dict[int, list[str]] = {}
+        hidden_costs: dict[int, list[WidthCost]] = {}
         for a, cost in self.hidden_atoms:
             for leaf in atoms.leaves(a):
                 costs = hidden_costs.setdefault(atoms.find(leaf), [])

@@ -71,11 +71,12 @@ class LayerNormRule(OpRule):
             # share of the variance depends on the mean, which depends on the input
             why = "" if ctx.hidden_mode == "fused" else " (a float16/bfloat16 input is not written out exactly)"
             ctx.across_channels(layout, "kept as LayerNormalization, mean and variance over the kept channels "
-                                        f"only: approximate, even where the removed channels are zero{why}")
+                                        f"only: approximate, even where the removed channels are zero{why}",
+                                exact=False)
             return
         ctx.across_channels(layout, "written out as 14 elementwise/reduce ops that take the statistics over the "
                                     "original width: exact where the removed channels are zero, slower than the "
-                                    "fused op (--hidden-layernorm fused keeps the one op, inexactly)")
+                                    "fused op (--hidden-layernorm fused keeps the one op, inexactly)", exact=True)
         size = ctx.size(layout)
         eps = float(ctx.attr("epsilon", 1e-5))
         ctx.on_apply(lambda applier: _write_out_layernorm(applier, node, layout, size, eps))

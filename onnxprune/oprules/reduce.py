@@ -83,7 +83,7 @@ def reduce_across_hidden(ctx, layouts, axes, rank, keepdims):
             "shifted": f"a {kind} of values shifted by a per-token statistic over the kept channels: approximate"}
     for layout in across:
         ctx.consume(layout)
-        ctx.across_channels(layout, cost[reduced])
+        ctx.across_channels(layout, cost[reduced], exact=reduced != "shifted")
     reduce_over(ctx, {a: v for a, v in layouts.items() if a not in axes}, axes, rank, keepdims)
     if kind == "sum" and reduced != "spread":
         return
