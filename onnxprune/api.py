@@ -146,8 +146,9 @@ def options_from(options=None, **kwargs):
             if getattr(options, name) not in (None, 1):
                 raise OptionError("target", options.target, f"does not combine with {{{name}}} yet (prune with "
                                   "--round-to N, then run again with --target)")
-        options = dataclasses.replace(options, round_to=preset_round_to(options.target, options.round_to,
-                                                                        options.quantize))
+        round_to = preset_round_to(options.target, options.round_to, options.quantize)
+        source = "--round-to" if round_to == options.round_to else f"--target {options.target}"
+        options = dataclasses.replace(options, round_to=round_to, round_to_source=source)
     targets = (options.target_macs, options.target_params, options.target_latency)
     if options.sensitivity is not None and options.sensitivity.sparsity:  # a table of layers made sparse
         sparsity = stage(options, SparsitySettings)

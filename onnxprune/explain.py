@@ -52,7 +52,10 @@ def nothing_removed_reason(options, plan, analysis) -> str:
     ratio = ratios.get(kind, options.filters)
     would_remove = math.floor(ratio * largest.group.channels)
     if would_remove and options.round_to > 1:
-        return (f"--round-to {options.round_to}: the multiple of {options.round_to} nearest to the kept width asked "
+        source = getattr(options, "round_to_source", "--round-to")
+        label = f"--round-to {options.round_to}" if source == "--round-to" else \
+            f"{source} (multiples of {options.round_to})"
+        return (f"{label}: the multiple of {options.round_to} nearest to the kept width asked "
                 f"is the full width (largest group: {largest.group.channels})")
     if not would_remove:
         unit = "heads" if kind == "heads" else "channels"

@@ -112,6 +112,8 @@ class PlanSettings:
         parse=float, show_default=True))
     # {group key: channels to keep}: set by iterative pruning for each round, not by users
     keep_counts: dict | None = setting(None)
+    # how notes name where round_to came from: the flag, or the --target preset that set it
+    round_to_source: str = setting("--round-to")
     sensitivity: object = setting(None, check=_curves, cli=Flag(
         "--sensitivity", "With a target: per-group ratios from curves written by `onnxprune sensitivity --table "
         "FILE.json`.", metavar="FILE.json", parse=Path, reads=True))
@@ -185,7 +187,8 @@ class PlanChannels(Pass):
             else:
                 context.plan = make_plan(analysis, s.filters, crit, round_to=s.round_to, global_rank=s.global_rank,
                                          exclude=s.exclude, heads=s.heads, neurons=s.neurons,
-                                         head_dim=s.head_dim, hidden=s.hidden, keep_counts=s.keep_counts)
+                                         head_dim=s.head_dim, hidden=s.hidden, keep_counts=s.keep_counts,
+                                         round_to_source=s.round_to_source)
             context.plan.notes[:0] = notes
         context.plan.notes.extend(_width_notes(context.plan))
         context.notes.extend(context.plan.notes)

@@ -51,6 +51,7 @@ def test_presets_keep_their_channel_multiple(tmp_path, target, quantize, multipl
     t = result.report["target"]
     assert t["name"] == target and t["round_to"] == multiple
     assert result.report["rounding"]["round_to"] == multiple
+    assert any(n.startswith(f"--target {target} (multiples of {multiple})") for n in result.report["notes"])
     assert result.report["summary"]["channels_removed"] > 0
     assert _kept_multiples(result, lambda g: channel_step(result.analysis, g, multiple))
     # the one group left off a multiple is the 10-class output, which the tool never prunes

@@ -32,12 +32,13 @@ def keep_count(channels: int, remove: int, step: int) -> int:
 def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: int = 1,
               global_rank: bool = False, exclude=(), heads: float | None = None,
               neurons: float | None = None, head_dim: float | None = None, hidden: float | None = None,
-              keep_counts: dict[str, int] | None = None) -> Plan:
+              keep_counts: dict[str, int] | None = None, round_to_source: str = "--round-to") -> Plan:
     """`ratio` applies to every group; `neurons` (Gemm/MatMul hidden units) and `heads`
     (whole attention heads), when given, override it for their kind of group; the dims inside
     attention heads go only with `head_dim`, the model width (hidden groups) only with `hidden`.
     `keep_counts` ({group key: channels to keep}) replaces all of that: each listed group keeps
-    that many of its best channels, the others keep all (iterative pruning's rounds)."""
+    that many of its best channels, the others keep all (iterative pruning's rounds).
+    `round_to_source` names, in the notes, what set round_to (the flag, or a --target preset)."""
     for option, value in (("filters", ratio), ("heads", heads), ("neurons", neurons), ("head_dim", head_dim),
                           ("hidden", hidden)):
         if value is not None and not 0.0 <= value < 1.0:
@@ -73,20 +74,24 @@ def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: in
         plan.rounding = {"round_to": round_to, "channels": total, "asked": asked, "removed": removed_total,
                          "removed_ratio": round(removed_total / total, 4), "groups_kept_whole": len(rounded_away)}
         if removed_total != asked:
-            plan.notes.append(f"--round-to {round_to}: kept widths rounded to the nearest multiple of {round_to} "
-                              f"removed {removed_total} channel(s) against {asked} asked "
+            plan.notes.append(f"{_rounding(round_to_source, round_to)}: kept widths rounded to the nearest multiple "
+                              f"of {round_to} removed {removed_total} channel(s) against {asked} asked "
                               f"({removed_total / total:.1%} of the channels a ratio applies to, against "
                               f"{asked / total:.1%})")
     if rounded_away:
         g = rounded_away[0]
-        plan.notes.append(f"--round-to {round_to} kept {len(rounded_away)} group(s) whole: the nearest multiple of "
-                          f"{round_to} to the kept width asked is the full width (e.g. {group_key(analysis, g)!r}, "
-                          f"{g.channels} {g.kind})")
+        plan.notes.append(f"{_rounding(round_to_source, round_to)} kept {len(rounded_away)} group(s) whole: the "
+                          f"nearest multiple of {round_to} to the kept width asked is the full width "
+                          f"(e.g. {group_key(analysis, g)!r}, {g.channels} {g.kind})")
     untouched = [g for g in groups if g.kind == "head_dim"]
     if untouched and head_dim is None and keep_counts is None:
         plan.notes.append(f"{len(untouched)} group(s) of dims inside attention heads (q/k or v/o head_dim) keep "
                           "their size: --head-dim R prunes them, --heads removes whole heads")
     return plan
+
+
+def _rounding(source: str, round_to: int) -> str:
+    return f"--round-to {round_to}" if source == "--round-to" else f"{source} (multiples of {round_to})"
 
 
 def _global_counts(groups, scores, ratio):
