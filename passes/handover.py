@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from onnxprune.core.errors import OnnxPruneError, OptionError
+from onnxprune.core.modelio import EXTERNAL_DATA_THRESHOLD, payload_bytes
 from onnxprune.core.plan import channel_step
 from onnxprune.core.runtime import quiet_tools
 from onnxprune.core.shapes import fix_input_shapes, static_copy
@@ -242,6 +243,8 @@ def lint(model: onnx.ModelProto, shapes: dict) -> dict:
         import polygraphy  # noqa: F401
     except ImportError:
         return {"skipped": "polygraphy is not installed (pip install polygraphy)"}
+    if payload_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        return {"skipped": "the model is larger than 2 GB, which the lint cannot load in one file"}
     runner = ("import sys; from polygraphy.tools import main; sys.argv[0] = 'polygraphy'; sys.exit(main())")
     with tempfile.TemporaryDirectory(prefix="onnxprune-lint-") as tmp:
         path, out = Path(tmp) / "model.onnx", Path(tmp) / "lint.json"
@@ -278,6 +281,9 @@ def ort_format(model: onnx.ModelProto) -> tuple[dict, dict]:
     """The model in onnxruntime's .ort format (optimized as onnxruntime mobile runs it, the
     'Fixed' style) and its required-operators config: ({suffix: bytes}, report)."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    if payload_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        raise OnnxPruneError("--target ort-mobile: the model is larger than 2 GB, more than the .ort format holds")
 
     with tempfile.TemporaryDirectory(prefix="onnxprune-ort-") as tmp:
         source, out = Path(tmp) / "model.onnx", Path(tmp) / "out"
