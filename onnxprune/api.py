@@ -111,7 +111,9 @@ def weights_mode(options) -> str:
                                       ("sparsity", stage(options, SparsitySettings).requested),
                                       ("finetune", options.finetune is not None),
                                       ("sensitivity", options.sensitivity is not None),
-                                      ("target_latency", options.target_latency is not None)) if given]
+                                      ("target_latency", options.target_latency is not None),
+                                      ("quantize", options.quantize is not None),
+                                      ("target", options.target in ("tensorrt", "ort-mobile"))) if given]
     if not needs:
         return options.weights
     if options.weights == "disk":

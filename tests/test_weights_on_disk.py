@@ -96,6 +96,10 @@ def test_options_that_run_the_model_need_the_weights_in_memory(decoder, tmp_path
         prune(decoder, neurons=0.25, weights="disk", calib=calib)
     with pytest.raises(OptionError, match="sparsity.*rewrites weights value by value"):
         prune(decoder, pattern="2:4", weights="disk")
+    with pytest.raises(OptionError, match="quantize.*runs the model"):
+        prune(decoder, neurons=0.25, weights="disk", quantize="int8")
+    with pytest.raises(OptionError, match="target.*runs the model"):
+        prune(decoder, neurons=0.25, weights="disk", target="ort-mobile")
 
 
 def test_cli_streams_and_never_touches_the_input(decoder, tmp_path):
