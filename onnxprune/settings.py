@@ -238,6 +238,12 @@ def choice(options: Callable[[], Iterable[str]] | Iterable[str]):
     return check
 
 
+def optional_choice(options: Callable[[], Iterable[str]] | Iterable[str]):
+    """choice(options), or None."""
+    check = choice(options)
+    return lambda name, value: None if value is None else check(name, value)
+
+
 def names(name, value):
     """A tuple of strings (a single string counts as one)."""
     given = value

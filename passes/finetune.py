@@ -21,6 +21,7 @@ from onnxprune.settings import (
     closed_fraction,
     integer,
     non_negative,
+    optional_choice,
     optional_path,
     optional_positive,
     optional_text,
@@ -36,14 +37,6 @@ from onnxprune.training.schedule import LR_SCHEDULES
 
 def _data(name, value):
     return value  # a path or Python batches: read when the pass runs
-
-
-def _optional_regularizer(name, value):
-    return None if value is None else choice(REGULARIZERS)(name, value)
-
-
-def _optional_loss(name, value):
-    return None if value is None else choice(LOSSES)(name, value)
 
 
 UNFOLD_MODES = ("auto", "on", "off")
@@ -73,7 +66,7 @@ class FineTuneSettings:
         parse=Path, reads=True))
     labels: str = setting("labels", check=optional_text, cli=Flag(
         "--labels", "Key of the labels in the .npz data.", metavar="KEY", show_default=True))
-    loss: str | None = setting(None, check=_optional_loss, cli=Flag(
+    loss: str | None = setting(None, check=optional_choice(LOSSES), cli=Flag(
         "--loss", "ce (labels), mse (match the teacher, or float labels without one), kd (distil from the teacher, "
         "mixed with ce when there are labels). Default: ce with labels, else mse.", choices=lambda: LOSSES))
     teacher: object = setting(None, check=_teacher, cli=Flag(
@@ -119,7 +112,7 @@ class FineTuneSettings:
     # trains for, and which of the teacher's channels each channel of the model is.
     train_fraction: float = setting(1.0)
     channel_origin: dict | None = setting(None)
-    regularize: str | None = setting(None, check=_optional_regularizer, cli=Flag(
+    regularize: str | None = setting(None, check=optional_choice(REGULARIZERS), cli=Flag(
         "--regularize", "Drive structure to exactly zero while training: group-lasso (whole channels, every coupled "
         "weight together; remove them after with --zero-channels) or l1 (BatchNorm scales, network slimming; prune "
         "after with --importance bn). Needs --reg-strength.", choices=lambda: REGULARIZERS))

@@ -35,7 +35,7 @@ from onnxprune.core.plan import channel_step
 from onnxprune.core.runtime import quiet_tools
 from onnxprune.core.shapes import fix_input_shapes, static_copy
 from onnxprune.pipeline import Context, Pass, PassResult
-from onnxprune.settings import Flag, choice, setting
+from onnxprune.settings import Flag, optional_choice, setting
 
 TARGETS = ("tensorrt", "ort-mobile", "cpu")
 LINT_TIMEOUT_S = 600
@@ -58,13 +58,9 @@ PRESETS = {
 }
 
 
-def _optional_target(name, value):
-    return None if value is None else choice(TARGETS)(name, value)
-
-
 @dataclass
 class TargetSettings:
-    target: str | None = setting(None, check=_optional_target, cli=Flag(
+    target: str | None = setting(None, check=optional_choice(TARGETS), cli=Flag(
         "--target", "Prepare the result for a back end: channel counts in the multiples it runs fast (unless "
         "--round-to is given), its kind of int8 with --quantize, static dims from --input-shape, and its checks "
         "(tensorrt: symmetric QDQ, polygraphy lint; ort-mobile: also writes OUTPUT.ort and its required-operators "

@@ -31,7 +31,7 @@ from onnxprune.core.metrics import timed_runs
 from onnxprune.core.modelio import model_bytes
 from onnxprune.core.runtime import quiet_tools
 from onnxprune.pipeline import Context, Pass, PassResult
-from onnxprune.settings import Flag, choice, setting
+from onnxprune.settings import Flag, choice, optional_choice, setting
 
 FORMATS = ("int8", "uint8", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -42,13 +42,9 @@ QUANTIZE_SAMPLES = 256  # calibration samples the activation ranges are measured
 KERNEL_LOSS = 0.01  # output cosine lost to onnxruntime's int8 kernels (against exact) worth a note
 
 
-def _optional_format(name, value):
-    return None if value is None else choice(FORMATS)(name, value)
-
-
 @dataclass
 class QuantizeSettings:
-    quantize: str | None = setting(None, check=_optional_format, cli=Flag(
+    quantize: str | None = setting(None, check=optional_choice(FORMATS), cli=Flag(
         "--quantize", "Quantize the result: int8 or uint8 (static QDQ calibrated on --calib, per channel; dynamic "
         "without --calib) or fp16. The report compares original, pruned and quantized.", choices=lambda: FORMATS))
     quant_calibration: str = setting("minmax", check=choice(CALIBRATION_METHODS), cli=Flag(
