@@ -236,9 +236,11 @@ class PlanChannels(Pass):
         if note:
             plan.notes.insert(0, note)
         if fixed:
-            plan.notes.insert(0, "with the target: " + ", ".join(f"{kind} cut by {ratio:g} as given"
-                                                               for kind, ratio in fixed.items())
-                              + "; the other groups are allocated to reach it")
+            cut = {d.group.kind for d in plan.decisions if len(d.removed)}
+            plan.notes.insert(0, "with the target: " + ", ".join(
+                f"{kind} cut by {ratio:g} as given" if kind in cut else
+                f"{kind} {ratio:g} given, but no {kind} group is prunable here (see skipped)"
+                for kind, ratio in fixed.items()) + "; the other groups are allocated to reach it")
         return plan
 
     def _sensitivity_curves(self, analysis, methods: tuple[str, ...]) -> tuple[dict, str]:

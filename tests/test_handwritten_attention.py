@@ -175,6 +175,11 @@ def test_heads_ratio_with_a_macs_target_is_cut_as_given(encoder):
     macs = result.report["macs"]
     assert macs["after"] <= 0.75 * macs["before"]
     assert any("heads cut by 0.25 as given" in note for note in result.report["notes"])
+    # the width is the encoder's output here, so a hidden ratio cannot be cut: the note says so
+    # rather than claiming a cut
+    widths = prune(encoder, target_macs=0.75, heads=0.25, hidden=0.25, latency_runs=0)
+    assert "hidden" not in _removed_by_kind(widths)
+    assert any("hidden 0.25 given, but no hidden group is prunable here" in n for n in widths.report["notes"])
 
 
 def test_nothing_removed_names_the_ratio_that_rounds_to_zero(encoder):
