@@ -272,6 +272,19 @@ def kept_per_layer(plan, kind: str, order: dict[str, int], channels: int | None 
 PINNED_DIMS = "Got invalid dimensions for input"
 
 
+
+def attempt(path, row: dict, **options):
+    """prune(path, **options); a failure is a finding: recorded in row["error"], and the result is
+    None (a VerificationError's result is kept, with the error recorded)."""
+    try:
+        return prune(str(path), **options)
+    except VerificationError as exc:
+        row["error"] = f"VerificationError: {exc}"
+        return exc.result
+    except Exception as exc:  # the tool's failures of every kind
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        return None
+
 class Export:
     """One export under test: its file, the original's embeddings, and the data."""
 
@@ -302,14 +315,7 @@ class Export:
                "sensitivity": sensitivity is not None, "target": target, "calibration": calib_set,
                "heads_given": heads, "min_keep": min_keep}
         started = time.perf_counter()
-        try:
-            result = prune(str(self.path), **options)
-        except VerificationError as exc:
-            result = exc.result
-            row["error"] = f"VerificationError: {exc}"
-        except Exception as exc:  # a tool failure is a finding: record it, go on
-            result = None
-            row["error"] = f"{type(exc).__name__}: {exc}"
+        result = attempt(self.path, row, **options)
         row["seconds"] = round(time.perf_counter() - started, 2)
         if result is None or "error" in row:
             log(f"    {label:36s} {row['error']}")
