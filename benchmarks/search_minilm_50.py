@@ -58,7 +58,6 @@ import real_fidelity  # noqa: E402
 from machine_info import machine  # noqa: E402
 from real_fidelity import MINILM, commit, cosine  # noqa: E402
 
-from onnxprune import VerificationError, prune  # noqa: E402
 from onnxprune.sensitivity import analyze_sensitivity  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "minilm_50_search.json"
@@ -103,16 +102,18 @@ def log(*parts) -> None:
 
 # ---- data ------------------------------------------------------------------------------------
 
-def split_sentences(quick: bool) -> tuple[list[str], list[str], list[str], list[str]]:
-    """(whole larger calibration set, fitting part, validation part, held-out 24)."""
+def split_sentences(quick: bool, offset: int = VALIDATION_EVERY - 1
+                    ) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(whole larger calibration set, fitting part, validation part, held-out 24): the sentences
+    whose index % VALIDATION_EVERY is `offset` validate (the search's fold: the last)."""
     held_out = list(real_fidelity.SENTENCES)
     small = list(calibration_data.SENTENCES)
     whole = list(dict.fromkeys(calibration_text.pydoc_sentences() + small))  # as bench_bert_fidelity
     if quick:
         whole = whole[::8]
     assert not set(whole) & set(held_out), "calibration and held-out sentences overlap"
-    fit = [s for i, s in enumerate(whole) if i % VALIDATION_EVERY != VALIDATION_EVERY - 1]
-    val = [s for i, s in enumerate(whole) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1]
+    fit = [s for i, s in enumerate(whole) if i % VALIDATION_EVERY != offset]
+    val = [s for i, s in enumerate(whole) if i % VALIDATION_EVERY == offset]
     assert not set(fit) & set(val)
     return whole, fit, val, held_out
 
@@ -203,39 +204,39 @@ def grid_row(cfg: Config, path: Path, order: dict, config: dict, fit: list[dict]
     """One configuration calibrated on the fitting part, scored on the validation part."""
     row = cfg.as_dict()
     started = time.perf_counter()
-    try:
-        result = prune(str(path), target_macs=TARGET, heads=cfg.heads, importance=cfg.importance, calib=fit,
-                       recover=cfg.recover, sensitivity=scan, min_keep=cfg.min_keep, round_to=1, latency_runs=0,
-                       verify=True)
-    except VerificationError as exc:
-        result = exc.result
-        row["error"] = f"VerificationError: {exc}"
-    except Exception as exc:  # a tool failure is a finding: record it, go on
-        result = None
-        row["error"] = f"{type(exc).__name__}: {exc}"
+    result = bbf.attempt(path, row, target_macs=TARGET, heads=cfg.heads, importance=cfg.importance, calib=fit,
+                         recover=cfg.recover, sensitivity=scan, min_keep=cfg.min_keep, round_to=1, latency_runs=0,
+                         verify=True)
     row["prune_seconds"] = round(time.perf_counter() - started, 1)
     if result is None or "error" in row:
         log(f"  {cfg.label:46s} {row['error']}")
         return row
-    report = result.report
     val_cos = cosine(val_reference, embeddings(result.model, val))
     fit_cos = cosine(fit_reference, embeddings(result.model, fit))
-    heads_kept = bbf.kept_per_layer(result.plan, "heads", order)
-    heads_total = int(sum(d.group.channels for d in result.plan.decisions if d.group.kind == "heads"))
-    row.update(macs_kept=report["macs"]["after"] / report["macs"]["before"],
-               params_kept=report["params"]["after"] / report["params"]["before"],
-               heads_kept=heads_kept, heads_pruned=heads_total - int(sum(heads_kept)),
-               ffn_kept=bbf.kept_per_layer(result.plan, "neurons", order, config["intermediate_size"]),
-               val_cos_mean=float(val_cos.mean()), val_cos_min=float(val_cos.min()),
-               fit_cos_mean=float(fit_cos.mean()),
-               verification={k: report["verification"].get(k) for k in ("checker", "onnxruntime")},
-               rolled_back=len(report.get("rolled_back", [])), recovery_notes=(report.get("recovery") or {}).get(
-                   "notes", []))
-    row["qualifies"] = row["macs_kept"] <= TARGET + 0.005 and row["heads_pruned"] > 0
+    row.update(val_cos_mean=float(val_cos.mean()), val_cos_min=float(val_cos.min()),
+               fit_cos_mean=float(fit_cos.mean()), **pruned_row(result, order, config))
+    heads_kept = row["heads_kept"]
     row["seconds"] = round(time.perf_counter() - started, 1)
     log(f"  {cfg.label:46s} MACs {row['macs_kept']:.3f} heads {heads_kept} FFN {row['ffn_kept']} "
         f"validation {row['val_cos_mean']:.4f}/{row['val_cos_min']:.4f} (fit {row['fit_cos_mean']:.4f}) "
         f"{row['seconds']:.0f}s")
+    return row
+
+
+def pruned_row(result, order: dict, config: dict) -> dict:
+    """What a configuration's table row records of its prune: MACs and params kept, heads and FFN
+    neurons kept per layer, verification, and whether it qualifies (the MACs reached, a head pruned)."""
+    report = result.report
+    heads_kept = bbf.kept_per_layer(result.plan, "heads", order)
+    heads_total = int(sum(d.group.channels for d in result.plan.decisions if d.group.kind == "heads"))
+    row = dict(macs_kept=report["macs"]["after"] / report["macs"]["before"],
+               params_kept=report["params"]["after"] / report["params"]["before"],
+               heads_kept=heads_kept, heads_pruned=heads_total - int(sum(heads_kept)),
+               ffn_kept=bbf.kept_per_layer(result.plan, "neurons", order, config["intermediate_size"]),
+               verification={k: report["verification"].get(k) for k in ("checker", "onnxruntime")},
+               rolled_back=len(report.get("rolled_back", [])),
+               recovery_notes=(report.get("recovery") or {}).get("notes", []))
+    row["qualifies"] = row["macs_kept"] <= TARGET + 0.005 and row["heads_pruned"] > 0
     return row
 
 

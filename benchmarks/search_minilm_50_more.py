@@ -45,6 +45,7 @@ import calibration_data  # noqa: E402
 import search_minilm_50 as s50  # noqa: E402
 from machine_info import machine  # noqa: E402
 from real_fidelity import commit, cosine  # noqa: E402
+from search_minilm_50 import fmt, log  # noqa: E402
 
 from onnxprune import prune  # noqa: E402
 
@@ -90,10 +91,6 @@ GRID = [
 WIDTH_CHECK = 16 / WIDTH  # hidden ratio tried alone, to record what the tool does with the width
 
 
-def log(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
 def run_config(cfg: Config, path: Path, order: dict, config: dict, calib: list[dict], scan,
                scored: dict[str, tuple[list[dict], np.ndarray]]) -> dict:
     """One prune calibrated on `calib`; `scored` maps a name to (batches, original embeddings)."""
@@ -104,21 +101,12 @@ def run_config(cfg: Config, path: Path, order: dict, config: dict, calib: list[d
     if result is None or "error" in row:
         log(f"  {cfg.label:34s} {row['error']}")
         return row
-    report = result.report
     for name, (feeds, reference) in scored.items():
         cos = cosine(reference, bbf.embeddings_of(result.model, feeds))
         row[f"{name}_cos_mean"], row[f"{name}_cos_min"] = float(cos.mean()), float(cos.min())
-    heads_kept = bbf.kept_per_layer(result.plan, "heads", order)
-    heads_total = int(sum(d.group.channels for d in result.plan.decisions if d.group.kind == "heads"))
-    row.update(macs_kept=report["macs"]["after"] / report["macs"]["before"],
-               params_kept=report["params"]["after"] / report["params"]["before"],
-               heads_kept=heads_kept, heads_pruned=heads_total - int(sum(heads_kept)),
-               ffn_kept=bbf.kept_per_layer(result.plan, "neurons", order, config["intermediate_size"]),
-               hidden_kept=bbf.kept_per_layer(result.plan, "hidden", order),
-               verification={k: report["verification"].get(k) for k in ("checker", "onnxruntime")},
-               rolled_back=len(report.get("rolled_back", [])), notes=list(report.get("notes", [])),
-               recovery_notes=(report.get("recovery") or {}).get("notes", []))
-    row["qualifies"] = row["macs_kept"] <= TARGET + 0.005 and row["heads_pruned"] > 0
+    row.update(s50.pruned_row(result, order, config), hidden_kept=bbf.kept_per_layer(result.plan, "hidden", order),
+               notes=list(result.report.get("notes", [])))
+    heads_kept = row["heads_kept"]
     row["seconds"] = round(time.perf_counter() - started, 1)
     scores = " ".join(f"{n} {row[n + '_cos_mean']:.4f}/{row[n + '_cos_min']:.4f}" for n in scored)
     log(f"  {cfg.label:34s} MACs {row['macs_kept']:.3f} heads {heads_kept} FFN {row['ffn_kept']} hidden "
@@ -219,9 +207,7 @@ def fold_check(offsets: list[int], quick: bool) -> dict:
         config, legacy = built["config"], paths["legacy"]
         order = bbf.node_order(legacy)
         for offset in offsets:
-            every = s50.VALIDATION_EVERY
-            fit_text = [t for i, t in enumerate(whole_text) if i % every != offset]
-            val_text = [t for i, t in enumerate(whole_text) if i % every == offset]
+            _, fit_text, val_text, _ = s50.split_sentences(quick, offset)
             fit, val = s50.batches(tokenizer, fit_text), s50.batches(tokenizer, val_text)
             log(f"== fold {offset}: fit {len(fit_text)}, validation {len(val_text)}")
             scan, info = s50.curves(legacy, fit, "recon", quick)
@@ -256,10 +242,6 @@ def held_out_only(index: int, quick: bool, exporter: str = "legacy") -> dict:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return row
-
-
-def fmt(values) -> str:
-    return "/".join(str(v) for v in values) if values else "none"
 
 
 def summary(outcome: dict) -> str:
