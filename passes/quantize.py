@@ -114,8 +114,9 @@ class Quantize(Pass):
                                 reduce_range=s.quant_reduce_range or self.target == "cpu")
             quantized, how = _to_int8(model, recipe, context.calibration, notes)
             how["mode_reason"] = why
+        sessions = _Sessions(context, model, quantized)
         try:
-            compared = self._compare(context, model, quantized)
+            compared = self._compare(context, sessions)
         except OnnxPruneError as exc:
             if recipe is None or recipe.mode == "dynamic" or recipe.float_biases:
                 raise
@@ -123,7 +124,8 @@ class Quantize(Pass):
             recipe = dataclasses.replace(recipe, float_biases=True)
             quantized, how = _to_int8(model, recipe, context.calibration, notes)
             how["mode_reason"] = why
-            compared = self._compare(context, model, quantized)
+            sessions = _Sessions(context, model, quantized)
+            compared = self._compare(context, sessions)
             notes.append(f"{str(exc)[:160]}; quantized again with float biases, which runs")
         fidelity = compared.get("fidelity") or {}
         kernels, exact = (fidelity.get("quantized") or {}).get("cosine"), \
@@ -139,7 +141,7 @@ class Quantize(Pass):
                                         "quantized": model_bytes(quantized)}}
         report.update(compared)
         if self.val is not None:
-            report["accuracy"] = self._accuracy(context, model, quantized)
+            report["accuracy"] = self._accuracy(context, model, sessions)
         latency = report.get("latency_ms")
         if latency and latency["quantized"] > 1.1 * latency["pruned"]:
             notes.append(f"the quantized model runs slower than the pruned float one here ({latency['quantized']:g} "
@@ -148,46 +150,38 @@ class Quantize(Pass):
         context.notes.extend(f"quantize: {note}" for note in dict.fromkeys(notes))
         return PassResult(quantized, {"quantization": report, "notes": list(context.notes)})
 
-    def _compare(self, context: Context, pruned: onnx.ModelProto, quantized: onnx.ModelProto) -> dict:
+    def _compare(self, context: Context, sessions: _Sessions) -> dict:
         """Outputs of the pruned and quantized models against the original's on the verification
         inputs, and the three models' latency (where the run verified in onnxruntime)."""
-        from onnxprune.core.verify import session
-
         checker = context.checker
         if checker is None or checker.feeds is None or checker.outputs is None:
             return {"fidelity": None}
         try:
-            quantized_session = session(quantized)
-            got = quantized_session.run(None, checker.feeds)
+            got = sessions["quantized"].run(None, checker.feeds)
         except Exception as exc:  # onnxruntime's own error types
             raise OnnxPruneError(f"the quantized model does not run in onnxruntime ({str(exc).splitlines()[0]})") \
                 from None
-        pruned_session = session(pruned)
-        fidelity = {"pruned": _closeness(checker.outputs, pruned_session.run(None, checker.feeds)),
-                    "quantized": _closeness(checker.outputs, got),
-                    "quantized_exact": _closeness(checker.outputs, _exact_session(quantized).run(None, checker.feeds))}
+        fidelity = {name: _closeness(checker.outputs, got if name == "quantized" else
+                                     sessions[name].run(None, checker.feeds))
+                    for name in ("pruned", "quantized", "quantized_exact")}
         out = {"fidelity": fidelity}
         if self.latency_runs:
-            latency = {}
-            for name, sess in (("original", checker.session), ("pruned", pruned_session),
-                               ("quantized", quantized_session)):
-                latency[name] = round(timed_runs(sess, checker.feeds, self.latency_runs,
-                                                 budget_s=self.latency_budget_s)[0], 4)
-            out["latency_ms"] = latency
+            out["latency_ms"] = {name: round(timed_runs(sessions[name], checker.feeds, self.latency_runs,
+                                                        budget_s=self.latency_budget_s)[0], 4)
+                                 for name in ("original", "pruned", "quantized")}
         return out
 
-    def _accuracy(self, context: Context, pruned: onnx.ModelProto, quantized: onnx.ModelProto) -> dict:
+    def _accuracy(self, context: Context, pruned: onnx.ModelProto, made: _Sessions) -> dict:
         """Top-1 accuracy of the original, pruned and quantized models on the --val data (the
         first output's argmax against the labels), or the cosine of their outputs with the
         original's where the data has no labels."""
-        from onnxprune.core.verify import session
         from onnxprune.training.data import DEFAULT_LABELS, load_training_data
 
         data = load_training_data(self.val, pruned, labels=self.labels or DEFAULT_LABELS, image_spec=self.image_spec)
-        models = {"original": context.reference, "pruned": pruned, "quantized": quantized}
-        sessions = {name: session(m) for name, m in models.items() if m is not None}
+        names = [name for name in ("original", "pruned", "quantized") if made.has(name)]
         if self.settings.quantize != "fp16":
-            sessions["quantized_exact"] = _exact_session(quantized)
+            names.append("quantized_exact")
+        sessions = {name: made[name] for name in names}
         correct = {name: 0 for name in sessions}
         cosines = {name: [] for name in sessions}
         samples = 0
@@ -222,6 +216,28 @@ def _closeness(reference: list, outputs: list) -> dict:
         norms = np.linalg.norm(a) * np.linalg.norm(b)
         cosines.append(float(a @ b / norms) if norms > 0 else 1.0)
     return {"max_rel_diff": round(worst, 6), "cosine": round(min(cosines), 6) if cosines else None}
+
+
+class _Sessions:
+    """onnxruntime sessions of the original, pruned and quantized models (and the quantized one
+    run exactly), each made once per quantization, when first asked for; the original's is the
+    verification's where it ran."""
+
+    def __init__(self, context: Context, pruned: onnx.ModelProto, quantized: onnx.ModelProto) -> None:
+        self._models = {"original": context.reference, "pruned": pruned, "quantized": quantized}
+        checker = context.checker
+        self._made = {"original": checker.session} if checker is not None and checker.session is not None else {}
+
+    def has(self, name: str) -> bool:
+        return name in self._made or self._models.get(name) is not None
+
+    def __getitem__(self, name: str):
+        if name not in self._made:
+            from onnxprune.core.verify import session
+
+            self._made[name] = _exact_session(self._models["quantized"]) if name == "quantized_exact" \
+                else session(self._models[name])
+        return self._made[name]
 
 
 def _exact_session(quantized: onnx.ModelProto):
