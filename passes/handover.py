@@ -33,7 +33,7 @@ from onnxprune.core.errors import OnnxPruneError, OptionError
 from onnxprune.core.modelio import EXTERNAL_DATA_THRESHOLD, payload_bytes
 from onnxprune.core.plan import channel_step
 from onnxprune.core.runtime import quiet_tools
-from onnxprune.core.shapes import fix_input_shapes, static_copy
+from onnxprune.core.shapes import fix_input_shapes, graph_inputs, static_copy
 from onnxprune.pipeline import Context, Pass, PassResult
 from onnxprune.settings import Flag, optional_choice, setting
 
@@ -204,10 +204,9 @@ def bake_input_dims(model: onnx.ModelProto, dims: dict) -> onnx.ModelProto:
 
 def dynamic_inputs(model: onnx.ModelProto) -> dict:
     """{input name: dims} for the graph inputs with a dim that is a name or unknown."""
-    initializers = {t.name for t in model.graph.initializer}
     out = {}
-    for vi in model.graph.input:
-        if vi.name in initializers or not vi.type.HasField("tensor_type"):
+    for vi in graph_inputs(model):
+        if not vi.type.HasField("tensor_type"):
             continue
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
                 for d in vi.type.tensor_type.shape.dim]
