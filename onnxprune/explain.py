@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+from .allocation.ratio import rounding_label
+
 # Ops of onnxruntime's QOperator format: integer kernels with quantization built in. They have
 # no pruning rule, so every channel that reaches them keeps its size.
 QOPERATOR_OPS = frozenset({"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm",
@@ -52,9 +54,7 @@ def nothing_removed_reason(options, plan, analysis) -> str:
     ratio = ratios.get(kind, options.filters)
     would_remove = math.floor(ratio * largest.group.channels)
     if would_remove and options.round_to > 1:
-        source = getattr(options, "round_to_source", "--round-to")
-        label = f"--round-to {options.round_to}" if source == "--round-to" else \
-            f"{source} (multiples of {options.round_to})"
+        label = rounding_label(getattr(options, "round_to_source", "--round-to"), options.round_to)
         return (f"{label}: the multiple of {options.round_to} nearest to the kept width asked "
                 f"is the full width (largest group: {largest.group.channels})")
     if not would_remove:

@@ -74,13 +74,13 @@ def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: in
         plan.rounding = {"round_to": round_to, "channels": total, "asked": asked, "removed": removed_total,
                          "removed_ratio": round(removed_total / total, 4), "groups_kept_whole": len(rounded_away)}
         if removed_total != asked:
-            plan.notes.append(f"{_rounding(round_to_source, round_to)}: kept widths rounded to the nearest multiple "
-                              f"of {round_to} removed {removed_total} channel(s) against {asked} asked "
+            plan.notes.append(f"{rounding_label(round_to_source, round_to)}: kept widths rounded to the nearest "
+                              f"multiple of {round_to} removed {removed_total} channel(s) against {asked} asked "
                               f"({removed_total / total:.1%} of the channels a ratio applies to, against "
                               f"{asked / total:.1%})")
     if rounded_away:
         g = rounded_away[0]
-        plan.notes.append(f"{_rounding(round_to_source, round_to)} kept {len(rounded_away)} group(s) whole: the "
+        plan.notes.append(f"{rounding_label(round_to_source, round_to)} kept {len(rounded_away)} group(s) whole: the "
                           f"nearest multiple of {round_to} to the kept width asked is the full width "
                           f"(e.g. {group_key(analysis, g)!r}, {g.channels} {g.kind})")
     untouched = [g for g in groups if g.kind == "head_dim"]
@@ -90,7 +90,8 @@ def make_plan(analysis: Analysis, ratio: float, crit: Criterion, *, round_to: in
     return plan
 
 
-def _rounding(source: str, round_to: int) -> str:
+def rounding_label(source: str, round_to: int) -> str:
+    """How notes name the channel multiple: the flag given, or the --target preset that set it."""
     return f"--round-to {round_to}" if source == "--round-to" else f"{source} (multiples of {round_to})"
 
 
