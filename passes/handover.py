@@ -32,6 +32,7 @@ import onnx
 from onnxprune.core.errors import OnnxPruneError, OptionError
 from onnxprune.core.modelio import EXTERNAL_DATA_THRESHOLD, payload_bytes
 from onnxprune.core.plan import channel_step
+from onnxprune.core.progress import stage
 from onnxprune.core.runtime import quiet_tools
 from onnxprune.core.shapes import fix_input_shapes, graph_inputs, static_copy
 from onnxprune.pipeline import Context, Pass, PassResult
@@ -248,7 +249,8 @@ def lint(model: onnx.ModelProto, shapes: dict) -> dict:
         if shapes:
             command += ["--input-shapes", *(f"{name}:{list(dims)}".replace(" ", "") for name, dims in shapes.items())]
         try:
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=LINT_TIMEOUT_S)
+            with stage("polygraphy lint"):
+                proc = subprocess.run(command, capture_output=True, text=True, timeout=LINT_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             return {"skipped": f"polygraphy lint took longer than {LINT_TIMEOUT_S} s"}
         if not out.exists():
@@ -284,7 +286,7 @@ def ort_format(model: onnx.ModelProto) -> tuple[dict, dict]:
         source, out = Path(tmp) / "model.onnx", Path(tmp) / "out"
         onnx.save(model, str(source))
         try:
-            with quiet_tools():
+            with quiet_tools(), stage("conversion to .ort"):
                 convert_onnx_models_to_ort(source, out, optimization_styles=[OptimizationStyle.Fixed])
         except Exception as exc:  # the converter raises several types
             raise OnnxPruneError(f"--target ort-mobile: the model does not convert to the .ort format "

@@ -29,6 +29,7 @@ import onnx
 from onnxprune.core.errors import OnnxPruneError, OptionError
 from onnxprune.core.metrics import timed_runs
 from onnxprune.core.modelio import model_bytes
+from onnxprune.core.progress import progress_bar, stage
 from onnxprune.core.runtime import quiet_tools
 from onnxprune.pipeline import Context, Pass, PassResult
 from onnxprune.settings import Flag, choice, optional_choice, setting
@@ -290,7 +291,7 @@ def _to_int8(model: onnx.ModelProto, recipe: Int8Recipe, calibration, notes: lis
         onnx.save(work, str(src))
         _pre_process(src, notes)
         if recipe.mode == "dynamic":
-            with quiet_tools():
+            with quiet_tools(), stage("int8 dynamic quantization"):
                 q.quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=q.QuantType.QInt8,
                                    reduce_range=recipe.reduce_range)
             how = {"format": f"{fmt} dynamic", "per_channel": per_channel, "reduce_range": recipe.reduce_range,
@@ -312,7 +313,7 @@ def _to_int8(model: onnx.ModelProto, recipe: Int8Recipe, calibration, notes: lis
                                                  for name, (lo, hi) in ranges.items()}
 
             def quantize(options: dict) -> None:
-                with quiet_tools():
+                with quiet_tools(), stage("int8 static quantization"):
                     q.quantize_static(str(src), str(dst), reader, quant_format=q.QuantFormat.QDQ,
                                       per_channel=per_channel, weight_type=q.QuantType.QInt8,
                                       activation_type=activations,
@@ -355,7 +356,8 @@ def _entropy_ranges(src: Path, calibration, folder: Path, symmetric: bool) -> di
                                    extra_options={"symmetric": symmetric, "num_bins": ENTROPY_BINS,
                                                   "num_quantized_bins": ENTROPY_QUANTIZED_BINS})
     with quiet_tools():
-        calibrator.collect_data(_reader(q.CalibrationDataReader, calibration, QUANTIZE_SAMPLES))
+        calibrator.collect_data(_reader(q.CalibrationDataReader, calibration, QUANTIZE_SAMPLES,
+                                        "int8 entropy histograms"))
         tensors = calibrator.compute_data()
     ranges = {}
     for name in tensors:
@@ -364,21 +366,27 @@ def _entropy_ranges(src: Path, calibration, folder: Path, symmetric: bool) -> di
     return ranges
 
 
-def _reader(base, calibration, limit: int):
+def _reader(base, calibration, limit: int, desc: str = "int8 calibration"):
     """onnxruntime.quantization's CalibrationDataReader over the tool's calibration batches, at
-    most `limit` samples; `.samples` counts what it gave."""
+    most `limit` samples, with a progress bar in samples; `.samples` counts what it gave."""
 
     class Reader(base):
         def __init__(self) -> None:
             self.batches = iter(calibration)
             self.samples = 0
+            self.bar = None  # shown from the first batch asked for
 
         def get_next(self):
-            if self.samples >= limit:
+            if self.bar is None:
+                known = getattr(calibration, "limit", None)
+                self.bar = progress_bar(desc, total=min(limit, known) if known else None, unit="sample")
+            feed = next(self.batches, None) if self.samples < limit else None
+            if feed is None:
+                self.bar.close()
                 return None
-            feed = next(self.batches, None)
-            if feed is not None:
-                self.samples += len(next(iter(feed.values())))
+            count = len(next(iter(feed.values())))
+            self.samples += count
+            self.bar.update(count)
             return feed
 
     return Reader()

@@ -54,3 +54,14 @@ def progress_bar(desc: str, total: int | None = None, unit: str = "it"):
     from tqdm import tqdm
 
     return tqdm(desc=desc, total=total, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+@contextmanager
+def stage(desc: str) -> Iterator[None]:
+    """A bar naming a step that reports no progress of its own (a call into another tool), shown
+    while it runs when progress is on."""
+    bar = progress_bar(desc, unit="step")
+    try:
+        yield
+    finally:
+        bar.close()
