@@ -83,7 +83,9 @@ def quantization_line(q: dict) -> str:
                  f"{fidelity['quantized']['cosine']:.4f} quantized")
     latency = q.get("latency_ms")
     if latency:
-        line += (f"; latency {latency['original']:.3f} / {latency['pruned']:.3f} / {latency['quantized']:.3f} ms")
+        guessed = (q.get("latency_measured") or {}).get("guessed_dims")
+        line += (f"; latency {latency['original']:.3f} / {latency['pruned']:.3f} / {latency['quantized']:.3f} ms"
+                 + (" (at guessed dims)" if guessed else ""))
     top1 = (q.get("accuracy") or {}).get("top1")
     if top1:
         line += "; top-1 on --val " + " / ".join(f"{top1[k]:.4f}" for k in ("original", "pruned", "quantized")

@@ -170,6 +170,7 @@ class Quantize(Pass):
             out["latency_ms"] = {name: round(timed_runs(sessions[name], checker.feeds, self.latency_runs,
                                                         budget_s=self.latency_budget_s)[0], 4)
                                  for name in ("original", "pruned", "quantized")}
+            out["latency_measured"] = {"input_shapes": context.shapes, "guessed_dims": list(context.guessed)}
         return out
 
     def _accuracy(self, context: Context, pruned: onnx.ModelProto, made: _Sessions) -> dict:

@@ -34,6 +34,7 @@ def test_static_qdq_per_channel_with_calibration(tmp_path, fmt):
     assert weight_types == {onnx.TensorProto.INT8}
     # a tiny model: node and tensor names weigh as much as its int8 weights
     assert q["file_bytes"]["quantized"] < 0.7 * q["file_bytes"]["pruned"] < q["file_bytes"]["original"]
+    assert q["latency_measured"] == {"input_shapes": {"input": [1, 3, 32, 32]}, "guessed_dims": []}
     # quantization adds little to what pruning changed
     assert q["fidelity"]["quantized"]["cosine"] > q["fidelity"]["pruned"]["cosine"] - 0.02
     import onnxruntime as ort
